@@ -246,11 +246,19 @@ class Policy:
                 raise PolicyError(name, f"must be a {cls.__name__}")
         _set(self, "env", _env_pairs(self.env))
         limits, fs = self.limits, self.filesystem
-        if limits.disk_bytes is not None and fs.tmp_bytes >= limits.disk_bytes:
+        if limits.disk_bytes is not None and 2 * fs.tmp_bytes >= limits.disk_bytes:
             raise PolicyError(
                 "filesystem.tmp_bytes",
-                "must be smaller than limits.disk_bytes (which covers /tmp and the workspace)",
+                "twice it (/tmp and /dev/shm) must be smaller than limits.disk_bytes, "
+                "which covers /tmp, /dev/shm and the workspace",
             )
+
+    @property
+    def workspace_bytes(self) -> int | None:
+        """The size of a private workspace: what ``disk_bytes`` leaves after /tmp and /dev/shm."""
+        if self.limits.disk_bytes is None:
+            return None
+        return self.limits.disk_bytes - 2 * self.filesystem.tmp_bytes
 
     # -- presets ---------------------------------------------------------------
 

@@ -1,0 +1,563 @@
+"""The bubblewrap backend: render the plans into a bwrap command line and run it.
+
+Launch sequence (one linear containment sequence, like nsjail's):
+
+1. Plan everything from the Policy (pure); refuse to start if a field cannot be
+   enforced here.
+2. As root, take a fresh unprivileged host uid for the box (bwrap started by
+   root keeps host uid 0 for file permissions).
+3. Create the box's cgroup and apply its limits.
+4. Start bwrap with ``--block-fd``: it builds the namespaces and mounts, then
+   waits before running anything. Its ``--info-fd`` tells us the box's init pid.
+5. Put that pid into the cgroup and set its rlimits (inherited by everything
+   the box will start), then release the block.
+6. Collect output with a cap, enforce the wall clock and total CPU time, and
+   on the way out kill the whole tree and remove every trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from . import _cgroups, _seccomp
+from ._errors import HostToolMissing, SandboxError, UnsupportedPolicy
+from ._identity import HostIdentity, acquire_host_identity, release_host_identity
+from ._policy import Policy
+from ._result import LIMIT_PRECEDENCE, LimitKind, RunResult
+from .plan import _capabilities, _mounts, _namespaces, _rlimits
+from .plan import _cgroups as _plan_cgroups
+from .plan import _seccomp as _plan_seccomp
+
+BWRAP_INSTALL_HINT = "install it with: sudo apt-get install bubblewrap (Fedora: dnf install bubblewrap)"
+MIN_BWRAP = (0, 8, 0)  # --disable-userns, --size, --perms, --ro-bind-data
+_CPU_POLL_S = 0.1
+_DRAIN_AFTER_EXIT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class BwrapInfo:
+    path: str
+    version: tuple[int, int, int]
+
+
+@functools.cache
+def find_bwrap() -> BwrapInfo:
+    """The bwrap binary and its version, or HostToolMissing saying how to install it."""
+    path = shutil.which("bwrap", path="/usr/local/bin:/usr/bin:/bin")
+    if path is None:
+        raise HostToolMissing("bubblewrap", BWRAP_INSTALL_HINT)
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, check=True, timeout=10, env={}
+        ).stdout.decode()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise HostToolMissing("bubblewrap", f"{path} does not run ({exc}); {BWRAP_INSTALL_HINT}") from exc
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
+    if match is None:
+        raise HostToolMissing("bubblewrap", f"cannot read the version of {path}: {out!r}")
+    major, minor, patch = (int(g) for g in match.groups())
+    version = (major, minor, patch)
+    if version < MIN_BWRAP:
+        need = ".".join(map(str, MIN_BWRAP))
+        raise HostToolMissing("bubblewrap", f"version {need} or newer is needed, found {out.strip()}")
+    return BwrapInfo(path, version)
+
+
+@functools.cache
+def host_layout() -> _mounts.HostLayout:
+    symlinks: list[tuple[str, str]] = []
+    dirs: list[str] = []
+    for path in _mounts.SYSTEM_DIRS:
+        if os.path.islink(path):
+            symlinks.append((path, os.readlink(path)))
+        elif os.path.isdir(path):
+            dirs.append(path)
+    etc = tuple(p for p in _mounts.ETC_ALLOWLIST if os.path.exists(p))
+    return _mounts.HostLayout(tuple(symlinks), tuple(dirs), etc)
+
+
+@dataclass(frozen=True, slots=True)
+class Plans:
+    mounts: tuple[_mounts.MountOp, ...]
+    namespaces: tuple[_namespaces.NamespaceOp, ...]
+    capabilities: tuple[_capabilities.CapabilityOp, ...]
+    rlimits: tuple[_rlimits.Rlimit, ...]
+    seccomp: _plan_seccomp.SeccompPlan
+    cgroups: tuple[_plan_cgroups.CgroupWrite, ...]
+    cgroup_controllers: frozenset[str]
+    degraded: tuple[str, ...]
+
+
+def make_plans(policy: Policy, *, workspace_source: str | None) -> Plans:
+    """Every plan for one box, and the list of controls this host weakens."""
+    limits = policy.limits
+    support = _cgroups.detect_cgroups()
+    wanted = {
+        "memory": limits.memory_bytes is not None,
+        "pids": limits.pids is not None,
+        "cpu": limits.cpu_cores is not None,
+    }
+    usable = frozenset(c for c in ("memory", "pids", "cpu") if c in support.controllers)
+    degraded: list[str] = []
+    fallbacks = {
+        "memory": "RLIMIT_AS per process",
+        "pids": "RLIMIT_NPROC per uid",
+        "cpu": "the total by cpu_time_s (RLIMIT_CPU per process), not the rate",
+    }
+    for controller, needed in wanted.items():
+        if needed and controller not in usable:
+            degraded.append(
+                f"limits: no {controller} cgroup ({support.reason}); "
+                f"bounded by {fallbacks[controller]}"
+            )
+    if wanted["cpu"] and "cpu" not in usable and limits.cpu_time_s is None:
+        # no quota and no CPU-time cap would be no CPU control at all: refuse
+        raise UnsupportedPolicy(
+            "limits.cpu_cores",
+            f"cannot enforce a CPU quota without a cpu cgroup ({support.reason}) and "
+            "limits.cpu_time_s is not set; set one of them to a finite value or cpu_cores to none",
+        )
+    if workspace_source is not None and limits.disk_bytes is not None:
+        degraded.append(
+            "limits.disk_bytes: the host workspace directory is bounded per file "
+            "(limits.file_size_bytes), not in total; /tmp and /dev/shm are bounded"
+        )
+    cgroup_writes = tuple(
+        w for w in _plan_cgroups.plan_cgroups(limits, support.version or 2) if w.controller in usable
+    ) if support.version is not None else ()
+    return Plans(
+        mounts=_mounts.plan_mounts(
+            policy.filesystem,
+            policy.identity,
+            host_layout(),
+            workspace_source=workspace_source,
+            workspace_bytes=policy.workspace_bytes,
+        ),
+        namespaces=_namespaces.plan_namespaces(policy.network, policy.identity),
+        capabilities=_capabilities.plan_capabilities(policy.identity),
+        rlimits=_rlimits.plan_rlimits(limits, cgroups=usable),
+        seccomp=_plan_seccomp.plan_seccomp(policy.syscalls),
+        cgroups=cgroup_writes,
+        cgroup_controllers=usable,
+        degraded=tuple(degraded),
+    )
+
+
+_PRLIMIT_FLAGS = {
+    "RLIMIT_AS": "as",
+    "RLIMIT_CORE": "core",
+    "RLIMIT_CPU": "cpu",
+    "RLIMIT_FSIZE": "fsize",
+    "RLIMIT_NOFILE": "nofile",
+    "RLIMIT_NPROC": "nproc",
+    "RLIMIT_STACK": "stack",
+}
+
+
+def _limit(value: int | None) -> str:
+    return "unlimited" if value is None else str(value)
+
+
+@functools.cache
+def find_prlimit() -> str:
+    path = shutil.which("prlimit", path="/usr/local/bin:/usr/bin:/bin")
+    if path is None:
+        raise HostToolMissing("prlimit", "install it with: sudo apt-get install util-linux")
+    return path
+
+
+class _Fds:
+    """File descriptors handed to bwrap; all closed on exit, whatever happens."""
+
+    def __init__(self) -> None:
+        self.keep: list[int] = []  # our ends
+        self.pass_: list[int] = []  # bwrap's ends, closed right after spawn
+
+    def data(self, content: bytes) -> int:
+        fd = os.memfd_create("corral-data", os.MFD_CLOEXEC)
+        os.write(fd, content)
+        os.lseek(fd, 0, os.SEEK_SET)
+        self.pass_.append(fd)
+        return fd
+
+    def pipe(self) -> tuple[int, int]:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        return r, w
+
+    def close_passed(self) -> None:
+        for fd in self.pass_:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pass_.clear()
+
+    def close_all(self) -> None:
+        self.close_passed()
+        for fd in self.keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.keep.clear()
+
+
+def render_argv(plans: Plans, policy: Policy, command: Sequence[str], fds: _Fds) -> list[str]:
+    """The bwrap command line for the plans. Data files and the seccomp filter
+    travel through memfds registered in ``fds``."""
+    # rlimits are set by util-linux's prlimit just before bwrap starts, so the
+    # box inherits them: root here may lack CAP_SYS_RESOURCE, which setting
+    # them on the box's pid from outside would need.
+    args: list[str] = [find_prlimit()]
+    for rl in plans.rlimits:
+        args.append(f"--{_PRLIMIT_FLAGS[rl.resource]}={_limit(rl.soft)}:{_limit(rl.hard)}")
+    args += ["--", find_bwrap().path]
+    for nop in plans.namespaces:
+        match nop:
+            case _namespaces.Unshare(namespace="mount"):
+                pass  # bwrap always unshares the mount namespace
+            case _namespaces.Unshare(namespace=ns):
+                args.append(f"--unshare-{ns}")
+            case _namespaces.MapIdentity(uid=uid, gid=gid):
+                args += ["--uid", str(uid), "--gid", str(gid)]
+            case _namespaces.Hostname(name=name):
+                args += ["--hostname", name]
+            case _namespaces.DisableNestedUserns():
+                args.append("--disable-userns")
+            case _namespaces.DieWithParent():
+                args.append("--die-with-parent")
+            case _namespaces.NewSession():
+                args.append("--new-session")
+    for cop in plans.capabilities:
+        match cop:
+            case _capabilities.DropAllCapabilities():
+                args += ["--cap-drop", "ALL"]
+            case _capabilities.NoNewPrivs():
+                pass  # bwrap sets PR_SET_NO_NEW_PRIVS unconditionally
+    for mop in plans.mounts:
+        match mop:
+            case _mounts.RoBind(source=src, target=dst):
+                args += ["--ro-bind", src, dst]
+            case _mounts.Bind(source=src, target=dst):
+                args += ["--bind", src, dst]
+            case _mounts.Tmpfs(target=dst, size_bytes=size, mode=mode):
+                args += ["--perms", f"{mode:04o}"]
+                if size is not None:
+                    args += ["--size", str(size)]
+                args += ["--tmpfs", dst]
+            case _mounts.Proc(target=dst):
+                args += ["--proc", dst]
+            case _mounts.Dev(target=dst):
+                args += ["--dev", dst]
+            case _mounts.Symlink(link_to=target, path=path):
+                args += ["--symlink", target, path]
+            case _mounts.Dir(path=path, mode=mode):
+                args += ["--perms", f"{mode:04o}", "--dir", path]
+            case _mounts.File(path=path, content=content, mode=mode):
+                args += ["--perms", f"{mode:04o}", "--ro-bind-data", str(fds.data(content)), path]
+            case _mounts.Hide(path=path):
+                if os.path.isdir(path):
+                    args += ["--perms", "0000", "--tmpfs", path, "--remount-ro", path]
+                else:
+                    args += ["--ro-bind", "/dev/null", path]
+            case _mounts.RemountRo(path=path):
+                args += ["--remount-ro", path]
+            case _mounts.Chdir(path=path):
+                args += ["--chdir", path]
+    args += ["--seccomp", str(fds.data(_seccomp.compile_bpf(plans.seccomp)))]
+    args.append("--clearenv")
+    for name, value in policy.env:
+        args += ["--setenv", name, value]
+    args.append("--")
+    args.extend(command)
+    return args
+
+
+class _Output:
+    """stdout and stderr with one shared cap: a flood costs the host bounded memory."""
+
+    def __init__(self, cap: int | None) -> None:
+        self.cap = cap
+        self.chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self.total = 0
+        self.truncated = False
+
+    def add(self, stream: str, data: bytes) -> bool:
+        """Keep ``data``; False once the cap is reached."""
+        if self.cap is not None and self.total + len(data) > self.cap:
+            data = data[: max(0, self.cap - self.total)]
+            self.truncated = True
+        self.chunks[stream].append(data)
+        self.total += len(data)
+        return not self.truncated
+
+    def get(self, stream: str) -> bytes:
+        return b"".join(self.chunks[stream])
+
+
+async def _read_until_json(loop: asyncio.AbstractEventLoop, fd: int) -> dict[str, object] | None:
+    """Read bwrap's --info-fd document; None if bwrap closed it without one (setup failed)."""
+    buf = b""
+    while True:
+        fut: asyncio.Future[bytes] = loop.create_future()
+
+        def ready(fut: asyncio.Future[bytes] = fut) -> None:
+            if not fut.done():
+                try:
+                    fut.set_result(os.read(fd, 4096))
+                except OSError as exc:
+                    fut.set_exception(exc)
+
+        loop.add_reader(fd, ready)
+        try:
+            chunk = await fut
+        finally:
+            loop.remove_reader(fd)
+        if not chunk:
+            return None
+        buf += chunk
+        with contextlib.suppress(ValueError):
+            data = json.loads(buf)
+            if isinstance(data, dict):
+                return data
+
+
+async def run_bwrap(
+    command: Sequence[str],
+    policy: Policy,
+    *,
+    workdir: str | os.PathLike[str] | None = None,
+    stdin: bytes | None = None,
+) -> RunResult:
+    """Run ``command`` once in a fresh box under ``policy`` and tear the box down."""
+    if not command:
+        raise ValueError("command must not be empty")
+    workspace_source = None
+    if workdir is not None:
+        path = Path(workdir).resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "workdir is not a directory", str(workdir))
+        workspace_source = str(path)
+    plans = make_plans(policy, workspace_source=workspace_source)
+    loop = asyncio.get_running_loop()
+    fds = _Fds()
+    identity: HostIdentity | None = None
+    cgroup: _cgroups.SandboxCgroup | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        if os.geteuid() == 0:
+            identity = acquire_host_identity()
+        if plans.cgroups:
+            cgroup = _cgroups.SandboxCgroup.create(
+                _cgroups.detect_cgroups(), f"box-{os.getpid()}-{time.monotonic_ns()}", plans.cgroups
+            )
+        argv = render_argv(plans, policy, command, fds)
+        info_r, info_w = fds.pipe()
+        block_r, block_w = fds.pipe()
+        fds.keep += [info_r, block_w]
+        fds.pass_ += [info_w, block_r]
+        at = argv.index(find_bwrap().path) + 1
+        argv[at:at] = ["--info-fd", str(info_w), "--block-fd", str(block_r)]
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=tuple(fds.pass_),
+                env={},
+                # root never runs a box as itself: see _identity
+                user=identity.uid if identity else None,
+                group=identity.gid if identity else None,
+                extra_groups=[] if identity else None,
+            )
+        except OSError as exc:
+            raise SandboxError(f"cannot start bwrap: {exc}") from exc
+        fds.close_passed()
+        info = await _read_until_json(loop, info_r)
+        if info is None or not isinstance(info.get("child-pid"), int):
+            proc.wait()
+            assert proc.stderr is not None
+            message = proc.stderr.read().decode(errors="replace").strip()
+            raise SandboxError(f"bwrap could not set up the box: {message or 'no message'}")
+        box_pid = int(str(info["child-pid"]))
+        if cgroup is not None:
+            cgroup.add_process(box_pid)
+        os.write(block_w, b"\0")
+        return await _supervise(loop, proc, policy, plans, cgroup, stdin, started)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc is not None:
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        if cgroup is not None:
+            cgroup.remove()
+        if identity is not None:
+            release_host_identity(identity)
+        fds.close_all()
+
+
+async def _supervise(
+    loop: asyncio.AbstractEventLoop,
+    proc: subprocess.Popen[bytes],
+    policy: Policy,
+    plans: Plans,
+    cgroup: _cgroups.SandboxCgroup | None,
+    stdin: bytes | None,
+    started: float,
+) -> RunResult:
+    limits = policy.limits
+    output = _Output(limits.output_bytes)
+    hit: set[LimitKind] = set()
+    done = loop.create_future()
+    open_streams = {"stdout", "stderr"}
+    assert proc.stdout is not None and proc.stderr is not None
+    streams = {"stdout": proc.stdout.fileno(), "stderr": proc.stderr.fileno()}
+
+    def kill_box(reason: LimitKind | None) -> None:
+        if reason is not None:
+            hit.add(reason)
+        if cgroup is not None:
+            with contextlib.suppress(SandboxError):
+                cgroup.kill_all()
+        # the outer bwrap's death takes the box's init with it (--die-with-parent),
+        # and the init's death empties the whole pid namespace, setsid daemons too
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
+    def on_readable(name: str) -> None:
+        try:
+            data = os.read(streams[name], 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            loop.remove_reader(streams[name])
+            open_streams.discard(name)
+            if not open_streams and not done.done():
+                done.set_result(None)
+            return
+        if not output.add(name, data):
+            kill_box("output")
+            for stream_name in list(open_streams):
+                loop.remove_reader(streams[stream_name])
+            open_streams.clear()
+            if not done.done():
+                done.set_result(None)
+
+    for name, fd in streams.items():
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, on_readable, name)
+
+    if stdin is not None:
+        assert proc.stdin is not None
+        _feed_stdin(loop, proc.stdin, stdin)
+
+    pidfd = os.pidfd_open(proc.pid)
+    exited = loop.create_future()
+    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+
+    def cpu_check() -> None:
+        nonlocal cpu_timer
+        if cgroup is not None and limits.cpu_time_s is not None:
+            used = cgroup.stats().cpu_time_s
+            if used is not None and used > limits.cpu_time_s:
+                kill_box("cpu_time")
+                return
+        cpu_timer = loop.call_later(_CPU_POLL_S, cpu_check)
+
+    cpu_timer = loop.call_later(_CPU_POLL_S, cpu_check)
+    try:
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), limits.wall_time_s)
+        except TimeoutError:
+            kill_box("timeout")
+            await exited
+        # The box is gone (or going): drain what is left in the pipes, bounded.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), _DRAIN_AFTER_EXIT_S)
+    finally:
+        cpu_timer.cancel()
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        for name in list(open_streams):
+            loop.remove_reader(streams[name])
+        if proc.stdin is not None and not proc.stdin.closed:
+            loop.remove_writer(proc.stdin.fileno())
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    duration = time.monotonic() - started
+    exit_code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+    stats = cgroup.stats() if cgroup is not None else None
+    if stats is not None:
+        if stats.oom_kills > 0:
+            hit.add("memory")
+        if stats.pids_limit_hits > 0:
+            hit.add("pids")
+    sig = exit_code - 128 if exit_code > 128 and exit_code - 128 < signal.NSIG else None
+    if sig == signal.SIGXCPU:
+        hit.add("cpu_time")
+    if sig == signal.SIGXFSZ:
+        hit.add("disk")
+    stdout, stderr = output.get("stdout"), output.get("stderr")
+    if exit_code == 1 and stderr.startswith(b"bwrap: execvp "):
+        # the command does not exist (or cannot be run) in the box: shell semantics
+        exit_code = 126 if b"Permission denied" in stderr else 127
+    limits_hit = tuple(k for k in LIMIT_PRECEDENCE if k in hit)
+    cpu_time = stats.cpu_time_s if stats is not None else None
+    if cpu_time is None:
+        cpu_time = rusage.ru_utime + rusage.ru_stime
+    peak = stats.peak_memory_bytes if stats is not None else None
+    if peak is None:
+        peak = rusage.ru_maxrss * 1024
+    return RunResult(
+        exit_code=exit_code,
+        signal=sig,
+        limit_hit=limits_hit[0] if limits_hit else None,
+        limits_hit=limits_hit,
+        stdout=stdout,
+        stderr=stderr,
+        truncated=output.truncated,
+        duration_s=duration,
+        cpu_time_s=cpu_time,
+        peak_memory_bytes=peak,
+        degraded=plans.degraded,
+    )
+
+
+def _feed_stdin(loop: asyncio.AbstractEventLoop, stream: IO[bytes], data: bytes) -> None:
+    """Write ``data`` to the box's stdin as it reads it, then close it.
+
+    Non-blocking: a box that never reads its stdin must not block the host.
+    """
+    fd = stream.fileno()
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+
+    def writable() -> None:
+        nonlocal view
+        try:
+            view = view[os.write(fd, view[:65536]) :]
+        except BlockingIOError:
+            return
+        except OSError:  # EPIPE: the box closed its stdin or is gone
+            view = view[:0]
+        if not view:
+            loop.remove_writer(fd)
+            with contextlib.suppress(OSError):
+                stream.close()
+
+    loop.add_writer(fd, writable)

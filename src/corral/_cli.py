@@ -1,0 +1,164 @@
+"""The ``corral`` command line: a thin layer over the library.
+
+Exit status of ``corral run``: the command's own status (128+N when killed by
+signal N, 126/127 when it cannot be run or is not found in the box), except
+
+* ``124`` — a limit was hit (which one is printed, and in ``--json``);
+* ``125`` — corral itself failed: invalid policy, missing tool, box setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._errors import CorralError
+from ._policy import Policy
+from ._run import run
+from ._units import parse_duration, parse_size
+
+EXIT_LIMIT = 124
+EXIT_CORRAL = 125
+
+
+def _policy_arg(value: str) -> Policy:
+    if os.sep in value or value.endswith((".toml", ".json")):
+        return Policy.load(value)
+    return Policy.preset(value)
+
+
+def _env_arg(value: str) -> tuple[str, str]:
+    name, sep, val = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=VALUE")
+    return name, val
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corral", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p_run = sub.add_parser("run", help="run one command in a fresh sandbox")
+    p_run.add_argument("--policy", default="default", help="preset name or policy file")
+    p_run.add_argument("--memory", type=_size, help="memory limit, e.g. 256M")
+    p_run.add_argument("--cpus", type=float, help="CPU quota in cores, e.g. 0.5")
+    p_run.add_argument("--pids", type=int, help="maximum number of processes")
+    p_run.add_argument("--timeout", type=_duration, help="wall-clock limit, e.g. 10s")
+    p_run.add_argument("--workdir", help="host directory bound as the workspace")
+    p_run.add_argument("--env", type=_env_arg, action="append", default=[], metavar="K=V")
+    p_run.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p_run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    p_doc = sub.add_parser("doctor", help="what this host can enforce")
+    p_doc.add_argument("--json", action="store_true")
+
+    p_pol = sub.add_parser("policy", help="show or check a policy")
+    pol_sub = p_pol.add_subparsers(dest="policy_cmd", required=True)
+    p_show = pol_sub.add_parser("show", help="print a preset or file as TOML-like JSON")
+    p_show.add_argument("policy")
+    p_check = pol_sub.add_parser("check", help="validate a policy file")
+    p_check.add_argument("file")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("corral run: no command given (corral run [OPTIONS] -- CMD ...)", file=sys.stderr)
+        return 2
+    policy = _policy_arg(args.policy)
+    changes: dict[str, Any] = {}
+    if args.memory is not None:
+        changes["memory_bytes"] = args.memory
+    if args.cpus is not None:
+        changes["cpu_cores"] = args.cpus
+    if args.pids is not None:
+        changes["pids"] = args.pids
+    if args.timeout is not None:
+        changes["wall_time_s"] = args.timeout
+    if changes:
+        policy = policy.with_limits(**changes)
+    if args.env:
+        policy = policy.with_env(dict(args.env))
+    result = run(command, policy=policy, workdir=args.workdir)
+    if args.json:
+        print(result.to_json())
+    else:
+        sys.stdout.buffer.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(result.stderr)
+        if result.truncated:
+            print("corral: output truncated at limits.output_bytes", file=sys.stderr)
+        for note in result.degraded:
+            print(f"corral: weakened: {note}", file=sys.stderr)
+        if result.limit_hit is not None:
+            print(
+                f"corral: limit hit: {result.limit_hit} (command exit status {result.exit_code})",
+                file=sys.stderr,
+            )
+    if result.limit_hit is not None:
+        return EXIT_LIMIT
+    return result.exit_code
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from ._doctor import run_checks
+
+    checks = run_checks()
+    if args.json:
+        print(json.dumps([c.to_dict() for c in checks], indent=2))
+    else:
+        for check in checks:
+            print(f"{check.status.upper():5} {check.name:16} {check.detail}")
+            if check.fix and check.status != "ok":
+                print(f"{'':22} fix: {check.fix}")
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    if args.policy_cmd == "show":
+        print(json.dumps(_policy_arg(args.policy).to_dict(), indent=2))
+        return 0
+    policy = Policy.load(Path(args.file))
+    print(f"{args.file}: valid (name {policy.name!r})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"run": _cmd_run, "doctor": _cmd_doctor, "policy": _cmd_policy}
+    try:
+        return handlers[args.cmd](args)
+    except CorralError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EXIT_CORRAL
+    except FileNotFoundError as exc:
+        print(f"corral: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return EXIT_CORRAL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

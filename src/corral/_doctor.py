@@ -1,0 +1,127 @@
+"""``corral doctor``: what this host can enforce, and how to fix what is missing."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from . import _cgroups, _seccomp
+from ._bwrap import BWRAP_INSTALL_HINT, find_bwrap
+from ._errors import CorralError
+
+Status = Literal["ok", "warn", "fail"]
+
+_SYS_LANDLOCK_CREATE_RULESET = 444  # x86_64 and aarch64 share this number
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def landlock_abi() -> int | None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    abi = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION)
+    return int(abi) if abi > 0 else None
+
+
+def run_checks() -> list[Check]:
+    checks: list[Check] = []
+    try:
+        info = find_bwrap()
+        checks.append(Check("bwrap", "ok", f"{info.path} {'.'.join(map(str, info.version))}"))
+    except CorralError as exc:
+        checks.append(Check("bwrap", "fail", str(exc), BWRAP_INSTALL_HINT))
+
+    max_ns = _read("/proc/sys/user/max_user_namespaces")
+    clone = _read("/proc/sys/kernel/unprivileged_userns_clone")
+    if max_ns == "0" or clone == "0":
+        checks.append(
+            Check(
+                "user namespaces",
+                "fail",
+                f"disabled (max_user_namespaces={max_ns}, unprivileged_userns_clone={clone})",
+                "sysctl -w user.max_user_namespaces=10000 kernel.unprivileged_userns_clone=1",
+            )
+        )
+    else:
+        checks.append(Check("user namespaces", "ok", f"max_user_namespaces={max_ns}"))
+
+    support = _cgroups.detect_cgroups()
+    if support.version is None or not support.controllers:
+        checks.append(
+            Check(
+                "cgroups",
+                "warn",
+                f"not usable: {support.reason}; memory and processes fall back to rlimits, "
+                "a CPU quota is refused",
+                "run as root, or in a cgroup v2 delegated to you (systemd-run --user --scope -p "
+                "Delegate=yes)",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "cgroups",
+                "ok",
+                f"v{support.version}, controllers: {', '.join(support.controllers)}",
+            )
+        )
+
+    try:
+        version = _seccomp.libseccomp_version()
+        checks.append(Check("seccomp", "ok", f"libseccomp {version}"))
+    except CorralError as exc:
+        checks.append(Check("seccomp", "fail", str(exc), "apt-get install libseccomp2"))
+
+    abi = landlock_abi()
+    checks.append(
+        Check(
+            "landlock",
+            "ok" if abi else "warn",
+            f"ABI {abi}" if abi else "not available (not used by the bwrap backend yet)",
+        )
+    )
+
+    tiocsti = _read("/proc/sys/dev/tty/legacy_tiocsti")
+    if tiocsti == "1":
+        checks.append(
+            Check(
+                "tty",
+                "warn",
+                "dev.tty.legacy_tiocsti=1: TIOCSTI works on this host (corral's seccomp "
+                "filter and --new-session block it in boxes)",
+                "sysctl -w dev.tty.legacy_tiocsti=0",
+            )
+        )
+    if os.geteuid() == 0:
+        checks.append(
+            Check(
+                "identity",
+                "ok",
+                "running as root: each box gets its own unprivileged host uid "
+                "(CORRAL_UID_RANGE overrides the range)",
+            )
+        )
+    else:
+        checks.append(
+            Check("identity", "ok", f"running as uid {os.geteuid()}: boxes use user namespaces")
+        )
+    return checks

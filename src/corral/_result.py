@@ -1,0 +1,78 @@
+"""What a sandboxed run returns: failure of the code inside is data, not an exception."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+LimitKind = Literal["timeout", "memory", "pids", "cpu_time", "output", "disk"]
+
+# When several limits were hit, the first in this order is ``limit_hit``: the
+# most direct cause of the end (an OOM kill explains the exit better than the
+# timeout that a thrashing program may also have reached).
+LIMIT_PRECEDENCE: tuple[LimitKind, ...] = ("memory", "cpu_time", "output", "disk", "pids", "timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """The outcome of one sandboxed command.
+
+    ``exit_code`` follows the shell: 128+N when the command was killed by
+    signal N (then ``signal`` is N), 127 when the command was not found in the
+    box. ``limit_hit`` names the limit that ended or crippled the run, if any;
+    ``limits_hit`` lists every limit that was reached. ``degraded`` lists the
+    controls this host enforced more weakly than the policy asked, and why.
+    """
+
+    exit_code: int
+    signal: int | None
+    limit_hit: LimitKind | None
+    limits_hit: tuple[LimitKind, ...]
+    stdout: bytes
+    stderr: bytes
+    truncated: bool
+    duration_s: float
+    cpu_time_s: float | None
+    peak_memory_bytes: int | None
+    degraded: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.limit_hit is None
+
+    @property
+    def stdout_text(self) -> str:
+        return self.stdout.decode("utf-8", errors="replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stdout"] = self.stdout_text
+        data["stderr"] = self.stderr_text
+        data["limits_hit"] = list(self.limits_hit)
+        data["degraded"] = list(self.degraded)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def result_from_dict(data: dict[str, Any]) -> RunResult:
+    """The inverse of :meth:`RunResult.to_dict` (output text re-encoded as UTF-8)."""
+    return RunResult(
+        exit_code=int(data["exit_code"]),
+        signal=data["signal"],
+        limit_hit=data["limit_hit"],
+        limits_hit=tuple(data["limits_hit"]),
+        stdout=str(data["stdout"]).encode(),
+        stderr=str(data["stderr"]).encode(),
+        truncated=bool(data["truncated"]),
+        duration_s=float(data["duration_s"]),
+        cpu_time_s=data["cpu_time_s"],
+        peak_memory_bytes=data["peak_memory_bytes"],
+        degraded=tuple(data["degraded"]),
+    )

@@ -1,0 +1,249 @@
+"""Escape attempts from inside a real box, as root and as an ordinary user.
+
+Each test tries to climb one wall and asserts that it fails *for the right
+reason* (the errno the wall produces, not just "something failed").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral import Policy
+
+from .conftest import Runner, py
+
+# A probe prints one JSON document: {label: "ok" | errno name | exception name}.
+PROBE_PRELUDE = r"""
+import ctypes, errno, json, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+def attempt(label, fn):
+    try:
+        fn()
+        out[label] = "ok"
+    except OSError as exc:
+        out[label] = errno.errorcode.get(exc.errno, str(exc.errno))
+    except Exception as exc:
+        out[label] = type(exc).__name__
+def sys_call(*args):
+    def go():
+        r = libc.syscall(*args)
+        if r < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    return go
+"""
+
+
+def probe(box: Runner, body: str, policy: Policy | None = None) -> dict[str, str]:
+    result = box(py(PROBE_PRELUDE + body + "\nprint(json.dumps(out))"), policy)
+    assert result.exit_code == 0, result.stderr_text
+    data: dict[str, str] = json.loads(result.stdout)
+    return data
+
+
+def test_host_secrets_are_absent(box: Runner, tmp_path: Path) -> None:
+    repo_file = Path(__file__).resolve()
+    found = probe(
+        box,
+        f"""
+for label, path in [("shadow", "/etc/shadow"), ("gshadow", "/etc/gshadow"),
+                    ("sudoers", "/etc/sudoers"), ("root", "/root/.bashrc"),
+                    ("home", "/home"), ("work", "/work"), ("repo", {str(repo_file)!r}),
+                    ("proc1root", "/proc/1/root/etc/shadow"), ("run", "/run"),
+                    ("sys", "/sys/kernel"), ("docker_sock", "/var/run/docker.sock"),
+                    ("ssh_host_key", "/etc/ssh/ssh_host_rsa_key"),
+                    ("traversal", "/workspace/../../etc/shadow")]:
+    attempt(label, lambda p=path: open(p, "rb").read() if not os.path.isdir(p) else os.listdir(p))
+""",
+    )
+    assert all(v == "ENOENT" for v in found.values()), found
+
+
+def test_host_home_file_is_unreachable(box: Runner) -> None:
+    home = Path("/home/corral-escape-test")
+    home.mkdir(exist_ok=True)
+    secret = home / ".ssh" / "id_rsa"
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_text("PRIVATE KEY")
+    try:
+        found = probe(box, f"attempt('key', lambda: open({str(secret)!r}).read())")
+        assert found == {"key": "ENOENT"}
+    finally:
+        secret.unlink()
+        secret.parent.rmdir()
+        home.rmdir()
+
+
+def test_generated_etc_and_identity(box: Runner) -> None:
+    result = box(["/bin/sh", "-c", "id -u; id -un; hostname; cat /etc/passwd"])
+    assert result.exit_code == 0, result.stderr_text
+    lines = result.stdout_text.splitlines()
+    assert lines[:3] == ["1000", "sandbox", "sandbox"]
+    assert all(not line.startswith(("daemon:", "postgres:", "corral-test:")) for line in lines)
+
+
+def test_writes_outside_the_workspace_fail(box: Runner) -> None:
+    found = probe(
+        box,
+        """
+for label, path in [("usr", "/usr/evil"), ("etc", "/etc/evil"), ("root", "/evil"),
+                    ("bin", "/usr/bin/python3"), ("passwd", "/etc/passwd")]:
+    attempt(label, lambda p=path: open(p, "ab").write(b"x"))
+attempt("workspace", lambda: open("/workspace/fine", "wb").write(b"x"))
+attempt("tmp", lambda: open("/tmp/fine", "wb").write(b"x"))
+""",
+    )
+    assert found.pop("workspace") == "ok"
+    assert found.pop("tmp") == "ok"
+    assert set(found.values()) <= {"EROFS", "EACCES"}, found
+
+
+def test_kernel_surface_is_filtered(box: Runner) -> None:
+    # x86_64 syscall numbers
+    found = probe(
+        box,
+        """
+MS_REMOUNT, MS_BIND, MS_RDONLY = 32, 4096, 1
+attempt("remount_rw", lambda: sys_call(165, b"none", b"/usr", None, MS_REMOUNT | MS_BIND, None)())
+attempt("mount_tmpfs", lambda: sys_call(165, b"none", b"/tmp", b"tmpfs", 0, None)())
+attempt("ptrace_attach", sys_call(101, 16, 1, 0, 0))             # PTRACE_ATTACH pid 1
+attempt("unshare_user", sys_call(272, 0x10000000))               # CLONE_NEWUSER
+attempt("unshare_net", sys_call(272, 0x40000000))                # CLONE_NEWNET
+attempt("keyctl", sys_call(250, 0, 0, 0, 0, 0))                  # KEYCTL_GET_KEYRING_ID
+attempt("bpf", sys_call(321, 0, 0, 0))
+attempt("io_uring_setup", sys_call(425, 8, 0))
+attempt("perf_event_open", sys_call(298, 0, 0, -1, -1, 0))
+attempt("userfaultfd", sys_call(323, 0))
+attempt("kexec_load", sys_call(246, 0, 0, 0, 0))
+attempt("init_module", sys_call(175, 0, 0, 0))
+attempt("sethostname", sys_call(170, b"evil", 4))
+attempt("settimeofday", sys_call(164, 0, 0))
+for fd in (0, 1, 2):
+    attempt(f"tiocsti_{fd}", lambda fd=fd: sys_call(16, fd, 0x5412, b"x")())
+    attempt(f"tiocsti_hi_{fd}", lambda fd=fd: sys_call(16, fd, 0x100005412, b"x")())
+attempt("af_packet", lambda: socket.socket(17, socket.SOCK_RAW, 0))
+attempt("af_vsock", lambda: socket.socket(40, socket.SOCK_STREAM, 0))
+""",
+    )
+    assert all(v == "EPERM" for v in found.values()), found
+
+
+def test_no_capabilities_and_seccomp_on(box: Runner) -> None:
+    result = box(["/bin/sh", "-c", "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status"])
+    status = dict(line.split(":\t") for line in result.stdout_text.splitlines())
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[cap], 16) == 0, (cap, status[cap])
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"
+
+
+@pytest.fixture
+def host_service() -> Iterator[int]:
+    """A real TCP service on the host's 127.0.0.1 that a box must not reach."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                conn.sendall(b"host secret")
+                conn.close()
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def test_network_is_unreachable(box: Runner, host_service: int) -> None:
+    # the service really is there: the host can talk to it
+    with socket.create_connection(("127.0.0.1", host_service), timeout=2) as conn:
+        assert conn.recv(100) == b"host secret"
+    found = probe(
+        box,
+        f"""
+def connect(addr, family=socket.AF_INET):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(2)
+    s.connect(addr)
+attempt("host_loopback", lambda: connect(("127.0.0.1", {host_service})))
+attempt("external", lambda: connect(("1.1.1.1", 443)))
+attempt("metadata", lambda: connect(("169.254.169.254", 80)))
+attempt("external_v6", lambda: connect(("2606:4700::1111", 443), socket.AF_INET6))
+attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("8.8.8.8", 53)))
+attempt("dns", lambda: socket.getaddrinfo("pypi.org", 443))
+out["interfaces"] = sorted(n for _, n in socket.if_nameindex())
+""",
+    )
+    assert found.pop("interfaces") == ["lo"]  # type: ignore[comparison-overlap]
+    # the box's own loopback has nothing listening: the host's service is not there
+    assert found.pop("host_loopback") == "ECONNREFUSED"
+    assert found.pop("dns") in {"-2", "-3"}  # EAI_NONAME / EAI_AGAIN: no resolver at all
+    assert set(found.values()) == {"ENETUNREACH"}, found
+
+
+def test_host_processes_are_invisible(box: Runner) -> None:
+    result = box(py("import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))"))
+    pids = json.loads(result.stdout)
+    assert os.getpid() not in pids or os.getpid() < 10
+    assert max(pids) < 10, pids  # the box's init, the command, nothing else
+    assert 1 in pids
+
+
+def test_kill_minus_one_touches_nothing_outside(box: Runner) -> None:
+    victim = __import__("subprocess").Popen(["sleep", "30"])
+    try:
+        result = box(py("import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError as e:\n    print(e)\nprint('alive')"))
+        assert victim.poll() is None, "kill(-1) in the box killed a host process"
+        del result
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_host_environment_does_not_leak(box: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORRAL_TEST_SECRET", "hunter2")
+    result = box(["/usr/bin/env"])
+    assert result.exit_code == 0
+    assert "hunter2" not in result.stdout_text
+    env = dict(line.split("=", 1) for line in result.stdout_text.splitlines())
+    assert set(env) == {"HOME", "LANG", "PATH", "PWD"}  # PWD: bwrap's --chdir
+    assert env["PWD"] == env["HOME"] == "/workspace"
+
+
+def test_only_harmless_devices(box: Runner) -> None:
+    result = box(["/bin/ls", "/dev"])
+    assert set(result.stdout_text.split()) <= {
+        "console", "core", "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr",
+        "stdin", "stdout", "tty", "urandom", "zero",
+    }
+
+
+def test_no_inherited_fds_above_2(box: Runner) -> None:
+    result = box(py("import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"))
+    # 0-2 and the fd listdir itself has open
+    assert json.loads(result.stdout) == [0, 1, 2, 3]
+
+
+def test_command_not_found_is_exit_127(box: Runner) -> None:
+    result = box(["no-such-command-here"])
+    assert result.exit_code == 127
+    assert b"no-such-command-here" in result.stderr
