@@ -436,8 +436,10 @@ async def _supervise(
                 cgroup.kill_all()
         # the outer bwrap's death takes the box's init with it (--die-with-parent),
         # and the init's death empties the whole pid namespace, setsid daemons too
+        # os.kill, not proc.kill(): Popen would reap the process and lose its
+        # rusage; until we wait4() it below, the pid cannot be reused
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+            os.kill(proc.pid, signal.SIGKILL)
 
     def on_readable(name: str) -> None:
         try:

@@ -189,9 +189,10 @@ def _support(version: Literal[1, 2], parents: dict[str, str], problems: list[str
     controllers = tuple(c for c in _WANTED[version] if c in parents)
     if not set(_LIMITING) & set(controllers):
         return _unavailable("; ".join(problems))
-    missing = [c for c in _WANTED[version] if c not in parents]
-    if missing and not problems:
-        problems.append(f"{', '.join(missing)}: not offered by this host's cgroup v{version}")
+    explained = {p.partition(":")[0] for p in problems}
+    missing = [c for c in _WANTED[version] if c not in parents and c not in explained]
+    if missing:
+        problems.insert(0, f"{', '.join(missing)}: not offered by this host's cgroup v{version}")
     return CgroupSupport(version, controllers, MappingProxyType(parents), "; ".join(problems))
 
 
@@ -209,12 +210,13 @@ def _prepare_v1(dirs: Mapping[str, tuple[_Mount, str]], override: str | None) ->
             if not os.access(path, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         except OSError as exc:
-            problems.append(
-                f"{controller}: cannot create cgroups in {path}: {exc.strerror}; run as root, "
-                f"or have root delegate a cgroup to this user and set {PARENT_ENV} to it"
-            )
+            problems.append(f"{controller}: cannot create cgroups in {path}: {exc.strerror}")
             continue
         parents[controller] = path
+    if problems:
+        problems.append(
+            f"run as root, or have root delegate a cgroup to this user and set {PARENT_ENV} to it"
+        )
     return _support(1, parents, problems)
 
 
@@ -280,8 +282,28 @@ def _delegate_v2(mount: _Mount, cgroup: str, problems: list[str]) -> dict[str, s
     return {}
 
 
+def _mkdir(support: CgroupSupport, path: str) -> None:
+    """Create a sandbox cgroup, recreating its parent if it was removed meanwhile.
+
+    An empty parent may be cleaned up at any time (the tests do), even between
+    the check and the mkdir, hence the retries.
+    """
+    error: OSError | None = None
+    for _ in range(3):
+        try:
+            _ensure_parents(support)
+            os.mkdir(path)
+            return
+        except FileNotFoundError as exc:
+            error = exc
+        except OSError as exc:
+            error = exc
+            break
+    assert error is not None
+    raise SandboxError(f"cannot create cgroup {path}: {error.strerror}") from error
+
+
 def _ensure_parents(support: CgroupSupport) -> None:
-    """Recreate a parent that was removed since detection (tests clean up after themselves)."""
     for path in sorted(set(support.parents.values())):
         if not os.path.isdir(path):
             os.makedirs(path, exist_ok=True)
@@ -325,18 +347,11 @@ class SandboxCgroup:
                     f"{w.file}: the {w.controller} controller is not available, so nothing "
                     f"would stop: {w.threat} ({support.reason or 'not offered by this host'})"
                 )
-        try:
-            _ensure_parents(support)
-        except OSError as exc:
-            raise SandboxError(f"cannot recreate the cgroup parent: {exc}") from exc
         dirs = {c: f"{support.parents[c]}/{name}" for c in support.controllers}
         made: list[str] = []
         try:
             for path in dict.fromkeys(dirs.values()):
-                try:
-                    os.mkdir(path)
-                except OSError as exc:
-                    raise SandboxError(f"cannot create cgroup {path}: {exc.strerror}") from exc
+                _mkdir(support, path)
                 made.append(path)
             for w in writes:
                 _apply(dirs, w)

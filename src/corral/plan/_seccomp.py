@@ -138,10 +138,7 @@ def _personality_rules() -> tuple[SeccompRule, ...]:
     # 0xffffffff" cannot be written. Any other 32-bit value has, somewhere around
     # the ring of its bits, a 1 followed by a 0: one masked test per position
     # (32 rules, the fewest that can do it) denies exactly those values.
-    threat = (
-        "personality flags switch off exploit mitigations "
-        "(READ_IMPLIES_EXEC, ADDR_NO_RANDOMIZE); only PER_LINUX and the query pass"
-    )
+    threat = "personality flags turn off exploit mitigations (READ_IMPLIES_EXEC, ADDR_NO_RANDOMIZE)"
     return tuple(
         SeccompRule(
             "personality",
@@ -245,12 +242,13 @@ _DEFAULT_RULES: tuple[SeccompRule, ...] = (
     ),
 )
 
-_STRICT_FAMILIES = "rarely used protocol code with a CVE history (TIPC CVE-2021-43267)"
+_STRICT_FAMILIES = "rarely used protocol code, a steady source of kernel CVEs"
 
 
 def _family_rules(call: str) -> tuple[SeccompRule, ...]:
     # Only AF_UNIX (1), AF_INET (2), AF_INET6 (10) and AF_NETLINK (16) remain.
-    rules = _deny((call,), f"families >= 17: {_STRICT_FAMILIES}", ArgCmp(0, "ge", 17))
+    newer = f"families >= 17 (TIPC, RDS, CAN, ALG...): {_STRICT_FAMILIES} (CVE-2021-43267)"
+    rules = _deny((call,), newer, ArgCmp(0, "ge", 17))
     for name, family in _LEGACY_FAMILIES:
         rules += _deny((call,), f"{name}: {_STRICT_FAMILIES}", _low32(0, family))
     return rules
