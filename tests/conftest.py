@@ -36,6 +36,17 @@ def golden() -> Callable[[str, str], None]:
     return check_golden
 
 
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A fresh directory every box identity can reach and write (unlike pytest's tmp_path)."""
+    path = Path(tempfile.mkdtemp(prefix="corral-test-ws-"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
 def unprivileged_user() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(UNPRIVILEGED_USER)
@@ -75,15 +86,26 @@ class Runner:
         if self.mode != "user":
             return corral.run(command, policy=policy, workdir=workdir)
         user = unprivileged_user()
-        assert user is not None and self.src is not None
+        assert user is not None
+        assert self.src is not None
         with tempfile.TemporaryDirectory(prefix="corral-test-pol-") as tmp:
             os.chmod(tmp, 0o755)
             policy_file = Path(tmp) / "policy.json"
             policy_file.write_text(json.dumps(policy.to_dict()))
             policy_file.chmod(0o644)
             argv = [
-                "setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
-                "--", SYSTEM_PYTHON, "-m", "corral", "run", "--policy", str(policy_file), "--json",
+                "setpriv",
+                f"--reuid={user.pw_uid}",
+                f"--regid={user.pw_gid}",
+                "--clear-groups",
+                "--",
+                SYSTEM_PYTHON,
+                "-m",
+                "corral",
+                "run",
+                "--policy",
+                str(policy_file),
+                "--json",
             ]
             if workdir is not None:
                 argv += ["--workdir", workdir]

@@ -188,7 +188,8 @@ attempt("host_loopback", lambda: connect(("127.0.0.1", {host_service})))
 attempt("external", lambda: connect(("1.1.1.1", 443)))
 attempt("metadata", lambda: connect(("169.254.169.254", 80)))
 attempt("external_v6", lambda: connect(("2606:4700::1111", 443), socket.AF_INET6))
-attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("8.8.8.8", 53)))
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("udp", lambda: udp.sendto(b"x", ("8.8.8.8", 53)))
 attempt("dns", lambda: socket.getaddrinfo("pypi.org", 443))
 out["interfaces"] = sorted(n for _, n in socket.if_nameindex())
 """,
@@ -211,7 +212,13 @@ def test_host_processes_are_invisible(box: Runner) -> None:
 def test_kill_minus_one_touches_nothing_outside(box: Runner) -> None:
     victim = __import__("subprocess").Popen(["sleep", "30"])
     try:
-        result = box(py("import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError as e:\n    print(e)\nprint('alive')"))
+        result = box(
+            py(
+                "import os, signal\n"
+                "try:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError as e:\n    print(e)\n"
+                "print('alive')"
+            )
+        )
         assert victim.poll() is None, "kill(-1) in the box killed a host process"
         del result
     finally:
@@ -232,8 +239,21 @@ def test_host_environment_does_not_leak(box: Runner, monkeypatch: pytest.MonkeyP
 def test_only_harmless_devices(box: Runner) -> None:
     result = box(["/bin/ls", "/dev"])
     assert set(result.stdout_text.split()) <= {
-        "console", "core", "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr",
-        "stdin", "stdout", "tty", "urandom", "zero",
+        "console",
+        "core",
+        "fd",
+        "full",
+        "null",
+        "ptmx",
+        "pts",
+        "random",
+        "shm",
+        "stderr",
+        "stdin",
+        "stdout",
+        "tty",
+        "urandom",
+        "zero",
     }
 
 

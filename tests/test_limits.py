@@ -24,7 +24,9 @@ def _host_processes_matching(marker: str) -> list[str]:
 
 def test_memory_bomb(box: Runner) -> None:
     policy = Policy.preset("default").with_limits(memory_bytes=64 << 20)
-    result = box(py("x = bytearray(1 << 30)\nx[::4096] = b'a' * len(x[::4096])\nprint('survived')"), policy)
+    result = box(
+        py("x = bytearray(1 << 30)\nx[::4096] = b'a' * len(x[::4096])\nprint('survived')"), policy
+    )
     assert b"survived" not in result.stdout
     if box.mode == "user":
         # no memory cgroup for an ordinary user here: RLIMIT_AS stands in, and says so
@@ -32,14 +34,19 @@ def test_memory_bomb(box: Runner) -> None:
         assert b"MemoryError" in result.stderr
     else:
         assert result.limit_hit == "memory", result
-        assert result.exit_code == 137 and result.signal == 9
+        assert result.exit_code == 137
+        assert result.signal == 9
         assert result.peak_memory_bytes is not None
         assert result.peak_memory_bytes <= (64 << 20) + (1 << 20)
 
 
 def test_fork_bomb_is_capped(box: Runner) -> None:
     policy = Policy.preset("default").with_limits(pids=32, wall_time_s=5.0)
-    script = "import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('capped', n, e.errno)"
+    script = (
+        "import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+        "            time.sleep(30)\n            os._exit(0)\n        n += 1\n"
+        "except OSError as e:\n    print('capped', n, e.errno)"
+    )
     result = box(py(script), policy)
     assert b"capped" in result.stdout, result
     forked = int(result.stdout.split()[1])
@@ -82,7 +89,13 @@ def test_wall_clock_kills_sleep_and_setsid_daemons(box: Runner) -> None:
 
 def test_daemon_left_by_a_finished_command_dies_with_the_box(box: Runner) -> None:
     marker = f"87654{os.getpid() % 1000}"
-    result = box(["/bin/sh", "-c", f"setsid sh -c 'sleep {marker}' </dev/null >/dev/null 2>&1 & echo started"])
+    result = box(
+        [
+            "/bin/sh",
+            "-c",
+            f"setsid sh -c 'sleep {marker}' </dev/null >/dev/null 2>&1 & echo started",
+        ]
+    )
     assert result.exit_code == 0
     assert result.stdout == b"started\n"
     assert result.limit_hit is None
@@ -121,7 +134,8 @@ def test_disk_fill_stops_at_the_limit(box: Runner) -> None:
     lines = result.stdout_text.splitlines()
     assert lines.count("ENOSPC") == 3, lines
     sizes_kib = [int(line) for line in lines if line.isdigit()]
-    assert sizes_kib[0] <= 8 << 10 and sizes_kib[1] <= 8 << 10
+    assert sizes_kib[0] <= 8 << 10
+    assert sizes_kib[1] <= 8 << 10
     assert sizes_kib[2] <= (64 - 16) << 10
 
 

@@ -13,8 +13,12 @@ Golden = Callable[[str, str], None]
 
 # A fixed merged-/usr Debian host, so the golden files do not depend on this machine.
 DEBIAN = _mounts.HostLayout(
-    system_symlinks=(("/bin", "usr/bin"), ("/lib", "usr/lib"), ("/lib64", "usr/lib64"),
-                     ("/sbin", "usr/sbin")),
+    system_symlinks=(
+        ("/bin", "usr/bin"),
+        ("/lib", "usr/lib"),
+        ("/lib64", "usr/lib64"),
+        ("/sbin", "usr/sbin"),
+    ),
     system_dirs=(),
     etc_present=("/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/ssl/certs"),
 )
@@ -28,8 +32,11 @@ SPLIT_USR = _mounts.HostLayout(
 def test_mounts_golden(preset: str, golden: Golden) -> None:
     policy = Policy.preset(preset)
     ops = _mounts.plan_mounts(
-        policy.filesystem, policy.identity, DEBIAN,
-        workspace_source=None, workspace_bytes=policy.workspace_bytes,
+        policy.filesystem,
+        policy.identity,
+        DEBIAN,
+        workspace_source=None,
+        workspace_bytes=policy.workspace_bytes,
     )
     golden(f"mounts_{preset}.txt", _mounts.render(ops))
 
@@ -39,8 +46,11 @@ def test_mounts_split_usr_and_extra_binds(golden: Golden) -> None:
         read_only=["/srv/data:/data"], writable=["/var/out:/out"], hidden=["/data/secret"]
     )
     ops = _mounts.plan_mounts(
-        policy.filesystem, policy.identity, SPLIT_USR,
-        workspace_source="/home/me/project", workspace_bytes=None,
+        policy.filesystem,
+        policy.identity,
+        SPLIT_USR,
+        workspace_source="/home/me/project",
+        workspace_bytes=None,
     )
     golden("mounts_split_usr_binds.txt", _mounts.render(ops))
 
@@ -48,13 +58,26 @@ def test_mounts_split_usr_and_extra_binds(golden: Golden) -> None:
 def test_mount_plan_never_exposes_host_secrets() -> None:
     policy = Policy.preset("default")
     ops = _mounts.plan_mounts(
-        policy.filesystem, policy.identity,
+        policy.filesystem,
+        policy.identity,
         _mounts.HostLayout((), (), _mounts.ETC_ALLOWLIST),
-        workspace_source=None, workspace_bytes=1 << 20,
+        workspace_source=None,
+        workspace_bytes=1 << 20,
     )
     sources = [op.source for op in ops if isinstance(op, _mounts.RoBind | _mounts.Bind)]
-    for secret in ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/etc/ssh", "/root", "/home",
-                   "/work", "/run", "/var/run", "/etc/passwd", "/sys"):
+    for secret in (
+        "/etc/shadow",
+        "/etc/gshadow",
+        "/etc/sudoers",
+        "/etc/ssh",
+        "/root",
+        "/home",
+        "/work",
+        "/run",
+        "/var/run",
+        "/etc/passwd",
+        "/sys",
+    ):
         assert not any(s == secret or s.startswith(secret + "/") for s in sources), secret
     # the generated passwd names the sandbox user, not the host's accounts
     passwd = next(op for op in ops if isinstance(op, _mounts.File) and op.path == "/etc/passwd")
@@ -64,8 +87,10 @@ def test_mount_plan_never_exposes_host_secrets() -> None:
 
 def test_namespaces_golden(golden: Golden) -> None:
     policy = Policy.preset("default")
-    golden("namespaces.txt", _namespaces.render(
-        _namespaces.plan_namespaces(policy.network, policy.identity)))
+    golden(
+        "namespaces.txt",
+        _namespaces.render(_namespaces.plan_namespaces(policy.network, policy.identity)),
+    )
 
 
 def test_every_namespace_is_unshared() -> None:
@@ -76,8 +101,9 @@ def test_every_namespace_is_unshared() -> None:
 
 
 def test_capabilities_golden(golden: Golden) -> None:
-    golden("capabilities.txt", _capabilities.render(
-        _capabilities.plan_capabilities(Policy().identity)))
+    golden(
+        "capabilities.txt", _capabilities.render(_capabilities.plan_capabilities(Policy().identity))
+    )
 
 
 def test_rlimits_golden(golden: Golden) -> None:
@@ -87,7 +113,9 @@ def test_rlimits_golden(golden: Golden) -> None:
     golden("rlimits_cgroups.txt", _rlimits.render(with_cgroups))
     golden("rlimits_fallback.txt", _rlimits.render(without))
     assert {op.resource for op in without} - {op.resource for op in with_cgroups} == {
-        "RLIMIT_AS", "RLIMIT_NPROC"}
+        "RLIMIT_AS",
+        "RLIMIT_NPROC",
+    }
 
 
 def test_rlimits_skip_unlimited_fields() -> None:

@@ -17,7 +17,10 @@ def test_presets_are_policies_with_finite_limits() -> None:
         for field in ("memory_bytes", "pids", "cpu_time_s", "wall_time_s", "disk_bytes"):
             assert getattr(limits, field) is not None, (name, field)
         assert policy.network.mode == "none"
-    assert Policy.preset("strict").limits.memory_bytes < Policy.preset("dev").limits.memory_bytes
+    strict, dev = Policy.preset("strict").limits, Policy.preset("dev").limits
+    assert strict.memory_bytes is not None
+    assert dev.memory_bytes is not None
+    assert strict.memory_bytes < dev.memory_bytes
 
 
 def test_unknown_preset_names_the_field() -> None:
@@ -74,13 +77,17 @@ def test_identity_never_root() -> None:
 
 
 def test_filesystem_paths_are_checked() -> None:
-    with pytest.raises(PolicyError, match=r"filesystem.read_only\[0\].source: 'rel' must be an absolute"):
+    with pytest.raises(
+        PolicyError, match=r"filesystem.read_only\[0\].source: 'rel' must be an absolute"
+    ):
         Policy().with_filesystem(read_only=["rel"])
     with pytest.raises(PolicyError, match=r"filesystem.hidden\[1\]: .* must not contain '..'"):
         Policy().with_filesystem(hidden=["/ok", "/a/../b"])
     with pytest.raises(PolicyError, match="filesystem.workspace: '/etc' is a system path"):
         Policy().with_filesystem(workspace="/etc")
-    with pytest.raises(PolicyError, match=r"filesystem.writable\[0\]: target '/data' is already used"):
+    with pytest.raises(
+        PolicyError, match=r"filesystem.writable\[0\]: target '/data' is already used"
+    ):
         Policy().with_filesystem(read_only=["/srv:/data"], writable=["/var/x:/data"])
     with pytest.raises(PolicyError, match="would shadow a system mount"):
         Policy().with_filesystem(read_only=["/srv:/proc/x"])
@@ -172,8 +179,16 @@ def test_load_missing_file_is_a_policy_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("4096", 4096), ("512K", 512 << 10), ("256M", 256 << 20), ("2G", 2 << 30),
-     ("1.5G", 3 << 29), ("64KiB", 64 << 10), ("10MB", 10 << 20), (7, 7)],
+    [
+        ("4096", 4096),
+        ("512K", 512 << 10),
+        ("256M", 256 << 20),
+        ("2G", 2 << 30),
+        ("1.5G", 3 << 29),
+        ("64KiB", 64 << 10),
+        ("10MB", 10 << 20),
+        (7, 7),
+    ],
 )
 def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected

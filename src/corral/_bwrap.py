@@ -42,10 +42,13 @@ from .plan import _capabilities, _mounts, _namespaces, _rlimits
 from .plan import _cgroups as _plan_cgroups
 from .plan import _seccomp as _plan_seccomp
 
-BWRAP_INSTALL_HINT = "install it with: sudo apt-get install bubblewrap (Fedora: dnf install bubblewrap)"
+BWRAP_INSTALL_HINT = (
+    "install it with: sudo apt-get install bubblewrap (Fedora: dnf install bubblewrap)"
+)
 MIN_BWRAP = (0, 8, 0)  # --disable-userns, --size, --perms, --ro-bind-data
 _CPU_POLL_S = 0.1
 _DRAIN_AFTER_EXIT_S = 2.0
+_KILL_GRACE_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +68,9 @@ def find_bwrap() -> BwrapInfo:
             [path, "--version"], capture_output=True, check=True, timeout=10, env={}
         ).stdout.decode()
     except (OSError, subprocess.SubprocessError) as exc:
-        raise HostToolMissing("bubblewrap", f"{path} does not run ({exc}); {BWRAP_INSTALL_HINT}") from exc
+        raise HostToolMissing(
+            "bubblewrap", f"{path} does not run ({exc}); {BWRAP_INSTALL_HINT}"
+        ) from exc
     match = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
     if match is None:
         raise HostToolMissing("bubblewrap", f"cannot read the version of {path}: {out!r}")
@@ -73,7 +78,9 @@ def find_bwrap() -> BwrapInfo:
     version = (major, minor, patch)
     if version < MIN_BWRAP:
         need = ".".join(map(str, MIN_BWRAP))
-        raise HostToolMissing("bubblewrap", f"version {need} or newer is needed, found {out.strip()}")
+        raise HostToolMissing(
+            "bubblewrap", f"version {need} or newer is needed, found {out.strip()}"
+        )
     return BwrapInfo(path, version)
 
 
@@ -136,9 +143,19 @@ def make_plans(policy: Policy, *, workspace_source: str | None) -> Plans:
             "limits.disk_bytes: the host workspace directory is bounded per file "
             "(limits.file_size_bytes), not in total; /tmp and /dev/shm are bounded"
         )
-    cgroup_writes = tuple(
-        w for w in _plan_cgroups.plan_cgroups(limits, support.version or 2) if w.controller in usable
-    ) if support.version is not None else ()
+    cgroup_writes = (
+        tuple(
+            w
+            for w in _plan_cgroups.plan_cgroups(limits, support.version or 2)
+            if w.controller in usable
+        )
+        if support.version is not None
+        else ()
+    )
+    seccomp = _plan_seccomp.plan_seccomp(policy.syscalls)
+    for name, why in _seccomp.skipped_rules(seccomp):
+        if "NOT filtered" in why:  # an old libseccomp: say so, on every result
+            degraded.append(f"syscalls: {name} is {why}")
     return Plans(
         mounts=_mounts.plan_mounts(
             policy.filesystem,
@@ -150,7 +167,7 @@ def make_plans(policy: Policy, *, workspace_source: str | None) -> Plans:
         namespaces=_namespaces.plan_namespaces(policy.network, policy.identity),
         capabilities=_capabilities.plan_capabilities(policy.identity),
         rlimits=_rlimits.plan_rlimits(limits, cgroups=usable),
-        seccomp=_plan_seccomp.plan_seccomp(policy.syscalls),
+        seccomp=seccomp,
         cgroups=cgroup_writes,
         cgroup_controllers=usable,
         degraded=tuple(degraded),
@@ -354,6 +371,7 @@ async def run_bwrap(
     identity: HostIdentity | None = None
     cgroup: _cgroups.SandboxCgroup | None = None
     proc: subprocess.Popen[bytes] | None = None
+    box_pidfd: int | None = None
     try:
         if os.geteuid() == 0:
             identity = acquire_host_identity()
@@ -387,19 +405,37 @@ async def run_bwrap(
         fds.close_passed()
         info = await _read_until_json(loop, info_r)
         if info is None or not isinstance(info.get("child-pid"), int):
-            proc.wait()
-            assert proc.stderr is not None
-            message = proc.stderr.read().decode(errors="replace").strip()
-            raise SandboxError(f"bwrap could not set up the box: {message or 'no message'}")
+            raise _setup_failed(proc, identity)
         box_pid = int(str(info["child-pid"]))
+        try:
+            # a pidfd, taken while the box is still blocked (so certainly ours),
+            # signals the box's init without any pid-reuse race
+            box_pidfd = os.pidfd_open(box_pid)
+        except ProcessLookupError:
+            raise _setup_failed(proc, identity) from None
+        fds.keep.append(box_pidfd)
         if cgroup is not None:
-            cgroup.add_process(box_pid)
-        os.write(block_w, b"\0")
-        return await _supervise(loop, proc, policy, plans, cgroup, stdin, started)
+            try:
+                cgroup.add_process(box_pid)
+            except SandboxError:
+                if proc.poll() is not None:  # bwrap gave up while we were placing it
+                    raise _setup_failed(proc, identity) from None
+                raise
+        try:
+            os.write(block_w, b"\0")
+        except BrokenPipeError:
+            raise _setup_failed(proc, identity) from None
+        return await _supervise(loop, proc, box_pidfd, policy, plans, cgroup, stdin, started)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc is not None and proc.returncode is None:
+            # cancelled or failed half-way: end the box, then its bwrap
+            if box_pidfd is not None:
+                _kill_box(box_pidfd, cgroup)
+            try:
+                proc.wait(timeout=_KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         if proc is not None:
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 if stream is not None:
@@ -411,9 +447,25 @@ async def run_bwrap(
         fds.close_all()
 
 
+def _kill_box(box_pidfd: int, cgroup: _cgroups.SandboxCgroup | None) -> None:
+    """SIGKILL everything in the box.
+
+    The box's init is killed, not the outer bwrap: the init's death empties its
+    whole pid namespace (setsid daemons too), and the outer bwrap then reaps it
+    and exits. Killing the outer bwrap first would orphan the init to the host's
+    pid 1, which may never reap it.
+    """
+    if cgroup is not None:
+        with contextlib.suppress(SandboxError):
+            cgroup.kill_all()
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(box_pidfd, signal.SIGKILL)
+
+
 async def _supervise(
     loop: asyncio.AbstractEventLoop,
     proc: subprocess.Popen[bytes],
+    box_pidfd: int,
     policy: Policy,
     plans: Plans,
     cgroup: _cgroups.SandboxCgroup | None,
@@ -425,21 +477,22 @@ async def _supervise(
     hit: set[LimitKind] = set()
     done = loop.create_future()
     open_streams = {"stdout", "stderr"}
-    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     streams = {"stdout": proc.stdout.fileno(), "stderr": proc.stderr.fileno()}
 
-    def kill_box(reason: LimitKind | None) -> None:
-        if reason is not None:
-            hit.add(reason)
-        if cgroup is not None:
-            with contextlib.suppress(SandboxError):
-                cgroup.kill_all()
-        # the outer bwrap's death takes the box's init with it (--die-with-parent),
-        # and the init's death empties the whole pid namespace, setsid daemons too
-        # os.kill, not proc.kill(): Popen would reap the process and lose its
-        # rusage; until we wait4() it below, the pid cannot be reused
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
+    def kill_box(reason: LimitKind) -> None:
+        hit.add(reason)
+        _kill_box(box_pidfd, cgroup)
+        loop.call_later(_KILL_GRACE_S, kill_outer)
+
+    def kill_outer() -> None:
+        # last resort, if bwrap did not exit after its box was killed. os.kill,
+        # not proc.kill(): Popen would reap it and lose its rusage; until our
+        # wait4() below the pid cannot be reused
+        if not exited.done():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
 
     def on_readable(name: str) -> None:
         try:
@@ -470,18 +523,25 @@ async def _supervise(
 
     pidfd = os.pidfd_open(proc.pid)
     exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
+
+    # RLIMIT_CPU bounds each process; the cgroup's total bounds the box as a
+    # whole (many processes each under the rlimit)
+    cpu_timer = [loop.call_later(_CPU_POLL_S, lambda: cpu_check())]
 
     def cpu_check() -> None:
-        nonlocal cpu_timer
         if cgroup is not None and limits.cpu_time_s is not None:
             used = cgroup.stats().cpu_time_s
             if used is not None and used > limits.cpu_time_s:
                 kill_box("cpu_time")
                 return
-        cpu_timer = loop.call_later(_CPU_POLL_S, cpu_check)
+        cpu_timer[0] = loop.call_later(_CPU_POLL_S, cpu_check)
 
-    cpu_timer = loop.call_later(_CPU_POLL_S, cpu_check)
     try:
         try:
             await asyncio.wait_for(asyncio.shield(exited), limits.wall_time_s)
@@ -492,7 +552,7 @@ async def _supervise(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(done), _DRAIN_AFTER_EXIT_S)
     finally:
-        cpu_timer.cancel()
+        cpu_timer[0].cancel()
         loop.remove_reader(pidfd)
         os.close(pidfd)
         for name in list(open_streams):
@@ -538,6 +598,20 @@ async def _supervise(
         peak_memory_bytes=peak,
         degraded=plans.degraded,
     )
+
+
+def _setup_failed(proc: subprocess.Popen[bytes], identity: HostIdentity | None) -> SandboxError:
+    """bwrap exited before the command started: broken infrastructure, with bwrap's reason."""
+    proc.wait()
+    assert proc.stderr is not None
+    message = proc.stderr.read().decode(errors="replace").strip() or "no message"
+    hint = ""
+    if identity is not None and "Can't find source path" in message:
+        hint = (
+            f" (as root every box runs as its own unprivileged host uid, {identity.uid} this "
+            "time: a bound directory and each directory above it must be reachable by others)"
+        )
+    return SandboxError(f"bwrap could not set up the box: {message}{hint}")
 
 
 def _feed_stdin(loop: asyncio.AbstractEventLoop, stream: IO[bytes], data: bytes) -> None:

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from . import _cgroups, _seccomp
 from ._bwrap import BWRAP_INSTALL_HINT, find_bwrap
 from ._errors import CorralError
+from ._policy import SyscallPolicy
+from .plan._seccomp import plan_seccomp
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -34,6 +36,12 @@ def _read(path: str) -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+def _seccomp_status() -> str:
+    status = _read("/proc/self/status") or ""
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return "present" if "Seccomp" in fields else "absent (kernel without CONFIG_SECCOMP?)"
 
 
 def landlock_abi() -> int | None:
@@ -85,11 +93,18 @@ def run_checks() -> list[Check]:
             )
         )
 
-    try:
-        version = _seccomp.libseccomp_version()
-        checks.append(Check("seccomp", "ok", f"libseccomp {version}"))
-    except CorralError as exc:
-        checks.append(Check("seccomp", "fail", str(exc), "apt-get install libseccomp2"))
+    version = _seccomp.libseccomp_version()
+    if version is None:
+        checks.append(
+            Check("seccomp", "fail", "libseccomp not found", "sudo apt-get install libseccomp2")
+        )
+    else:
+        plan = plan_seccomp(SyscallPolicy(profile="strict"))
+        missing = [n for n, why in _seccomp.skipped_rules(plan) if "NOT filtered" in why]
+        detail = f"libseccomp {version}, status field {_seccomp_status()}"
+        if missing:
+            detail += f"; not known here (not filtered): {', '.join(missing)}"
+        checks.append(Check("seccomp", "ok", detail))
 
     abi = landlock_abi()
     checks.append(

@@ -35,7 +35,9 @@ def _configured_range() -> tuple[int, int]:
         start_text, end_text = raw.split("-", 1)
         start, end = int(start_text), int(end_text)
     except ValueError:
-        raise SandboxError(f"CORRAL_UID_RANGE={raw!r} must look like 2100000000-2100065535") from None
+        raise SandboxError(
+            f"CORRAL_UID_RANGE={raw!r} must look like 2100000000-2100065535"
+        ) from None
     if not 1000 <= start <= end < 4_294_967_294:
         raise SandboxError(f"CORRAL_UID_RANGE={raw!r} must be within 1000..4294967293")
     return start, end

@@ -11,10 +11,10 @@ import dataclasses
 import json
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from ._errors import PolicyError
 from ._units import parse_duration, parse_size
@@ -268,7 +268,9 @@ class Policy:
         try:
             return _PRESETS[name]
         except KeyError:
-            raise PolicyError("preset", f"{name!r} is not a preset ({', '.join(_PRESETS)})") from None
+            raise PolicyError(
+                "preset", f"{name!r} is not a preset ({', '.join(_PRESETS)})"
+            ) from None
 
     # -- derivation --------------------------------------------------------------
 
@@ -318,7 +320,9 @@ class Policy:
         known = {"name", "env", *_SECTIONS}
         for key in data:
             if key not in known:
-                raise PolicyError(str(key), f"unknown field (expected one of {', '.join(sorted(known))})")
+                raise PolicyError(
+                    str(key), f"unknown field (expected one of {', '.join(sorted(known))})"
+                )
         policy = base
         if "name" in data:
             if not isinstance(data["name"], str):
@@ -334,7 +338,9 @@ class Policy:
             for key, value in raw.items():
                 if key not in converters:
                     allowed = ", ".join(sorted(converters))
-                    raise PolicyError(f"{section}.{key}", f"unknown field (expected one of {allowed})")
+                    raise PolicyError(
+                        f"{section}.{key}", f"unknown field (expected one of {allowed})"
+                    )
                 changes[key] = converters[key](f"{section}.{key}", value)
             policy = policy._replace_section(section, changes)
         if "env" in data:
@@ -381,9 +387,7 @@ class Policy:
             for f in dataclasses.fields(value):
                 item = getattr(value, f.name)
                 if isinstance(item, tuple):
-                    item = [
-                        f"{b.source}:{b.target}" if isinstance(b, Bind) else b for b in item
-                    ]
+                    item = [f"{b.source}:{b.target}" if isinstance(b, Bind) else b for b in item]
                 table[f.name] = item
             out[section] = table
         out["env"] = dict(self.env)
@@ -431,8 +435,12 @@ def _positive_float(fieldname: str, value: object) -> float:
 
 
 def _env_pairs(value: object) -> tuple[tuple[str, str], ...]:
-    items = value.items() if isinstance(value, Mapping) else value
-    if not isinstance(items, tuple | list) and not isinstance(value, Mapping):
+    items: Iterable[object]
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, tuple | list):
+        items = value
+    else:
         raise PolicyError("env", "must be a mapping of NAME to value")
     pairs: dict[str, str] = {}
     for pair in items:

@@ -11,7 +11,14 @@ LimitKind = Literal["timeout", "memory", "pids", "cpu_time", "output", "disk"]
 # When several limits were hit, the first in this order is ``limit_hit``: the
 # most direct cause of the end (an OOM kill explains the exit better than the
 # timeout that a thrashing program may also have reached).
-LIMIT_PRECEDENCE: tuple[LimitKind, ...] = ("memory", "cpu_time", "output", "disk", "pids", "timeout")
+LIMIT_PRECEDENCE: tuple[LimitKind, ...] = (
+    "memory",
+    "cpu_time",
+    "output",
+    "disk",
+    "pids",
+    "timeout",
+)
 
 
 @dataclass(frozen=True, slots=True)

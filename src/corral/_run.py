@@ -42,7 +42,9 @@ async def run_async(
         resolved = resolved.with_env(env)
     if timeout_s is not None:
         wall = resolved.limits.wall_time_s
-        resolved = resolved.with_limits(wall_time_s=timeout_s if wall is None else min(wall, timeout_s))
+        resolved = resolved.with_limits(
+            wall_time_s=timeout_s if wall is None else min(wall, timeout_s)
+        )
     return await run_bwrap(list(command), resolved, workdir=workdir, stdin=stdin)
 
 
@@ -57,5 +59,7 @@ def run(
 ) -> RunResult:
     """The synchronous facade of :func:`run_async` (same arguments, same result)."""
     return asyncio.run(
-        run_async(command, policy=policy, workdir=workdir, stdin=stdin, env=env, timeout_s=timeout_s)
+        run_async(
+            command, policy=policy, workdir=workdir, stdin=stdin, env=env, timeout_s=timeout_s
+        )
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._policy import IdentityPolicy
+from corral._policy import IdentityPolicy
 
 
 @dataclass(frozen=True, slots=True)

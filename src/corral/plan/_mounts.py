@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._policy import FilesystemPolicy, IdentityPolicy
+from corral._policy import FilesystemPolicy, IdentityPolicy
 
 # System directories bound read-only when they are real directories on the host
 # (a merged-/usr host has them as symlinks into /usr, recreated as symlinks).

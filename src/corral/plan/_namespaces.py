@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._policy import IdentityPolicy, NetworkPolicy
+from corral._policy import IdentityPolicy, NetworkPolicy
 
 
 @dataclass(frozen=True, slots=True)

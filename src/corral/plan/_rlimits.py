@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .._policy import Limits
+from corral._policy import Limits
 
 # Default stack limit: finite, so a runaway recursion fails fast and the stack
 # cannot be grown into the rest of the address space.
@@ -34,9 +34,7 @@ def plan_rlimits(limits: Limits, *, cgroups: frozenset[str]) -> tuple[Rlimit, ..
     ops = [Rlimit("RLIMIT_CORE", 0, 0, "core dumps leak the box's memory and fill the disk")]
     ops.append(Rlimit("RLIMIT_STACK", STACK_BYTES, STACK_BYTES, "unbounded stack growth"))
     if limits.open_files is not None:
-        ops.append(
-            Rlimit("RLIMIT_NOFILE", limits.open_files, limits.open_files, "fd exhaustion")
-        )
+        ops.append(Rlimit("RLIMIT_NOFILE", limits.open_files, limits.open_files, "fd exhaustion"))
     if limits.file_size_bytes is not None:
         size = limits.file_size_bytes
         ops.append(Rlimit("RLIMIT_FSIZE", size, size, "one file fills a writable mount"))
@@ -55,4 +53,6 @@ def plan_rlimits(limits: Limits, *, cgroups: frozenset[str]) -> tuple[Rlimit, ..
 
 
 def render(ops: tuple[Rlimit, ...]) -> str:
-    return "".join(f"{op.resource} soft={op.soft} hard={op.hard} threat={op.threat}\n" for op in ops)
+    return "".join(
+        f"{op.resource} soft={op.soft} hard={op.hard} threat={op.threat}\n" for op in ops
+    )

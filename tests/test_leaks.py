@@ -1,0 +1,76 @@
+"""Nothing is left behind: processes, cgroups, mounts, fds, temp files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import corral
+from corral import Policy
+from corral._cgroups import leftover_cgroups
+from corral._identity import DEFAULT_RANGE
+
+from .conftest import py
+
+
+def _box_uid_processes() -> list[str]:
+    """Processes running as a box uid, and zombies that are ours to reap.
+
+    A zombie whose parent is the host's pid 1 is left out: bwrap's monitor exits
+    as soon as the box's init reports the command's status, so the init, dying
+    a moment later, is always reaped by the host's init (at once under systemd,
+    late under some container inits). Another corral process's boxes would
+    count too: the suite runs alone.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        uid = int(fields["Uid"].split()[0])
+        zombie_of_init = fields["State"].strip().startswith("Z") and fields["PPid"].strip() == "1"
+        if DEFAULT_RANGE[0] <= uid <= DEFAULT_RANGE[1] and not zombie_of_init:
+            found.append(f"{entry.name} uid={uid} state={fields['State'].strip()}")
+    return found
+
+
+def _snapshot() -> dict[str, object]:
+    return {
+        "fds": sorted(os.listdir("/proc/self/fd")),
+        "mounts": Path("/proc/self/mountinfo").read_text().count("\n"),
+        "tmp": sorted(p.name for p in Path("/tmp").iterdir() if "corral" in p.name),
+        "cgroups": leftover_cgroups(),
+        "box_processes": _box_uid_processes(),
+    }
+
+
+async def _many() -> list[corral.RunResult]:
+    quick = Policy.preset("default").with_limits(wall_time_s=0.5, memory_bytes=32 << 20)
+    jobs = []
+    for i in range(24):
+        kind = i % 4
+        if kind == 0:
+            cmd = ["/bin/true"]
+        elif kind == 1:  # killed at the wall limit, with a daemon
+            cmd = ["/bin/sh", "-c", "setsid sleep 500 & sleep 500"]
+        elif kind == 2:  # killed by the memory limit
+            cmd = py("b = bytearray(1 << 28); b[::4096] = b'x' * len(b[::4096])")
+        else:  # output flood
+            cmd = ["/bin/sh", "-c", "yes"]
+        jobs.append(corral.run_async(cmd, policy=quick.with_limits(output_bytes=1 << 16)))
+    return await asyncio.gather(*jobs)
+
+
+def test_nothing_is_left_after_many_boxes() -> None:
+    corral.run(["/bin/true"])  # warm caches (seccomp program, lock file) before the snapshot
+    before = _snapshot()
+    results = asyncio.run(_many())
+    kinds = [r.limit_hit for r in results]
+    assert kinds.count("timeout") >= 6
+    assert kinds.count("output") >= 6
+    assert _snapshot() == before
