@@ -8,9 +8,7 @@ sandbox never starts from a half-valid one; every error names the exact field
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -352,6 +350,8 @@ class Policy:
 
     @classmethod
     def from_toml(cls, text: str) -> Policy:
+        import tomllib  # only policy files need it: keeps `corral run` quick to start
+
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -360,6 +360,8 @@ class Policy:
 
     @classmethod
     def from_json(cls, text: str) -> Policy:
+        import json
+
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

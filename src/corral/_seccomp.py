@@ -26,6 +26,7 @@ from corral.plan._seccomp import SeccompPlan
 _SONAME = "libseccomp.so.2"
 _SCMP_ACT_ALLOW = 0x7FFF_0000
 _SCMP_FLTATR_ACT_BADARCH = 2
+_SCMP_FLTATR_CTL_OPTIMIZE = 8  # libseccomp >= 2.5: 2 = binary tree of syscall numbers
 _NR_SCMP_ERROR = -1
 _SCMP_CMP = {"ne": 1, "eq": 4, "ge": 5, "masked_eq": 7}
 
@@ -110,6 +111,10 @@ def _compile(plan: SeccompPlan) -> _Compiled:
         # No seccomp_arch_add: native only, so i386 and x32 calls hit this action.
         rc = lib.seccomp_attr_set(ctx, _SCMP_FLTATR_ACT_BADARCH, _act_errno(plan.bad_arch_errno))
         _check(rc, "seccomp_attr_set(SCMP_FLTATR_ACT_BADARCH)")
+        # A binary tree instead of a linear list: a syscall the kernel's cache
+        # cannot settle (ioctl, socket, clone: rules on arguments) walks
+        # log2(rules) tests, not all of them. Older libseccomp: linear, still correct.
+        lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_OPTIMIZE, 2)
         for rule in plan.rules:
             nr = lib.seccomp_syscall_resolve_name(rule.syscall.encode())
             if nr == _NR_SCMP_ERROR:
