@@ -6,6 +6,7 @@ reason* (the errno the wall produces, not just "something failed").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -267,3 +268,83 @@ def test_command_not_found_is_exit_127(box: Runner) -> None:
     result = box(["no-such-command-here"])
     assert result.exit_code == 127
     assert b"no-such-command-here" in result.stderr
+
+
+def test_dev_is_read_only_but_usable(box: Runner) -> None:
+    found = probe(
+        box,
+        """
+attempt("dev_file", lambda: open("/dev/fill", "wb").write(b"x" * 4096))
+attempt("dev_null", lambda: open("/dev/null", "wb").write(b"x"))
+attempt("dev_shm", lambda: open("/dev/shm/ok", "wb").write(b"x"))
+""",
+    )
+    # bwrap's /dev is a tmpfs of its own with no size: writable, it would be
+    # unbounded host RAM outside disk_bytes
+    assert found == {"dev_file": "EROFS", "dev_null": "ok", "dev_shm": "ok"}
+
+
+def test_no_setuid_files_in_a_host_workdir(box: Runner, world_dir: Path) -> None:
+    result = box(
+        py(
+            PROBE_PRELUDE
+            + """
+import shutil
+shutil.copy("/bin/sh", "sh")
+attempt("chmod_suid", lambda: os.chmod("sh", 0o4755))
+attempt("chmod_sgid", lambda: os.chmod("sh", 0o2755))
+attempt("open_suid", lambda: os.close(os.open("new", os.O_CREAT | os.O_WRONLY, 0o4755)))
+attempt("mknod_sgid", lambda: os.mknod("fifo", 0o2644 | 0o010000))
+attempt("chmod_plain", lambda: os.chmod("sh", 0o755))
+print(json.dumps(out))
+"""
+        ),
+        workdir=str(world_dir),
+    )
+    found = json.loads(result.stdout)
+    assert found.pop("chmod_plain") == "ok"
+    assert set(found.values()) == {"EPERM"}, found
+    for path in world_dir.iterdir():
+        assert not path.stat().st_mode & 0o6000, path
+
+
+def test_hidden_path_inside_a_read_only_bind(box: Runner, world_dir: Path) -> None:
+    (world_dir / "public.txt").write_text("fine")
+    (world_dir / "secret").mkdir()
+    (world_dir / "secret" / "key").write_text("TOPSECRET")
+    (world_dir / "token").write_text("TOPSECRET")
+    policy = Policy.preset("default").with_filesystem(
+        read_only=[f"{world_dir}:/data"], hidden=["/data/secret", "/data/token", "/data/absent"]
+    )
+    result = box(
+        ["/bin/sh", "-c", "cat /data/public.txt; ls -A /data/secret; cat /data/token; echo ."],
+        policy,
+    )
+    assert result.exit_code == 0, result.stderr_text
+    assert result.stdout == b"fine.\n"
+    assert b"TOPSECRET" not in result.stdout + result.stderr
+
+
+def test_environment_is_not_on_any_command_line() -> None:
+    """Every local user can read /proc/<pid>/cmdline: the box's env must not be there."""
+    import corral
+
+    secret = "sk-corral-test-not-on-cmdline"
+    policy = Policy.preset("default").with_env({"API_KEY": secret})
+    cmd = ["/bin/sh", "-c", "echo $API_KEY; cat /proc/1/cmdline; sleep 0.2"]
+    seen: list[bytes] = []
+
+    def snoop() -> None:
+        for _ in range(50):
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    with contextlib.suppress(OSError):
+                        seen.append((entry / "cmdline").read_bytes())
+
+    thread = threading.Thread(target=snoop)
+    thread.start()
+    result = corral.run(cmd, policy=policy)
+    thread.join()
+    assert result.stdout.startswith(secret.encode())
+    assert any(b"bwrap" in c for c in seen), "the snoop never saw the box's bwrap"
+    assert not any(secret.encode() in c for c in seen)

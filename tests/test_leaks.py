@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import corral
@@ -74,3 +77,25 @@ def test_nothing_is_left_after_many_boxes() -> None:
     assert kinds.count("timeout") >= 6
     assert kinds.count("output") >= 6
     assert _snapshot() == before
+
+
+async def _cancel_after(delay_s: float, marker: str) -> None:
+    task = asyncio.create_task(
+        corral.run_async(["/bin/sh", "-c", f"setsid sleep {marker} & sleep {marker}"])
+    )
+    await asyncio.sleep(delay_s)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def test_cancelling_at_any_moment_leaves_no_box() -> None:
+    """A run cancelled while bwrap is still setting up must not let the box run on."""
+    marker = f"4242{os.getpid() % 1000}"
+    for delay_ms in (0, 1, 2, 3, 5, 8, 12, 20, 40):
+        asyncio.run(_cancel_after(delay_ms / 1000, marker))
+    time.sleep(0.5)  # a box that escaped would have started its sleeps by now
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    assert [line for line in ps.stdout.splitlines() if f"sleep {marker}" in line] == []
+    assert _box_uid_processes() == []
+    assert leftover_cgroups() == []

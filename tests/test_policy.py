@@ -204,3 +204,13 @@ def test_parse_size_and_duration_reject_garbage() -> None:
     assert parse_duration("1h") == 3600.0
     assert format_size(512 << 20) == "512M"
     assert format_size(1000) == "1000"
+
+
+def test_hidden_paths_must_be_inside_a_read_only_bind() -> None:
+    with pytest.raises(
+        PolicyError, match=r"filesystem.hidden\[0\]: '/workspace/key' must be inside"
+    ):
+        Policy().with_filesystem(hidden=["/workspace/key"])
+    policy = Policy().with_filesystem(read_only=["/srv/data:/data"], hidden=["/data/a/key"])
+    assert policy.filesystem.host_path_of("/data/a/key") == "/srv/data/a/key"
+    assert policy.filesystem.host_path_of("/datafile") == ""

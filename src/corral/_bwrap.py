@@ -121,9 +121,9 @@ def make_plans(policy: Policy, *, workspace_source: str | None) -> Plans:
     usable = frozenset(c for c in ("memory", "pids", "cpu") if c in support.controllers)
     degraded: list[str] = []
     fallbacks = {
-        "memory": "RLIMIT_AS per process",
+        "memory": "RLIMIT_AS per process; shared memory (memfd, pipes) is not bounded",
         "pids": "RLIMIT_NPROC per uid",
-        "cpu": "the total by cpu_time_s (RLIMIT_CPU per process), not the rate",
+        "cpu": "nothing for the rate; each process gets cpu_time_s of CPU (RLIMIT_CPU)",
     }
     for controller, needed in wanted.items():
         if needed and controller not in usable:
@@ -229,16 +229,27 @@ class _Fds:
         self.keep.clear()
 
 
-def render_argv(plans: Plans, policy: Policy, command: Sequence[str], fds: _Fds) -> list[str]:
-    """The bwrap command line for the plans. Data files and the seccomp filter
-    travel through memfds registered in ``fds``."""
+def render_argv(
+    plans: Plans,
+    policy: Policy,
+    command: Sequence[str],
+    fds: _Fds,
+    extra_options: Sequence[str] = (),
+) -> list[str]:
+    """The command line that starts the box for ``plans``.
+
+    bwrap's options travel in a memfd (``--args``), not on its command line:
+    ``/proc/<pid>/cmdline`` is readable by every local user, and the options
+    carry the box's environment (API keys, tokens). Generated files and the
+    seccomp program travel through memfds too; all are registered in ``fds``.
+    """
     # rlimits are set by util-linux's prlimit just before bwrap starts, so the
     # box inherits them: root here may lack CAP_SYS_RESOURCE, which setting
     # them on the box's pid from outside would need.
-    args: list[str] = [find_prlimit()]
+    argv: list[str] = [find_prlimit()]
     for rl in plans.rlimits:
-        args.append(f"--{_PRLIMIT_FLAGS[rl.resource]}={_limit(rl.soft)}:{_limit(rl.hard)}")
-    args += ["--", find_bwrap().path]
+        argv.append(f"--{_PRLIMIT_FLAGS[rl.resource]}={_limit(rl.soft)}:{_limit(rl.hard)}")
+    args: list[str] = [*extra_options]
     for nop in plans.namespaces:
         match nop:
             case _namespaces.Unshare(namespace="mount"):
@@ -282,11 +293,14 @@ def render_argv(plans: Plans, policy: Policy, command: Sequence[str], fds: _Fds)
                 args += ["--perms", f"{mode:04o}", "--dir", path]
             case _mounts.File(path=path, content=content, mode=mode):
                 args += ["--perms", f"{mode:04o}", "--ro-bind-data", str(fds.data(content)), path]
-            case _mounts.Hide(path=path):
-                if os.path.isdir(path):
+            case _mounts.Hide(path=path, host_path=host_path):
+                # the host path is under a read-only bind: the box cannot swap
+                # it for a symlink or rename it between runs
+                if os.path.isdir(host_path):
                     args += ["--perms", "0000", "--tmpfs", path, "--remount-ro", path]
-                else:
+                elif os.path.lexists(host_path):
                     args += ["--ro-bind", "/dev/null", path]
+                # absent on the host: nothing to hide
             case _mounts.RemountRo(path=path):
                 args += ["--remount-ro", path]
             case _mounts.Chdir(path=path):
@@ -295,9 +309,8 @@ def render_argv(plans: Plans, policy: Policy, command: Sequence[str], fds: _Fds)
     args.append("--clearenv")
     for name, value in policy.env:
         args += ["--setenv", name, value]
-    args.append("--")
-    args.extend(command)
-    return args
+    options = fds.data(b"".join(arg.encode() + b"\0" for arg in args))
+    return [*argv, "--", find_bwrap().path, "--args", str(options), "--", *command]
 
 
 class _Output:
@@ -379,13 +392,13 @@ async def run_bwrap(
             cgroup = _cgroups.SandboxCgroup.create(
                 _cgroups.detect_cgroups(), f"box-{os.getpid()}-{time.monotonic_ns()}", plans.cgroups
             )
-        argv = render_argv(plans, policy, command, fds)
         info_r, info_w = fds.pipe()
         block_r, block_w = fds.pipe()
         fds.keep += [info_r, block_w]
         fds.pass_ += [info_w, block_r]
-        at = argv.index(find_bwrap().path) + 1
-        argv[at:at] = ["--info-fd", str(info_w), "--block-fd", str(block_r)]
+        argv = render_argv(
+            plans, policy, command, fds, ["--info-fd", str(info_w), "--block-fd", str(block_r)]
+        )
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -406,17 +419,13 @@ async def run_bwrap(
         info = await _read_until_json(loop, info_r)
         if info is None or not isinstance(info.get("child-pid"), int):
             raise _setup_failed(proc, identity)
-        box_pid = int(str(info["child-pid"]))
-        try:
-            # a pidfd, taken while the box is still blocked (so certainly ours),
-            # signals the box's init without any pid-reuse race
-            box_pidfd = os.pidfd_open(box_pid)
-        except ProcessLookupError:
-            raise _setup_failed(proc, identity) from None
+        box_pidfd = _open_box(proc, int(str(info["child-pid"])))
+        if box_pidfd is None:
+            raise _setup_failed(proc, identity)
         fds.keep.append(box_pidfd)
         if cgroup is not None:
             try:
-                cgroup.add_process(box_pid)
+                cgroup.add_process(int(str(info["child-pid"])))
             except SandboxError:
                 if proc.poll() is not None:  # bwrap gave up while we were placing it
                     raise _setup_failed(proc, identity) from None
@@ -427,24 +436,76 @@ async def run_bwrap(
             raise _setup_failed(proc, identity) from None
         return await _supervise(loop, proc, box_pidfd, policy, plans, cgroup, stdin, started)
     finally:
-        if proc is not None and proc.returncode is None:
-            # cancelled or failed half-way: end the box, then its bwrap
-            if box_pidfd is not None:
-                _kill_box(box_pidfd, cgroup)
+        try:
+            if proc is not None and proc.returncode is None:
+                # cancelled or failed half-way. The box may still be blocked:
+                # kill it BEFORE the block pipe closes, because bwrap takes EOF
+                # on --block-fd as "go" and would run the command unsupervised.
+                if box_pidfd is not None:
+                    _kill_box(box_pidfd, cgroup)
+                else:
+                    _abort_unopened(proc)
+                try:
+                    proc.wait(timeout=_KILL_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc is not None:
+                for stream in (proc.stdin, proc.stdout, proc.stderr):
+                    if stream is not None:
+                        stream.close()
+        finally:
             try:
-                proc.wait(timeout=_KILL_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc is not None:
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-        if cgroup is not None:
-            cgroup.remove()
-        if identity is not None:
-            release_host_identity(identity)
-        fds.close_all()
+                if cgroup is not None:
+                    cgroup.remove()
+            finally:
+                if identity is not None:
+                    release_host_identity(identity)
+                fds.close_all()
+
+
+def _open_box(proc: subprocess.Popen[bytes], box_pid: int) -> int | None:
+    """A pidfd on the box's init, or None if it is already gone.
+
+    Taken while the box is blocked, and checked to be a child of our bwrap, so
+    a recycled pid can never make corral signal or cgroup a host process.
+    """
+    try:
+        pidfd = os.pidfd_open(box_pid)
+    except ProcessLookupError:
+        return None
+    if _parent_of(box_pid) != proc.pid:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _abort_unopened(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a bwrap whose box we never got hold of, and the box with it.
+
+    bwrap is stopped first so it cannot clone a box between our look at its
+    children and its death; then its children (the blocked box) and it die.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children", encoding="ascii") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except OSError:
+            children = []
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
 
 
 def _kill_box(box_pidfd: int, cgroup: _cgroups.SandboxCgroup | None) -> None:
@@ -488,8 +549,8 @@ async def _supervise(
 
     def kill_outer() -> None:
         # last resort, if bwrap did not exit after its box was killed. os.kill,
-        # not proc.kill(): Popen would reap it and lose its rusage; until our
-        # wait4() below the pid cannot be reused
+        # not proc.kill(): Popen would reap it behind our back; until our
+        # waitpid() below the pid cannot be reused
         if not exited.done():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
@@ -559,7 +620,7 @@ async def _supervise(
             loop.remove_reader(streams[name])
         if proc.stdin is not None and not proc.stdin.closed:
             loop.remove_writer(proc.stdin.fileno())
-    _, status, rusage = os.wait4(proc.pid, 0)
+    _, status = os.waitpid(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     duration = time.monotonic() - started
     exit_code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
@@ -569,9 +630,17 @@ async def _supervise(
             hit.add("memory")
         if stats.pids_limit_hits > 0:
             hit.add("pids")
+    # bwrap reports a signalled command as 128+N, like a shell: a command that
+    # exits 152 by itself is indistinguishable from one killed by SIGXCPU. So
+    # limits are read from host-side evidence where there is any (the cgroup's
+    # CPU total), and from the status only where there is none.
     sig = exit_code - 128 if exit_code > 128 and exit_code - 128 < signal.NSIG else None
-    if sig == signal.SIGXCPU:
-        hit.add("cpu_time")
+    if sig in (signal.SIGXCPU, signal.SIGKILL) and limits.cpu_time_s is not None:
+        if stats is None or stats.cpu_time_s is None:
+            if sig == signal.SIGXCPU:
+                hit.add("cpu_time")
+        elif stats.cpu_time_s >= limits.cpu_time_s * 0.9:
+            hit.add("cpu_time")
     if sig == signal.SIGXFSZ:
         hit.add("disk")
     stdout, stderr = output.get("stdout"), output.get("stderr")
@@ -579,12 +648,10 @@ async def _supervise(
         # the command does not exist (or cannot be run) in the box: shell semantics
         exit_code = 126 if b"Permission denied" in stderr else 127
     limits_hit = tuple(k for k in LIMIT_PRECEDENCE if k in hit)
+    # Only the cgroup sees the box's processes: bwrap's own rusage does not
+    # cover them (the box's init reaps them), so without a cgroup: unknown.
     cpu_time = stats.cpu_time_s if stats is not None else None
-    if cpu_time is None:
-        cpu_time = rusage.ru_utime + rusage.ru_stime
     peak = stats.peak_memory_bytes if stats is not None else None
-    if peak is None:
-        peak = rusage.ru_maxrss * 1024
     return RunResult(
         exit_code=exit_code,
         signal=sig,

@@ -104,6 +104,13 @@ class FilesystemPolicy:
         if self.workspace in ("/", "/usr", "/etc", "/proc", "/dev", "/tmp", "/sys"):
             raise PolicyError("filesystem.workspace", f"{self.workspace!r} is a system path")
         _set(self, "tmp_bytes", _positive_int("filesystem.tmp_bytes", self.tmp_bytes))
+        for i, path in enumerate(self.hidden):
+            if self.host_path_of(path) == "":
+                raise PolicyError(
+                    f"filesystem.hidden[{i}]",
+                    f"{path!r} must be inside a read_only bind: only those show host files, "
+                    "and a writable tree would let the box move the hidden path",
+                )
         targets: dict[str, str] = {}
         for name, binds in (("read_only", self.read_only), ("writable", self.writable)):
             for i, bind in enumerate(binds):
@@ -112,9 +119,25 @@ class FilesystemPolicy:
                     raise PolicyError(
                         where, f"target {bind.target!r} is already used by {targets[bind.target]}"
                     )
-                if bind.target == "/" or bind.target.startswith(("/proc", "/dev")):
+                if bind.target == "/" or _under(bind.target, ("/proc", "/dev")):
                     raise PolicyError(where, f"target {bind.target!r} would shadow a system mount")
                 targets[bind.target] = where
+
+    def host_path_of(self, path: str) -> str:
+        """The host path behind box ``path`` strictly inside a read-only bind, or ""."""
+        best: Bind | None = None
+        for bind in self.read_only:
+            inside = _under(path, (bind.target,)) and path != bind.target
+            if inside and (best is None or len(bind.target) > len(best.target)):
+                best = bind
+        if best is None:
+            return ""
+        return best.source + path[len(best.target) :]
+
+
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    """``path`` is one of ``roots`` or below one of them (whole components only)."""
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,9 +108,14 @@ class File:
 
 @dataclass(frozen=True, slots=True)
 class Hide:
-    """Make a path inside a bound tree invisible (an empty read-only mount over it)."""
+    """Make a path inside a read-only bind invisible (an empty read-only mount over it).
+
+    ``host_path`` is where it lives on the host, so the backend can tell a
+    directory from a file without trusting anything the box could change.
+    """
 
     path: str
+    host_path: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +183,9 @@ def plan_mounts(
     # and the host's disk and RAM are never at risk
     ops.append(Tmpfs("/tmp", fs.tmp_bytes, 0o1777))
     ops.append(Tmpfs("/dev/shm", fs.tmp_bytes, 0o1777))
+    # bwrap's /dev is a writable tmpfs of its own, with no size: read-only, or it
+    # would be unbounded writable space (host RAM) outside disk_bytes
+    ops.append(RemountRo("/dev"))
 
     if workspace_source is not None:
         ops.append(Bind(workspace_source, fs.workspace))
@@ -189,7 +197,7 @@ def plan_mounts(
     for bind in fs.writable:
         ops.append(Bind(bind.source, bind.target))
     for path in fs.hidden:
-        ops.append(Hide(path))
+        ops.append(Hide(path, fs.host_path_of(path)))
 
     # nothing but the workspace, /tmp and /dev/shm (and listed writable binds)
     # accepts writes: the root tmpfs becomes read-only last

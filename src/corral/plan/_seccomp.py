@@ -150,6 +150,39 @@ def _personality_rules() -> tuple[SeccompRule, ...]:
     )
 
 
+_S_ISUID, _S_ISGID = 0o4000, 0o2000
+# (syscall, index of its mode argument)
+_MODE_ARG = (
+    ("chmod", 1),
+    ("fchmod", 1),
+    ("fchmodat", 2),
+    ("fchmodat2", 2),
+    ("creat", 1),
+    ("open", 2),
+    ("openat", 3),
+    ("mknod", 1),
+    ("mknodat", 2),
+)
+
+
+def _setid_mode_rules() -> tuple[SeccompRule, ...]:
+    """No setuid/setgid bits, ever.
+
+    Nothing in the box gains from them (no_new_privs), but a file left in a
+    writable host directory (a workdir) would be a setuid binary of the box's
+    host uid — the invoking user's, for an unprivileged corral — for anyone on
+    the host to run. openat2 carries its mode in a struct no filter can read,
+    so it answers ENOSYS and libc falls back to openat.
+    """
+    threat = "a setuid/setgid file left in a host workdir runs as the box's host uid"
+    rules: list[SeccompRule] = []
+    for call, index in _MODE_ARG:
+        for bit in (_S_ISUID, _S_ISGID):
+            rules += _deny((call,), threat, ArgCmp(index, "masked_eq", bit, bit))
+    rules += _deny(("openat2",), threat + " (mode hidden in a struct)", err=errno.ENOSYS)
+    return tuple(rules)
+
+
 _DEFAULT_RULES: tuple[SeccompRule, ...] = (
     *_deny(_MOUNT_CALLS, "mounting could uncover or replace host paths hidden from the box"),
     *_deny(("ptrace",), "tracing another process reads and rewrites its memory and registers"),
@@ -240,6 +273,7 @@ _DEFAULT_RULES: tuple[SeccompRule, ...] = (
         ArgCmp(0, "ne", _AF_NETLINK),
         ArgCmp(1, "masked_eq", _SOCK_RAW, _SOCK_TYPE_MASK),
     ),
+    *_setid_mode_rules(),
 )
 
 _STRICT_FAMILIES = "rarely used protocol code, a steady source of kernel CVEs"
