@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import corral
 from corral import Policy
-from corral._bwrap import _Fds, make_plans, render_argv
+from corral._bwrap import _Fds, find_bwrap, make_plans, render_argv
 from corral._identity import acquire_host_identity, release_host_identity
 
 PY = "/usr/bin/python3"
@@ -57,7 +57,7 @@ def raw_bwrap(policy: Policy, command: list[str]) -> Callable[[], object]:
         identity = acquire_host_identity() if os.geteuid() == 0 else None
         try:
             argv = render_argv(plans, policy, command, fds)
-            argv = argv[argv.index("--", 1) + 1 :]  # drop the prlimit wrapper
+            argv = argv[argv.index(find_bwrap().path) :]  # drop setpriv and prlimit
             subprocess.run(
                 argv,
                 pass_fds=tuple(fds.pass_),

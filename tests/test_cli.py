@@ -156,3 +156,28 @@ def test_policy_show_and_check(tmp_path: Path) -> None:
     proc = corral("policy", "check", str(bad))
     assert proc.returncode == EXIT_CORRAL
     assert b"limits.memory_bytes: must be >= 0" in proc.stderr
+
+
+def test_missing_bind_source_is_refused() -> None:
+    policy_text = '[filesystem]\nread_only = ["/nonexistent-corral-src:/data"]\n'
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(policy_text)
+        f.flush()
+        proc = corral("run", "--policy", f.name, "--", "true")
+    assert proc.returncode == EXIT_CORRAL
+    assert b"filesystem.read_only[0].source: /nonexistent-corral-src does not exist" in proc.stderr
+
+
+def test_uid_range_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("host uids are only chosen when corral runs as root")
+    proc = subprocess.run(
+        [sys.executable, "-m", "corral", "run", "--", "true"],
+        capture_output=True,
+        env={**os.environ, "CORRAL_UID_RANGE": "1000-2000"},
+        check=False,
+    )
+    assert proc.returncode == EXIT_CORRAL
+    assert b"must be within 65536" in proc.stderr

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import corral
 from corral import Policy
-from corral._cgroups import leftover_cgroups
+from corral._cgroups import leftover_cgroups, sweep_orphans
 from corral._identity import DEFAULT_RANGE
 
 from .conftest import py
@@ -99,3 +100,32 @@ def test_cancelling_at_any_moment_leaves_no_box() -> None:
     assert [line for line in ps.stdout.splitlines() if f"sleep {marker}" in line] == []
     assert _box_uid_processes() == []
     assert leftover_cgroups() == []
+
+
+def test_a_killed_owner_takes_its_box_along() -> None:
+    """kill -9 of the corral process: the box dies too, and the next corral sweeps its cgroup."""
+    marker = f"4343{os.getpid() % 1000}"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", f"import corral; corral.run(['/bin/sh', '-c', 'sleep {marker}'])"]
+    )
+    deadline = time.monotonic() + 10
+    while not _matching(f"sleep {marker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _matching(f"sleep {marker}"), "the box never started"
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 5
+    while _matching(f"sleep {marker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _matching(f"sleep {marker}") == []
+    swept = sweep_orphans()
+    assert any(name.startswith(f"box-{owner.pid}-") for name in swept), swept
+    assert not [p for p in leftover_cgroups() if f"box-{owner.pid}-" in p]
+
+
+def _matching(command: str) -> list[str]:
+    """Processes running exactly ``command`` (directly or as ``sh -c``), not merely
+    mentioning it, as the owner's own ``python -c`` line does."""
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    wanted = {command, f"/bin/sh -c {command}"}
+    return [line for line in ps.stdout.splitlines() if line.strip() in wanted]

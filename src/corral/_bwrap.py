@@ -112,6 +112,13 @@ class Plans:
 def make_plans(policy: Policy, *, workspace_source: str | None) -> Plans:
     """Every plan for one box, and the list of controls this host weakens."""
     limits = policy.limits
+    for section in ("read_only", "writable"):
+        for i, bind in enumerate(getattr(policy.filesystem, section)):
+            if not os.path.exists(bind.source):
+                raise UnsupportedPolicy(
+                    f"filesystem.{section}[{i}].source",
+                    f"{bind.source} does not exist on this host",
+                )
     support = _cgroups.detect_cgroups()
     wanted = {
         "memory": limits.memory_bytes is not None,
@@ -190,10 +197,11 @@ def _limit(value: int | None) -> str:
 
 
 @functools.cache
-def find_prlimit() -> str:
-    path = shutil.which("prlimit", path="/usr/local/bin:/usr/bin:/bin")
+def find_util(name: str) -> str:
+    """A util-linux tool (prlimit, setpriv)."""
+    path = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
     if path is None:
-        raise HostToolMissing("prlimit", "install it with: sudo apt-get install util-linux")
+        raise HostToolMissing(name, "install it with: sudo apt-get install util-linux")
     return path
 
 
@@ -243,10 +251,14 @@ def render_argv(
     carry the box's environment (API keys, tokens). Generated files and the
     seccomp program travel through memfds too; all are registered in ``fds``.
     """
+    # setpriv --pdeathsig: bwrap dies with the corral process that started it
+    # (and takes the box with it, --die-with-parent): a box never outlives the
+    # host-side supervisor that enforces its wall clock and output cap.
+    argv: list[str] = [find_util("setpriv"), "--pdeathsig", "KILL", "--"]
     # rlimits are set by util-linux's prlimit just before bwrap starts, so the
     # box inherits them: root here may lack CAP_SYS_RESOURCE, which setting
     # them on the box's pid from outside would need.
-    argv: list[str] = [find_prlimit()]
+    argv.append(find_util("prlimit"))
     for rl in plans.rlimits:
         argv.append(f"--{_PRLIMIT_FLAGS[rl.resource]}={_limit(rl.soft)}:{_limit(rl.hard)}")
     args: list[str] = [*extra_options]
@@ -389,6 +401,7 @@ async def run_bwrap(
         if os.geteuid() == 0:
             identity = acquire_host_identity()
         if plans.cgroups:
+            _sweep_once()
             cgroup = _cgroups.SandboxCgroup.create(
                 _cgroups.detect_cgroups(), f"box-{os.getpid()}-{time.monotonic_ns()}", plans.cgroups
             )
@@ -462,6 +475,12 @@ async def run_bwrap(
                 if identity is not None:
                     release_host_identity(identity)
                 fds.close_all()
+
+
+@functools.cache
+def _sweep_once() -> None:
+    """Once per process: clear the cgroups of boxes whose owner was killed."""
+    _cgroups.sweep_orphans()
 
 
 def _open_box(proc: subprocess.Popen[bytes], box_pid: int) -> int | None:

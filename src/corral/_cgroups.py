@@ -510,6 +510,42 @@ def leftover_cgroups() -> list[str]:
     return found
 
 
+_OWNED_NAME = re.compile(r"^box-(\d+)-\d+$")
+
+
+def sweep_orphans() -> list[str]:
+    """Remove the cgroups of boxes whose corral process died without cleaning up.
+
+    A box is named ``box-<owner pid>-<n>``; when the owner is gone (kill -9, a
+    crash), its boxes were killed with it (bwrap's pdeathsig), but their
+    cgroup directories stay. Returns the names removed.
+    """
+    support = detect_cgroups()
+    if support.version is None:
+        return []
+    by_name: dict[str, dict[str, str]] = {}
+    for controller, parent in support.parents.items():
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(parent):
+                match = _OWNED_NAME.match(entry.name)
+                if match and entry.is_dir(follow_symlinks=False) and not _alive(int(match[1])):
+                    by_name.setdefault(entry.name, {})[controller] = entry.path
+    for name, dirs in by_name.items():
+        with contextlib.suppress(SandboxError, OSError):
+            SandboxCgroup(support.version, name, dirs).remove()
+    return sorted(by_name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # -- file helpers ----------------------------------------------------------------------
 
 

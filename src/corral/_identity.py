@@ -38,8 +38,10 @@ def _configured_range() -> tuple[int, int]:
         raise SandboxError(
             f"CORRAL_UID_RANGE={raw!r} must look like 2100000000-2100065535"
         ) from None
-    if not 1000 <= start <= end < 4_294_967_294:
-        raise SandboxError(f"CORRAL_UID_RANGE={raw!r} must be within 1000..4294967293")
+    # below 65536 live login users and system accounts: a box sharing their uid
+    # could read and signal what is theirs
+    if not 65536 <= start <= end < 4_294_967_294:
+        raise SandboxError(f"CORRAL_UID_RANGE={raw!r} must be within 65536..4294967293")
     return start, end
 
 
