@@ -20,24 +20,53 @@ from ._policy import (
 )
 from ._result import LimitKind, RunResult
 from ._run import run, run_async
+from ._sandbox import (
+    AsyncSandbox,
+    CommandEvent,
+    CommandExit,
+    CommandHandle,
+    CommandOutput,
+    CommandResult,
+    EntryInfo,
+    FileReader,
+    PathOutsideWorkspace,
+    ProcessInfo,
+    PtyHandle,
+)
+from ._sync import Sandbox, SyncCommandHandle, SyncFileReader, SyncPtyHandle
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSandbox",
     "Bind",
+    "CommandEvent",
+    "CommandExit",
+    "CommandHandle",
+    "CommandOutput",
+    "CommandResult",
     "CorralError",
+    "EntryInfo",
+    "FileReader",
     "FilesystemPolicy",
     "HostToolMissing",
     "IdentityPolicy",
     "LimitKind",
     "Limits",
     "NetworkPolicy",
+    "PathOutsideWorkspace",
     "Policy",
     "PolicyError",
+    "ProcessInfo",
+    "PtyHandle",
     "RunResult",
+    "Sandbox",
     "SandboxBroken",
     "SandboxClosed",
     "SandboxError",
+    "SyncCommandHandle",
+    "SyncFileReader",
+    "SyncPtyHandle",
     "SyscallPolicy",
     "UnsupportedPolicy",
     "__version__",

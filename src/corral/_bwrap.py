@@ -109,7 +109,12 @@ class Plans:
     degraded: tuple[str, ...]
 
 
-def make_plans(policy: Policy, *, workspace_source: str | None) -> Plans:
+def make_plans(
+    policy: Policy,
+    *,
+    workspace_source: str | None,
+    extra_files: tuple[_mounts.File, ...] = (),
+) -> Plans:
     """Every plan for one box, and the list of controls this host weakens."""
     limits = policy.limits
     for section in ("read_only", "writable"):
@@ -170,6 +175,7 @@ def make_plans(policy: Policy, *, workspace_source: str | None) -> Plans:
             host_layout(),
             workspace_source=workspace_source,
             workspace_bytes=policy.workspace_bytes,
+            extra_files=extra_files,
         ),
         namespaces=_namespaces.plan_namespaces(policy.network, policy.identity),
         capabilities=_capabilities.plan_capabilities(policy.identity),
@@ -374,35 +380,59 @@ async def _read_until_json(loop: asyncio.AbstractEventLoop, fd: int) -> dict[str
                 return data
 
 
-async def run_bwrap(
-    command: Sequence[str],
-    policy: Policy,
-    *,
-    workdir: str | os.PathLike[str] | None = None,
-    stdin: bytes | None = None,
-) -> RunResult:
-    """Run ``command`` once in a fresh box under ``policy`` and tear the box down."""
-    if not command:
-        raise ValueError("command must not be empty")
-    workspace_source = None
-    if workdir is not None:
-        path = Path(workdir).resolve()
-        if not path.is_dir():
-            raise FileNotFoundError(errno.ENOENT, "workdir is not a directory", str(workdir))
-        workspace_source = str(path)
-    plans = make_plans(policy, workspace_source=workspace_source)
-    loop = asyncio.get_running_loop()
-    fds = _Fds()
-    identity: HostIdentity | None = None
-    cgroup: _cgroups.SandboxCgroup | None = None
-    proc: subprocess.Popen[bytes] | None = None
-    box_pidfd: int | None = None
-    try:
+class Box:
+    """One running box: bwrap, the box's init (a pidfd), its cgroup, its host uid.
+
+    ``Box.start`` runs the launch sequence of the module docstring; ``close``
+    tears everything down and is safe to call at any point, any number of times.
+    """
+
+    def __init__(self, policy: Policy, plans: Plans) -> None:
+        self.policy = policy
+        self.plans = plans
+        self.fds = _Fds()
+        self.identity: HostIdentity | None = None
+        self.cgroup: _cgroups.SandboxCgroup | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pidfd: int | None = None
+        self.started = 0.0
+        self._closed = False
+
+    @classmethod
+    async def start(
+        cls,
+        command: Sequence[str],
+        policy: Policy,
+        *,
+        workdir: str | os.PathLike[str] | None = None,
+        extra_files: tuple[_mounts.File, ...] = (),
+        stdin_pipe: bool = False,
+    ) -> Box:
+        if not command:
+            raise ValueError("command must not be empty")
+        workspace_source = None
+        if workdir is not None:
+            path = Path(workdir).resolve()
+            if not path.is_dir():
+                raise FileNotFoundError(errno.ENOENT, "workdir is not a directory", str(workdir))
+            workspace_source = str(path)
+        box = cls(
+            policy, make_plans(policy, workspace_source=workspace_source, extra_files=extra_files)
+        )
+        try:
+            await box._launch(command, stdin_pipe)
+        except BaseException:
+            box.close()
+            raise
+        return box
+
+    async def _launch(self, command: Sequence[str], stdin_pipe: bool) -> None:
+        plans, fds = self.plans, self.fds
         if os.geteuid() == 0:
-            identity = acquire_host_identity()
+            self.identity = acquire_host_identity()
         if plans.cgroups:
             _sweep_once()
-            cgroup = _cgroups.SandboxCgroup.create(
+            self.cgroup = _cgroups.SandboxCgroup.create(
                 _cgroups.detect_cgroups(), f"box-{os.getpid()}-{time.monotonic_ns()}", plans.cgroups
             )
         info_r, info_w = fds.pipe()
@@ -410,13 +440,14 @@ async def run_bwrap(
         fds.keep += [info_r, block_w]
         fds.pass_ += [info_w, block_r]
         argv = render_argv(
-            plans, policy, command, fds, ["--info-fd", str(info_w), "--block-fd", str(block_r)]
+            plans, self.policy, command, fds, ["--info-fd", str(info_w), "--block-fd", str(block_r)]
         )
-        started = time.monotonic()
+        identity = self.identity
+        self.started = time.monotonic()
         try:
-            proc = subprocess.Popen(
+            self.proc = proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 pass_fds=tuple(fds.pass_),
@@ -429,16 +460,17 @@ async def run_bwrap(
         except OSError as exc:
             raise SandboxError(f"cannot start bwrap: {exc}") from exc
         fds.close_passed()
-        info = await _read_until_json(loop, info_r)
+        info = await _read_until_json(asyncio.get_running_loop(), info_r)
         if info is None or not isinstance(info.get("child-pid"), int):
             raise _setup_failed(proc, identity)
-        box_pidfd = _open_box(proc, int(str(info["child-pid"])))
-        if box_pidfd is None:
+        box_pid = int(str(info["child-pid"]))
+        self.pidfd = _open_box(proc, box_pid)
+        if self.pidfd is None:
             raise _setup_failed(proc, identity)
-        fds.keep.append(box_pidfd)
-        if cgroup is not None:
+        fds.keep.append(self.pidfd)
+        if self.cgroup is not None:
             try:
-                cgroup.add_process(int(str(info["child-pid"])))
+                self.cgroup.add_process(box_pid)
             except SandboxError:
                 if proc.poll() is not None:  # bwrap gave up while we were placing it
                     raise _setup_failed(proc, identity) from None
@@ -447,15 +479,25 @@ async def run_bwrap(
             os.write(block_w, b"\0")
         except BrokenPipeError:
             raise _setup_failed(proc, identity) from None
-        return await _supervise(loop, proc, box_pidfd, policy, plans, cgroup, stdin, started)
-    finally:
+
+    def kill(self) -> None:
+        """SIGKILL everything in the box (idempotent; the box then ends)."""
+        if self.pidfd is not None:
+            _kill_box(self.pidfd, self.cgroup)
+
+    def close(self) -> None:
+        """Kill what still runs and remove every trace. Safe at any point, repeatedly."""
+        if self._closed:
+            return
+        self._closed = True
+        proc = self.proc
         try:
             if proc is not None and proc.returncode is None:
-                # cancelled or failed half-way. The box may still be blocked:
-                # kill it BEFORE the block pipe closes, because bwrap takes EOF
-                # on --block-fd as "go" and would run the command unsupervised.
-                if box_pidfd is not None:
-                    _kill_box(box_pidfd, cgroup)
+                # The box may still be blocked: kill it BEFORE the block pipe
+                # closes, because bwrap takes EOF on --block-fd as "go" and
+                # would run the command unsupervised.
+                if self.pidfd is not None:
+                    _kill_box(self.pidfd, self.cgroup)
                 else:
                     _abort_unopened(proc)
                 try:
@@ -469,12 +511,39 @@ async def run_bwrap(
                         stream.close()
         finally:
             try:
-                if cgroup is not None:
-                    cgroup.remove()
+                if self.cgroup is not None:
+                    self.cgroup.remove()
             finally:
-                if identity is not None:
-                    release_host_identity(identity)
-                fds.close_all()
+                if self.identity is not None:
+                    release_host_identity(self.identity)
+                    self.identity = None
+                self.fds.close_all()
+
+
+async def run_bwrap(
+    command: Sequence[str],
+    policy: Policy,
+    *,
+    workdir: str | os.PathLike[str] | None = None,
+    stdin: bytes | None = None,
+) -> RunResult:
+    """Run ``command`` once in a fresh box under ``policy`` and tear the box down."""
+    box = await Box.start(command, policy, workdir=workdir, stdin_pipe=stdin is not None)
+    try:
+        assert box.proc is not None
+        assert box.pidfd is not None
+        return await _supervise(
+            asyncio.get_running_loop(),
+            box.proc,
+            box.pidfd,
+            policy,
+            box.plans,
+            box.cgroup,
+            stdin,
+            box.started,
+        )
+    finally:
+        box.close()
 
 
 @functools.cache

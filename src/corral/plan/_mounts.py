@@ -156,11 +156,13 @@ def plan_mounts(
     *,
     workspace_source: str | None,
     workspace_bytes: int | None,
+    extra_files: tuple[File, ...] = (),
 ) -> tuple[MountOp, ...]:
     """The box's mount table, in the order it must be built.
 
     ``workspace_source`` is a host directory to bind as the workspace, or None
-    for a private tmpfs of ``workspace_bytes``.
+    for a private tmpfs of ``workspace_bytes``. ``extra_files`` are corral's own
+    read-only files (the agent), written from memory, never from a host path.
     """
     ops: list[MountOp] = [RoBind("/usr", "/usr")]
     for path, target in host.system_symlinks:
@@ -198,6 +200,7 @@ def plan_mounts(
         ops.append(Bind(bind.source, bind.target))
     for path in fs.hidden:
         ops.append(Hide(path, fs.host_path_of(path)))
+    ops.extend(extra_files)
 
     # nothing but the workspace, /tmp and /dev/shm (and listed writable binds)
     # accepts writes: the root tmpfs becomes read-only last

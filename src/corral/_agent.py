@@ -1,0 +1,549 @@
+"""The in-box agent: the box's first program and the host's only way in.
+
+It runs with the box's own Python and the standard library only, next to a
+copy of ``_wire.py``, started as ``python3 -E -s -S /run/corral/agent.py
+WORKSPACE``. It speaks the wire protocol on stdin/stdout: it starts processes
+(pipes or a pty, env, cwd, signals), streams their output under the host's
+flow-control credit, and serves file operations on paths it resolves itself,
+inside the box.
+
+It trusts nothing it did not start, and the host trusts nothing it says: the
+agent runs in the same box as the untrusted code, which may kill or replace it.
+It makes itself non-dumpable so code running under the same uid cannot
+ptrace it or open its channel through ``/proc/<pid>/fd``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import selectors
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import termios
+
+import _wire as w  # type: ignore[import-not-found,unused-ignore]
+
+OUT_HIGH_WATER = 4 << 20  # stop reading sources while this much waits for the host
+MAX_LIST = 5000
+
+
+class CallError(Exception):
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.message = message
+
+
+class Outgoing:
+    """A byte stream the agent sends to the host (process output, file content)."""
+
+    def __init__(self, ident: int, channel: int, fd: int, selectable: bool) -> None:
+        self.ident, self.channel, self.fd, self.selectable = ident, channel, fd, selectable
+        self.credit = w.WINDOW
+        self.registered = False
+        self.done = False
+
+
+class Incoming:
+    """A byte stream the host sends to the agent (stdin, file upload)."""
+
+    def __init__(self, ident: int, channel: int, fd: int, pipe: bool) -> None:
+        self.ident, self.channel, self.fd, self.pipe = ident, channel, fd, pipe
+        self.pending = bytearray()
+        self.eof = False
+        self.registered = False
+
+
+class Proc:
+    def __init__(
+        self, ident: int, popen: subprocess.Popen[bytes], pidfd: int, argv: list[str]
+    ) -> None:
+        self.ident, self.popen, self.pidfd, self.argv = ident, popen, pidfd, argv
+        self.master: int | None = None
+
+
+class Upload:
+    def __init__(self, ident: int, tmp: str, final: str, fd: int) -> None:
+        self.ident, self.tmp, self.final, self.fd = ident, tmp, final, fd
+        self.size = 0
+
+
+class Agent:
+    def __init__(self, workspace: str) -> None:
+        self.workspace = os.path.realpath(workspace)
+        self.sel = selectors.DefaultSelector()
+        self.decoder = w.Decoder()
+        self.out = bytearray()
+        self.out_registered = False
+        self.outgoing: dict[tuple[int, int], Outgoing] = {}
+        self.incoming: dict[tuple[int, int], Incoming] = {}
+        self.procs: dict[int, Proc] = {}
+        self.uploads: dict[int, Upload] = {}
+        self.running = True
+        os.set_blocking(0, False)
+        os.set_blocking(1, False)
+        self.sel.register(0, selectors.EVENT_READ, ("host", None))
+
+    # -- sending -------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        self.out += frame  # written by flush(), after each turn of the loop
+
+    def reply(self, ident: int, body: dict[str, object]) -> None:
+        self.send(w.encode_json(w.REPLY, ident, body))
+
+    def event(self, ident: int, body: dict[str, object]) -> None:
+        self.send(w.encode_json(w.EVENT, ident, body))
+
+    def flush(self) -> None:
+        while self.out:
+            try:
+                n = os.write(1, self.out)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                self.running = False
+                self.out.clear()
+                return
+            del self.out[:n]
+        want = bool(self.out)
+        if want != self.out_registered:
+            if want:
+                self.sel.register(1, selectors.EVENT_WRITE, ("host-out", None))
+            else:
+                self.sel.unregister(1)
+            self.out_registered = want
+
+    # -- outgoing streams ----------------------------------------------------------
+
+    def pump_all(self) -> None:
+        for stream in list(self.outgoing.values()):
+            self.pump(stream)
+
+    def pump(self, s: Outgoing) -> None:
+        """Read from the source while the host has credit and the buffer is not full."""
+        can = s.credit > 0 and len(self.out) < OUT_HIGH_WATER and not s.done
+        if s.selectable:
+            if can and not s.registered:
+                self.sel.register(s.fd, selectors.EVENT_READ, ("out", s))
+                s.registered = True
+            elif not can and s.registered:
+                self.sel.unregister(s.fd)
+                s.registered = False
+            return
+        while can:  # a regular file: always readable, never selectable
+            if not self.read_source(s):
+                return
+            can = s.credit > 0 and len(self.out) < OUT_HIGH_WATER and not s.done
+
+    def read_source(self, s: Outgoing) -> bool:
+        try:
+            data = os.read(s.fd, min(s.credit, w.DATA_CHUNK))
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: the pty's other side closed
+                raise
+            data = b""
+        if not data:
+            self.end_outgoing(s)
+            return False
+        s.credit -= len(data)
+        self.out += w.encode(w.DATA, s.ident, s.channel, data)
+        return True
+
+    def end_outgoing(self, s: Outgoing) -> None:
+        s.done = True
+        if s.registered:
+            self.sel.unregister(s.fd)
+            s.registered = False
+        os.close(s.fd)
+        self.outgoing.pop((s.ident, s.channel), None)
+        self.send(w.encode(w.EOF, s.ident, s.channel))
+
+    # -- incoming streams ------------------------------------------------------------
+
+    def on_data(self, ident: int, channel: int, payload: bytes) -> None:
+        stream = self.incoming.get((ident, channel))
+        if stream is None:
+            return  # the target is gone (process exited): drop, as a closed pipe would
+        stream.pending += payload
+        self.drain(stream)
+
+    def drain(self, s: Incoming) -> None:
+        while s.pending:
+            try:
+                n = os.write(s.fd, s.pending)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # EPIPE: the process closed its stdin
+                self.end_incoming(s, error=exc)
+                return
+            del s.pending[:n]
+            self.send(w.encode_credit(s.ident, s.channel, n))
+            if s.ident in self.uploads:
+                self.uploads[s.ident].size += n
+        if s.pipe:
+            want = bool(s.pending)
+            if want != s.registered:
+                if want:
+                    self.sel.register(s.fd, selectors.EVENT_WRITE, ("in", s))
+                else:
+                    self.sel.unregister(s.fd)
+                s.registered = want
+        if s.eof and not s.pending:
+            self.end_incoming(s)
+
+    def end_incoming(self, s: Incoming, error: OSError | None = None) -> None:
+        if self.incoming.pop((s.ident, s.channel), None) is None:
+            return
+        if s.registered:
+            self.sel.unregister(s.fd)
+        os.close(s.fd)
+        upload = self.uploads.pop(s.ident, None)
+        if upload is not None:
+            self.finish_upload(upload, error)
+
+    def finish_upload(self, up: Upload, error: OSError | None) -> None:
+        try:
+            if error is not None:
+                raise error
+            os.replace(up.tmp, up.final)
+        except OSError as exc:
+            with _quiet():
+                os.unlink(up.tmp)
+            self.event(up.ident, {"error": _err(exc)})
+            return
+        self.event(up.ident, {"done": up.size})
+
+    # -- calls -----------------------------------------------------------------------
+
+    def on_call(self, ident: int, body: dict[str, object]) -> None:
+        op = body.get("op")
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        try:
+            if handler is None:
+                raise CallError(errno.ENOSYS, f"unknown operation {op!r}")
+            result = handler(ident, body)
+        except CallError as exc:
+            self.reply(ident, {"error": {"errno": exc.errno, "message": exc.message}})
+        except OSError as exc:
+            self.reply(ident, {"error": _err(exc)})
+        except (KeyError, TypeError, ValueError) as exc:
+            self.reply(ident, {"error": {"errno": errno.EINVAL, "message": f"bad request: {exc}"}})
+        else:
+            if result is not None:
+                self.reply(ident, result)
+
+    def path(self, raw: object) -> str:
+        if not isinstance(raw, str) or "\0" in raw:
+            raise CallError(errno.EINVAL, "a path must be a string without NUL bytes")
+        full = os.path.realpath(os.path.join(self.workspace, raw))
+        if full != self.workspace and not full.startswith(self.workspace + "/"):
+            raise CallError(errno.EACCES, f"{raw!r} is outside the workspace")
+        return full
+
+    def op_exec(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        argv = body["argv"]
+        env = body["env"]
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise CallError(errno.EINVAL, "argv must be a non-empty list of strings")
+        if not isinstance(env, dict):
+            raise CallError(errno.EINVAL, "env must be an object")
+        cwd = self.path(body.get("cwd") or ".")
+        pty = body.get("pty")
+        master = None
+        try:
+            if isinstance(pty, dict):
+                master, slave = os.openpty()
+                _winsize(master, int(pty["cols"]), int(pty["rows"]))
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_take_tty,
+                )
+                os.close(slave)
+            else:
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE if body.get("stdin") else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                )
+        except FileNotFoundError:
+            if master is not None:
+                os.close(master)
+            return {"pid": None, "exit_code": 127, "message": f"{argv[0]}: command not found"}
+        except PermissionError:
+            if master is not None:
+                os.close(master)
+            return {"pid": None, "exit_code": 126, "message": f"{argv[0]}: permission denied"}
+        proc = Proc(ident, popen, os.pidfd_open(popen.pid), argv)
+        self.procs[ident] = proc
+        self.sel.register(proc.pidfd, selectors.EVENT_READ, ("exit", proc))
+        if master is not None:
+            # one descriptor per direction (each stream closes its own), and a
+            # third kept for resizing
+            proc.master = os.dup(master)
+            writer = os.dup(master)
+            os.set_blocking(writer, False)
+            self.incoming[(ident, w.STDIN)] = Incoming(ident, w.STDIN, writer, pipe=True)
+            self.add_outgoing(ident, w.STDOUT, master)
+        else:
+            assert popen.stdout is not None
+            assert popen.stderr is not None
+            if popen.stdin is not None:
+                fd = _detach(popen.stdin)
+                os.set_blocking(fd, False)
+                self.incoming[(ident, w.STDIN)] = Incoming(ident, w.STDIN, fd, pipe=True)
+            self.add_outgoing(ident, w.STDOUT, _detach(popen.stdout))
+            self.add_outgoing(ident, w.STDERR, _detach(popen.stderr))
+        return {"pid": popen.pid}
+
+    def add_outgoing(self, ident: int, channel: int, fd: int, selectable: bool = True) -> None:
+        if selectable:
+            os.set_blocking(fd, False)
+        stream = Outgoing(ident, channel, fd, selectable)
+        self.outgoing[(ident, channel)] = stream
+        self.pump(stream)
+
+    def on_exit(self, proc: Proc) -> None:
+        self.sel.unregister(proc.pidfd)
+        os.close(proc.pidfd)
+        code = proc.popen.wait()
+        body: dict[str, object] = {"exit": code if code >= 0 else 128 - code}
+        if code < 0:
+            body["signal"] = -code
+        self.event(proc.ident, body)
+        stdin = self.incoming.get((proc.ident, w.STDIN))
+        if stdin is not None:
+            self.end_incoming(stdin)
+        if proc.master is not None:
+            os.close(proc.master)
+        self.procs.pop(proc.ident, None)
+
+    def op_signal(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        target = self.procs.get(int(str(body["target"])))
+        if target is None:
+            raise CallError(errno.ESRCH, "no such process")
+        with _quiet():
+            os.killpg(target.popen.pid, int(str(body["signal"])))
+        return {}
+
+    def op_detach(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        """Stop forwarding a finished command's output (a daemon it left holds the pipe)."""
+        target = int(str(body["target"]))
+        for channel in (w.STDOUT, w.STDERR):
+            stream = self.outgoing.get((target, channel))
+            if stream is not None:
+                self.end_outgoing(stream)
+        return {}
+
+    def op_detach_read(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        """The host stopped reading a file before its end."""
+        stream = self.outgoing.get((int(str(body["target"])), w.CONTENT))
+        if stream is not None:
+            self.end_outgoing(stream)
+        return {}
+
+    def op_close_stdin(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        stream = self.incoming.get((int(str(body["target"])), w.STDIN))
+        if stream is not None:
+            stream.eof = True
+            self.drain(stream)
+        return {}
+
+    def op_resize(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        proc = self.procs.get(int(str(body["target"])))
+        if proc is None or proc.master is None:
+            raise CallError(errno.ESRCH, "no such terminal")
+        _winsize(proc.master, int(str(body["cols"])), int(str(body["rows"])))
+        return {}
+
+    def op_list_processes(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        return {
+            "processes": [
+                {"id": p.ident, "pid": p.popen.pid, "argv": p.argv, "pty": p.master is not None}
+                for p in self.procs.values()
+            ]
+        }
+
+    def op_read(self, ident: int, body: dict[str, object]) -> None:
+        fd = os.open(self.path(body["path"]), os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            raise CallError(errno.EISDIR, f"{body['path']!r} is a directory")
+        self.reply(ident, {"size": st.st_size})
+        self.add_outgoing(ident, w.CONTENT, fd, selectable=not stat.S_ISREG(st.st_mode))
+
+    def op_write(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        final = self.path(body["path"])
+        parent = os.path.dirname(final)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".corral-upload-{ident}-{os.getpid()}")
+        mode = int(str(body.get("mode", 0o644))) & 0o777
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        self.uploads[ident] = Upload(ident, tmp, final, fd)
+        self.incoming[(ident, w.CONTENT)] = Incoming(ident, w.CONTENT, fd, pipe=False)
+        return {"ready": True}
+
+    def op_list(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        path = self.path(body.get("path", "."))
+        entries: list[dict[str, object]] = []
+        with os.scandir(path) as it:
+            for entry in it:
+                if len(entries) >= MAX_LIST:
+                    return {"entries": entries, "truncated": True}
+                entries.append(_describe(entry.path, entry.name, self.workspace))
+        return {"entries": sorted(entries, key=lambda e: str(e["name"])), "truncated": False}
+
+    def op_stat(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        path = self.path(body["path"])
+        return _describe(path, os.path.basename(path), self.workspace)
+
+    def op_remove(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        path = self.path(body["path"])
+        if path == self.workspace:
+            raise CallError(errno.EBUSY, "the workspace itself cannot be removed")
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        return {}
+
+    def op_mkdir(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        os.makedirs(self.path(body["path"]), exist_ok=True)
+        return {}
+
+    def op_rename(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        os.replace(self.path(body["src"]), self.path(body["dst"]))
+        return {}
+
+    # -- the loop --------------------------------------------------------------------
+
+    def on_host(self) -> None:
+        try:
+            data = os.read(0, 1 << 20)
+        except BlockingIOError:
+            return
+        if not data:
+            self.running = False
+            return
+        for kind, ident, channel, payload in self.decoder.feed(data):
+            if kind == w.CALL:
+                self.on_call(ident, w.decode_json(payload))
+            elif kind == w.DATA:
+                self.on_data(ident, channel, payload)
+            elif kind == w.EOF:
+                stream = self.incoming.get((ident, channel))
+                if stream is not None:
+                    stream.eof = True
+                    self.drain(stream)
+            elif kind == w.CREDIT:
+                (amount,) = w.CREDIT_BODY.unpack(payload)
+                out = self.outgoing.get((ident, channel))
+                if out is not None:
+                    out.credit = min(out.credit + amount, 1 << 30)
+                    self.pump(out)
+
+    def run(self) -> None:
+        self.send(w.encode_json(w.HELLO, 0, {"version": w.VERSION, "pid": os.getpid()}))
+        self.flush()
+        while self.running:
+            for key, _ in self.sel.select():
+                kind, obj = key.data
+                if kind == "host":
+                    self.on_host()
+                elif kind == "host-out":
+                    self.flush()
+                elif kind == "out":
+                    self.read_source(obj)
+                elif kind == "in":
+                    self.drain(obj)
+                elif kind == "exit":
+                    self.on_exit(obj)
+            # one turn: write what is queued, read sources the host has credit for
+            self.flush()
+            self.pump_all()
+            self.flush()
+
+
+def _describe(path: str, name: str, workspace: str) -> dict[str, object]:
+    st = os.lstat(path)
+    kind = (
+        "dir"
+        if stat.S_ISDIR(st.st_mode)
+        else "symlink"
+        if stat.S_ISLNK(st.st_mode)
+        else ("file" if stat.S_ISREG(st.st_mode) else "other")
+    )
+    rel = os.path.relpath(path, workspace)
+    return {
+        "name": name,
+        "path": rel,
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+    }
+
+
+def _err(exc: OSError) -> dict[str, object]:
+    return {"errno": exc.errno or errno.EIO, "message": exc.strerror or str(exc)}
+
+
+def _detach(stream: object) -> int:
+    fd = os.dup(stream.fileno())  # type: ignore[attr-defined]
+    stream.close()  # type: ignore[attr-defined]
+    return fd
+
+
+def _winsize(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_tty() -> None:
+    # the agent is single-threaded, so a pre-exec hook is safe here
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return exc[0] is not None and issubclass(exc[0], OSError)  # type: ignore[arg-type]
+
+
+def _no_dumps() -> None:
+    # non-dumpable: code under the same uid can neither ptrace the agent nor
+    # open its host channel through /proc/<pid>/fd
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_dumpable = 4
+    libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
+
+
+def main() -> None:
+    _no_dumps()
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    Agent(sys.argv[1]).run()
+
+
+if __name__ == "__main__":
+    main()

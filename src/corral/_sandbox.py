@@ -1,0 +1,999 @@
+"""Long-lived sandboxes: a box that stays up, with commands, files and terminals.
+
+``AsyncSandbox`` is the core; ``Sandbox`` (``_sync.py``) is its mechanical
+synchronous facade. The box runs the agent (``_agent.py``) as its first
+program; the host reaches into the box only through it (``_connection.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import posixpath
+import secrets
+import signal as _signal
+import time
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal, overload
+
+from . import _wire as w
+from ._bwrap import Box
+from ._connection import Connection, InStream, OutStream, field, raise_for_error
+from ._errors import CorralError, SandboxBroken, SandboxClosed, SandboxError
+from ._policy import Policy
+from ._result import LimitKind
+from .plan._mounts import File
+
+AGENT_DIR = "/run/corral"
+BOX_PYTHON = "/usr/bin/python3"
+_HELLO_TIMEOUT_S = 30.0
+_DETACH_GRACE_S = 0.2
+_CHUNK = w.DATA_CHUNK
+
+Stream = Literal["stdout", "stderr"]
+OutputCallback = Callable[[bytes], object]
+
+
+class PathOutsideWorkspace(CorralError, ValueError):
+    """A file API path that resolves outside the sandbox's workspace."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """A finished command. ``limit_hit`` is ``timeout`` (its own timeout),
+    ``memory`` (killed by the box's memory limit) or ``output``."""
+
+    exit_code: int
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    limit_hit: LimitKind | None
+    truncated: bool
+    duration_s: float
+    pid: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.limit_hit is None
+
+    @property
+    def stdout_text(self) -> str:
+        return self.stdout.decode("utf-8", errors="replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutput:
+    """A chunk of a running command's output, as it happens."""
+
+    stream: Stream
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CommandExit:
+    """The last event of a streamed command."""
+
+    result: CommandResult
+
+
+CommandEvent = CommandOutput | CommandExit
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int
+    argv: tuple[str, ...]
+    pty: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    """A file or directory in the workspace (``path`` is relative to it)."""
+
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    mtime: float
+
+
+@functools.cache
+def _agent_files() -> tuple[File, ...]:
+    here = Path(__file__).parent
+    return (
+        File(f"{AGENT_DIR}/agent.py", (here / "_agent.py").read_bytes(), 0o444),
+        File(f"{AGENT_DIR}/_wire.py", (here / "_wire.py").read_bytes(), 0o444),
+    )
+
+
+def _argv(command: str | Sequence[str]) -> list[str]:
+    if isinstance(command, str):
+        return ["/bin/sh", "-c", command]
+    argv = list(command)
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise ValueError("command must be a string or a non-empty list of strings")
+    return argv
+
+
+class _Process:
+    """One command in the box, as the host sees it."""
+
+    def __init__(
+        self,
+        sandbox: AsyncSandbox,
+        ident: int,
+        *,
+        output_cap: int | None,
+        kill_at_cap: bool,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        listeners: list[Callable[[CommandEvent], None]] | None = None,
+    ) -> None:
+        self.sandbox = sandbox
+        self.ident = ident
+        self.pid: int | None = None
+        self.started = time.monotonic()
+        self.output_cap = output_cap
+        self.kill_at_cap = kill_at_cap
+        self.callbacks: dict[Stream, OutputCallback | None] = {
+            "stdout": on_stdout,
+            "stderr": on_stderr,
+        }
+        self.listeners = listeners or []
+        self.chunks: dict[Stream, list[bytes]] = {"stdout": [], "stderr": []}
+        self.kept = 0
+        self.truncated = False
+        self.limit_hit: LimitKind | None = None
+        self.exit: asyncio.Future[tuple[int, int | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.pumps: list[asyncio.Task[None]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.oom_before = sandbox._oom_kills()
+        self.result: CommandResult | None = None
+
+    def on_event(self, body: dict[str, object]) -> None:
+        if self.exit.done():
+            return
+        if body.get("__failed__"):
+            failure = self.sandbox._conn_failure()
+            self.exit.set_exception(failure)
+            self.exit.exception()
+            return
+        code = field(body, "exit", int)
+        sig = body.get("signal")
+        self.exit.set_result((code, sig if isinstance(sig, int) else None))
+
+    def start_pumps(self, streams: Mapping[Stream, InStream]) -> None:
+        for name, stream in streams.items():
+            self.pumps.append(asyncio.ensure_future(self._pump(name, stream)))
+
+    async def _pump(self, name: Stream, stream: InStream) -> None:
+        with contextlib.suppress(CorralError):
+            while data := await stream.read():
+                self._take(name, data)
+
+    def _take(self, name: Stream, data: bytes) -> None:
+        callback = self.callbacks[name]
+        if callback is not None:
+            callback(data)
+        for listener in self.listeners:
+            listener(CommandOutput(name, data))
+        if self.output_cap is not None and self.kept + len(data) > self.output_cap:
+            data = data[: max(0, self.output_cap - self.kept)]
+            if not self.truncated:
+                self.truncated = True
+                if self.kill_at_cap:
+                    self.limit_hit = "output"
+                    self.sandbox._spawn(self.signal(_signal.SIGKILL))
+        self.chunks[name].append(data)
+        self.kept += len(data)
+
+    async def signal(self, signum: int) -> None:
+        with contextlib.suppress(OSError, CorralError):
+            await self.sandbox._conn().call(
+                {"op": "signal", "target": self.ident, "signal": int(signum)}
+            )
+
+    def on_timeout(self) -> None:
+        if not self.exit.done():
+            self.limit_hit = self.limit_hit or "timeout"
+            self.sandbox._spawn(self.signal(_signal.SIGKILL))
+
+    async def wait(self) -> CommandResult:
+        if self.result is not None:
+            return self.result
+        try:
+            code, sig = await self.exit
+            # Output may still be in flight; a daemon the command left behind
+            # may hold its pipes open forever: wait a moment, then let go.
+            done, _ = await asyncio.wait(self.pumps, timeout=_DETACH_GRACE_S)
+            if len(done) < len(self.pumps):
+                with contextlib.suppress(OSError, CorralError):
+                    await self.sandbox._conn().call({"op": "detach", "target": self.ident})
+                await asyncio.wait(self.pumps, timeout=_DETACH_GRACE_S)
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
+        for pump in self.pumps:
+            pump.cancel()
+        self.sandbox._forget(self.ident)
+        limit = self.limit_hit
+        if limit is None and sig == _signal.SIGKILL and self.sandbox._oom_kills() > self.oom_before:
+            limit = "memory"
+        self.result = CommandResult(
+            exit_code=code,
+            signal=sig,
+            stdout=b"".join(self.chunks["stdout"]),
+            stderr=b"".join(self.chunks["stderr"]),
+            limit_hit=limit,
+            truncated=self.truncated,
+            duration_s=time.monotonic() - self.started,
+            pid=self.pid,
+        )
+        for listener in self.listeners:
+            listener(CommandExit(self.result))
+        return self.result
+
+
+class CommandHandle:
+    """A command running in the background."""
+
+    def __init__(self, process: _Process, stdin: OutStream | None) -> None:
+        self._process = process
+        self._stdin = stdin
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def stdout(self) -> bytes:
+        """Output so far (up to the policy's output cap)."""
+        return b"".join(self._process.chunks["stdout"])
+
+    @property
+    def stderr(self) -> bytes:
+        return b"".join(self._process.chunks["stderr"])
+
+    async def wait(self) -> CommandResult:
+        return await self._process.wait()
+
+    async def kill(self, signum: int = _signal.SIGKILL) -> None:
+        await self._process.signal(signum)
+
+    async def send_stdin(self, data: bytes | str) -> None:
+        if self._stdin is None:
+            raise SandboxError("this command was started without stdin (stdin=True)")
+        await self._stdin.write(data.encode() if isinstance(data, str) else data)
+
+    async def close_stdin(self) -> None:
+        if self._stdin is not None:
+            self._stdin.close()
+            self._stdin = None
+
+
+class PtyHandle:
+    """An interactive terminal in the box."""
+
+    def __init__(self, sandbox: AsyncSandbox, process: _Process, stdin: OutStream) -> None:
+        self._sandbox = sandbox
+        self._process = process
+        self._stdin = stdin
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        process.listeners.append(self._on_event)
+
+    def _on_event(self, event: CommandEvent) -> None:
+        if isinstance(event, CommandOutput):
+            self._queue.put_nowait(event.data)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    async def send(self, data: bytes | str) -> None:
+        await self._stdin.write(data.encode() if isinstance(data, str) else data)
+
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        """The next output of the terminal (b"" when it has ended)."""
+        if self._queue.empty() and self._process.exit.done() and self._process.result:
+            return b""
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout_s)
+        except TimeoutError:
+            return b""
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._sandbox._conn().call(
+            {"op": "resize", "target": self._process.ident, "cols": cols, "rows": rows}
+        )
+
+    async def kill(self) -> None:
+        await self._process.signal(_signal.SIGKILL)
+
+    async def wait(self) -> CommandResult:
+        return await self._process.wait()
+
+
+class Commands:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    async def _start(
+        self,
+        command: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        stdin: bool,
+        timeout_s: float | None,
+        output_cap: int | None,
+        kill_at_cap: bool,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        pty: tuple[int, int] | None = None,
+        listeners: list[Callable[[CommandEvent], None]] | None = None,
+    ) -> tuple[_Process, OutStream | None]:
+        conn = self._sb._conn()
+        ident = conn.new_id()
+        process = _Process(
+            self._sb,
+            ident,
+            output_cap=output_cap,
+            kill_at_cap=kill_at_cap,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            listeners=listeners,
+        )
+        conn.on_event(ident, process.on_event)
+        channels: dict[Stream, InStream] = {"stdout": conn.open_in(ident, w.STDOUT)}
+        if pty is None:
+            channels["stderr"] = conn.open_in(ident, w.STDERR)
+        writer = conn.open_out(ident, w.STDIN) if (stdin or pty) else None
+        body: dict[str, object] = {
+            "op": "exec",
+            "argv": _argv(command),
+            "env": dict(self._sb._env(env)),
+            "cwd": self._sb._relative(cwd or "."),
+            "stdin": stdin,
+        }
+        if pty is not None:
+            body["pty"] = {"cols": pty[0], "rows": pty[1]}
+        try:
+            reply = await conn.call(body, ident)
+        except BaseException:
+            self._sb._forget(ident)
+            raise
+        if reply.get("pid") is None:  # could not be started: shell semantics
+            self._sb._forget(ident)
+            code = reply.get("exit_code")
+            message = reply.get("message")
+            process.chunks["stderr"].append(
+                f"{message}\n".encode() if isinstance(message, str) else b""
+            )
+            process.exit.set_result((code if isinstance(code, int) else 127, None))
+            process.result = CommandResult(
+                exit_code=code if isinstance(code, int) else 127,
+                signal=None,
+                stdout=b"",
+                stderr=b"".join(process.chunks["stderr"]),
+                limit_hit=None,
+                truncated=False,
+                duration_s=time.monotonic() - process.started,
+                pid=None,
+            )
+            return process, None
+        process.pid = field(reply, "pid", int)
+        process.start_pumps(channels)
+        if timeout_s is not None:
+            process.timer = asyncio.get_running_loop().call_later(timeout_s, process.on_timeout)
+        return process, writer
+
+    @overload
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        background: Literal[False] = False,
+        timeout_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult: ...
+
+    @overload
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        background: Literal[True],
+        timeout_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | bool | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandHandle: ...
+
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        background: bool = False,
+        timeout_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | bool | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult | CommandHandle:
+        """Run ``command`` (a shell string or an argv list).
+
+        In the foreground it returns the finished ``CommandResult``: its
+        timeout defaults to the policy's ``wall_time_s``, and output beyond the
+        policy's ``output_bytes`` ends it (``limit_hit="output"``).
+
+        With ``background=True`` it returns a ``CommandHandle`` at once: no
+        timeout unless given, output kept up to ``output_bytes`` and then only
+        counted (``truncated``) while the command keeps running; ``stdin=True``
+        keeps its stdin open for ``send_stdin``.
+        """
+        open_stdin = stdin is not None and stdin is not False
+        process, writer = await self._start(
+            command,
+            env=env,
+            cwd=cwd,
+            stdin=open_stdin,
+            timeout_s=timeout_s if background else self._sb._timeout(timeout_s),
+            output_cap=self._sb.policy.limits.output_bytes,
+            kill_at_cap=not background,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+        data = stdin if isinstance(stdin, bytes | str) else None
+        if background:
+            if writer is not None and data is not None:
+                await writer.write(data.encode() if isinstance(data, str) else data)
+            return CommandHandle(process, writer)
+        if writer is not None and data is not None:
+            feeder = asyncio.ensure_future(_feed(writer, data))
+            try:
+                return await process.wait()
+            finally:
+                feeder.cancel()
+        return await process.wait()
+
+    async def stream(
+        self,
+        command: str | Sequence[str],
+        *,
+        timeout_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> AsyncGenerator[CommandEvent, None]:
+        """Output chunks as they happen, then one ``CommandExit``."""
+        queue: asyncio.Queue[CommandEvent] = asyncio.Queue()
+        process, _ = await self._start(
+            command,
+            env=env,
+            cwd=cwd,
+            stdin=False,
+            timeout_s=self._sb._timeout(timeout_s),
+            output_cap=self._sb.policy.limits.output_bytes,
+            kill_at_cap=True,
+            on_stdout=None,
+            on_stderr=None,
+            listeners=[queue.put_nowait],
+        )
+        waiter = asyncio.ensure_future(process.wait())
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    event = getter.result()
+                    yield event
+                    if isinstance(event, CommandExit):
+                        return
+                else:
+                    getter.cancel()
+                    while not queue.empty():
+                        event = queue.get_nowait()
+                        yield event
+                        if isinstance(event, CommandExit):
+                            return
+                    yield CommandExit(waiter.result())
+                    return
+        finally:
+            if not waiter.done():
+                await process.signal(_signal.SIGKILL)
+                with contextlib.suppress(CorralError):
+                    await waiter
+
+    async def list(self) -> list[ProcessInfo]:
+        reply = await self._sb._conn().call({"op": "list_processes"})
+        out = []
+        for item in field(reply, "processes", list):
+            if not isinstance(item, dict):
+                raise SandboxBroken("the agent sent a malformed process list")
+            argv = field(item, "argv", list)
+            out.append(
+                ProcessInfo(
+                    field(item, "pid", int), tuple(str(a) for a in argv), bool(item.get("pty"))
+                )
+            )
+        return out
+
+    async def kill(self, pid: int, signum: int = _signal.SIGKILL) -> bool:
+        """Signal the process group of the command with ``pid``; False if there is none."""
+        reply = await self._sb._conn().call({"op": "list_processes"})
+        for item in field(reply, "processes", list):
+            if isinstance(item, dict) and item.get("pid") == pid:
+                await self._sb._conn().call(
+                    {"op": "signal", "target": field(item, "id", int), "signal": int(signum)}
+                )
+                return True
+        return False
+
+
+async def _feed(writer: OutStream, data: bytes | str) -> None:
+    with contextlib.suppress(CorralError):
+        await writer.write(data.encode() if isinstance(data, str) else data)
+        writer.close()
+
+
+class Pty:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    async def create(
+        self,
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        command: str | Sequence[str] = ("/bin/sh", "-i"),
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> PtyHandle:
+        """A terminal running ``command`` (an interactive shell by default)."""
+        if not (1 <= cols <= 1000 and 1 <= rows <= 1000):
+            raise ValueError("cols and rows must be between 1 and 1000")
+        merged = {"TERM": "xterm-256color", **(env or {})}
+        process, writer = await self._sb.commands._start(
+            command,
+            env=merged,
+            cwd=cwd,
+            stdin=True,
+            timeout_s=None,
+            output_cap=self._sb.policy.limits.output_bytes,
+            kill_at_cap=False,
+            on_stdout=None,
+            on_stderr=None,
+            pty=(cols, rows),
+        )
+        if writer is None:
+            raise SandboxError(f"cannot start the terminal: {process.result}")
+        return PtyHandle(self._sb, process, writer)
+
+
+class FileReader:
+    """A file streamed out of the box: ``async for chunk in reader`` or ``read``."""
+
+    def __init__(self, sandbox: AsyncSandbox, ident: int, stream: InStream, size: int) -> None:
+        self._sb = sandbox
+        self._ident = ident
+        self._stream = stream
+        self.size = size
+        self._buffer = b""
+        self._done = False
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all the rest with -1); b"" at the end."""
+        if n < 0:
+            parts = [self._buffer]
+            self._buffer = b""
+            while chunk := await self._chunk():
+                parts.append(chunk)
+            return b"".join(parts)
+        while len(self._buffer) < n:
+            chunk = await self._chunk()
+            if not chunk:
+                break
+            self._buffer += chunk
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+    async def _chunk(self) -> bytes:
+        if self._done:
+            return b""
+        data = await self._stream.read()
+        if not data:
+            self._done = True
+            self._sb._forget(self._ident)
+        return data
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        if self._buffer:
+            data, self._buffer = self._buffer, b""
+            yield data
+        while chunk := await self._chunk():
+            yield chunk
+
+    async def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._sb._forget(self._ident)
+            with contextlib.suppress(CorralError, OSError):
+                await self._sb._conn().call({"op": "detach_read", "target": self._ident})
+
+    async def __aenter__(self) -> FileReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+Payload = bytes | str | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes]
+
+
+class Files:
+    """The box's workspace. Paths are relative to it (or absolute inside it)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    async def write(self, path: str, data: Payload, *, mode: int = 0o644) -> int:
+        """Write a file (atomically: it appears whole or not at all); returns its size.
+
+        ``data`` may be bytes, text, a binary file object or an (async) iterable
+        of byte chunks: large files stream through, never whole in memory.
+        """
+        conn = self._sb._conn()
+        ident = conn.new_id()
+        done: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+
+        def on_event(body: dict[str, object]) -> None:
+            if not done.done():
+                done.set_result(body)
+
+        conn.on_event(ident, on_event)
+        out = conn.open_out(ident, w.CONTENT)
+        try:
+            await conn.call({"op": "write", "path": self._sb._relative(path), "mode": mode}, ident)
+            async for chunk in _chunks(data):
+                await out.write(chunk)
+            out.close()
+            body = await conn.wait_or_fail(done)
+            if body.get("__failed__"):
+                conn.check_open()
+            raise_for_error(body)
+            return field(body, "done", int)
+        finally:
+            self._sb._forget(ident)
+
+    async def read(self, path: str) -> bytes:
+        reader = await self.open_read(path)
+        async with reader:
+            return await reader.read()
+
+    async def open_read(self, path: str) -> FileReader:
+        conn = self._sb._conn()
+        ident = conn.new_id()
+        stream = conn.open_in(ident, w.CONTENT)
+        try:
+            reply = await conn.call({"op": "read", "path": self._sb._relative(path)}, ident)
+        except BaseException:
+            self._sb._forget(ident)
+            raise
+        return FileReader(self._sb, ident, stream, field(reply, "size", int))
+
+    async def list(self, path: str = ".") -> list[EntryInfo]:
+        reply = await self._sb._conn().call({"op": "list", "path": self._sb._relative(path)})
+        return [_entry(item) for item in field(reply, "entries", list)]
+
+    async def stat(self, path: str) -> EntryInfo:
+        return _entry(await self._sb._conn().call({"op": "stat", "path": self._sb._relative(path)}))
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def remove(self, path: str) -> None:
+        """Remove a file or a whole directory tree."""
+        await self._sb._conn().call({"op": "remove", "path": self._sb._relative(path)})
+
+    async def mkdir(self, path: str) -> None:
+        await self._sb._conn().call({"op": "mkdir", "path": self._sb._relative(path)})
+
+    async def rename(self, src: str, dst: str) -> None:
+        await self._sb._conn().call(
+            {"op": "rename", "src": self._sb._relative(src), "dst": self._sb._relative(dst)}
+        )
+
+
+def _entry(item: object) -> EntryInfo:
+    if not isinstance(item, dict):
+        raise SandboxBroken("the agent sent a malformed directory entry")
+    kind = field(item, "type", str)
+    if kind not in ("file", "dir", "symlink", "other"):
+        raise SandboxBroken("the agent sent a malformed directory entry")
+    mtime = item.get("mtime")
+    return EntryInfo(
+        name=field(item, "name", str),
+        path=field(item, "path", str),
+        type=kind,  # type: ignore[arg-type]
+        size=field(item, "size", int),
+        mode=field(item, "mode", int),
+        mtime=float(mtime) if isinstance(mtime, int | float) else 0.0,
+    )
+
+
+async def _chunks(data: Payload) -> AsyncIterator[bytes]:
+    if isinstance(data, str):
+        data = data.encode()
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data)
+        for start in range(0, len(view), _CHUNK):
+            yield bytes(view[start : start + _CHUNK])
+        return
+    if hasattr(data, "read"):
+        while chunk := data.read(_CHUNK):
+            yield chunk
+        return
+    if isinstance(data, AsyncIterable):
+        async for chunk in data:
+            yield bytes(chunk)
+        return
+    for chunk in data:
+        yield bytes(chunk)
+
+
+class AsyncSandbox:
+    """A long-lived, isolated box: many commands, files that persist, background work.
+
+    ``timeout_s`` is the box's lifetime (extend it with ``set_timeout``); the
+    policy's ``wall_time_s`` is the default timeout of each command.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | str | None = None,
+        *,
+        timeout_s: float | None = 300.0,
+        workdir: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if policy is None:
+            policy = Policy.preset("default")
+        elif isinstance(policy, str):
+            policy = Policy.preset(policy)
+        if env:
+            policy = policy.with_env(env)
+        self.policy = policy
+        self.id = secrets.token_hex(8)
+        self.commands = Commands(self)
+        self.files = Files(self)
+        self.pty = Pty(self)
+        self._timeout_s = timeout_s
+        self._workdir = workdir
+        self._box: Box | None = None
+        self._connection: Connection | None = None
+        self._lifetime: asyncio.TimerHandle | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._closed = False
+        self._diagnostics = bytearray()
+        self._stderr_open = False
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._box is not None or self._closed:
+            raise SandboxError("a sandbox can be started once")
+        argv = [
+            BOX_PYTHON,
+            "-E",
+            "-s",
+            "-S",
+            f"{AGENT_DIR}/agent.py",
+            self.policy.filesystem.workspace,
+        ]
+        self._box = await Box.start(
+            argv, self.policy, workdir=self._workdir, extra_files=_agent_files(), stdin_pipe=True
+        )
+        try:
+            proc = self._box.proc
+            assert proc is not None
+            assert proc.stdout is not None
+            assert proc.stdin is not None
+            assert proc.stderr is not None
+            os.set_blocking(proc.stderr.fileno(), False)
+            asyncio.get_running_loop().add_reader(proc.stderr.fileno(), self._on_stderr)
+            self._stderr_open = True
+            self._connection = Connection(proc.stdout, proc.stdin)
+            hello = await asyncio.wait_for(self._connection.hello, _HELLO_TIMEOUT_S)
+            if hello.get("version") != w.VERSION:
+                raise SandboxError(
+                    f"the box's agent speaks protocol {hello.get('version')!r}, not {w.VERSION}"
+                )
+            self._watch = asyncio.ensure_future(self._watch_box())
+            self.set_timeout(self._timeout_s)
+        except BaseException as exc:
+            self._teardown()
+            if isinstance(exc, TimeoutError | CorralError):
+                stderr = self._stderr()
+                raise SandboxError(
+                    f"the box's agent did not start: {exc} {stderr}".strip()
+                ) from exc
+            raise
+
+    def _stderr(self) -> str:
+        """The last of what bwrap and the agent wrote to stderr, for error messages."""
+        return bytes(self._diagnostics).decode(errors="replace").strip()[-2000:]
+
+    def _on_stderr(self) -> None:
+        # drained always: a full stderr pipe would block the agent
+        assert self._box is not None
+        assert self._box.proc is not None
+        assert self._box.proc.stderr is not None
+        fd = self._box.proc.stderr.fileno()
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(fd)
+            self._stderr_open = False
+            return
+        self._diagnostics += data
+        del self._diagnostics[: max(0, len(self._diagnostics) - 65536)]
+
+    async def _watch_box(self) -> None:
+        """Notice the box dying underneath us and say why."""
+        box = self._box
+        assert box is not None
+        assert box.pidfd is not None
+        loop = asyncio.get_running_loop()
+        ended = asyncio.Event()
+        loop.add_reader(box.pidfd, ended.set)
+        try:
+            await ended.wait()
+        finally:
+            loop.remove_reader(box.pidfd)
+        if self._connection is not None and self._connection.failure is None:
+            reason = "the box ended"
+            if self._oom_kills() > 0:
+                reason = "the box was killed by its memory limit"
+            self._connection.fail(SandboxBroken(reason))
+
+    def set_timeout(self, timeout_s: float | None) -> None:
+        """Give the box ``timeout_s`` more seconds to live, counted from now (None: no limit)."""
+        if self._lifetime is not None:
+            self._lifetime.cancel()
+            self._lifetime = None
+        self._timeout_s = timeout_s
+        if timeout_s is not None:
+            self._lifetime = asyncio.get_running_loop().call_later(timeout_s, self._expire)
+
+    def _expire(self) -> None:
+        if self._connection is not None:
+            self._connection.fail(SandboxBroken("the sandbox reached its lifetime timeout"))
+        if self._box is not None:
+            self._box.kill()
+
+    def is_running(self) -> bool:
+        return (
+            self._connection is not None and self._connection.failure is None and not self._closed
+        )
+
+    async def close(self) -> None:
+        """Kill everything in the box and remove every trace of it (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._connection is not None:
+            self._connection.close()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._stderr_open and self._box is not None and self._box.proc is not None:
+            assert self._box.proc.stderr is not None
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._box.proc.stderr.fileno())
+            self._stderr_open = False
+        if self._lifetime is not None:
+            self._lifetime.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._connection is not None and self._connection.failure is None:
+            self._connection.close()
+        if self._box is not None:
+            self._box.close()
+
+    # -- helpers for the API objects -----------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a small housekeeping coroutine, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _conn(self) -> Connection:
+        if self._closed:
+            raise SandboxClosed("the sandbox was closed")
+        if self._connection is None:
+            raise SandboxError("the sandbox is not started (use `async with` or start())")
+        self._connection.check_open()
+        return self._connection
+
+    def _conn_failure(self) -> CorralError:
+        if self._connection is not None and self._connection.failure is not None:
+            return self._connection.failure
+        return SandboxClosed("the sandbox was closed")
+
+    def _forget(self, ident: int) -> None:
+        if self._connection is not None:
+            self._connection.forget(ident)
+
+    def _oom_kills(self) -> int:
+        box = self._box
+        if box is None or box.cgroup is None:
+            return 0
+        with contextlib.suppress(CorralError, OSError):
+            return box.cgroup.stats().oom_kills
+        return 0
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return timeout_s if timeout_s is not None else self.policy.limits.wall_time_s
+
+    def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
+        env = dict(self.policy.env)
+        if extra:
+            for key, value in extra.items():
+                if not isinstance(key, str) or not isinstance(value, str) or "=" in key or not key:
+                    raise ValueError(f"bad environment variable {key!r}")
+                env[key] = value
+        return env
+
+    def _relative(self, path: str) -> str:
+        """The workspace-relative form of ``path``; refuses any way out of it."""
+        if not isinstance(path, str) or not path or "\0" in path or len(path) > 4096:
+            raise PathOutsideWorkspace(f"{path!r} is not a valid path")
+        workspace = self.policy.filesystem.workspace
+        full = posixpath.normpath(posixpath.join(workspace, path))
+        if full != workspace and not full.startswith(workspace + "/"):
+            raise PathOutsideWorkspace(f"{path!r} is outside the workspace {workspace}")
+        return posixpath.relpath(full, workspace)

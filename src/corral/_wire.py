@@ -1,0 +1,104 @@
+"""The host <-> agent wire format: framed, multiplexed, binary-safe, versioned.
+
+This module is also copied into every box next to the agent, so it uses the
+standard library only and imports nothing from corral.
+
+A frame is a 10-byte header and a payload::
+
+    length:u32  type:u8  id:u32  channel:u8  payload[length]
+
+* ``id`` names a call (a command, a file transfer, a request); ``channel``
+  names one byte stream of it (stdin, stdout, stderr, file content).
+* Control payloads (HELLO, CALL, REPLY, EVENT) are small JSON objects; bulk
+  data (DATA) is raw bytes, never base64.
+* Flow control is per stream, like HTTP/2: a sender may have at most the
+  receiver's window of DATA in flight; the receiver returns CREDIT as it
+  consumes. A flood of output therefore stalls the process that writes it
+  inside the box, never the host's memory.
+* Both ends validate every header: a payload above ``MAX_PAYLOAD`` or an
+  unknown type is a protocol violation that ends the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+VERSION = 1
+HEADER = struct.Struct(">IBIB")
+MAX_PAYLOAD = 1 << 20  # the largest frame either side accepts
+MAX_CONTROL = 1 << 20  # the largest JSON control payload (a long directory listing)
+DATA_CHUNK = 256 << 10  # the largest DATA payload a sender produces
+WINDOW = 1 << 20  # initial credit per stream, in bytes
+
+# frame types
+HELLO, CALL, REPLY, DATA, EOF, CREDIT, EVENT = 1, 2, 3, 4, 5, 6, 7
+TYPES = frozenset((HELLO, CALL, REPLY, DATA, EOF, CREDIT, EVENT))
+CONTROL = frozenset((HELLO, CALL, REPLY, EVENT))
+
+# channels
+STDIN, STDOUT, STDERR, CONTENT = 0, 1, 2, 3
+CHANNELS = frozenset((STDIN, STDOUT, STDERR, CONTENT))
+
+CREDIT_BODY = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection cannot be trusted any more."""
+
+
+def encode(kind: int, ident: int, channel: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(len(payload), kind, ident, channel) + payload
+
+
+def encode_json(kind: int, ident: int, body: dict[str, object]) -> bytes:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    if len(payload) > MAX_CONTROL:
+        raise ValueError(f"control message of {len(payload)} bytes is too large")
+    return encode(kind, ident, 0, payload)
+
+
+def encode_credit(ident: int, channel: int, amount: int) -> bytes:
+    return encode(CREDIT, ident, channel, CREDIT_BODY.pack(amount))
+
+
+def check_header(length: int, kind: int, channel: int) -> None:
+    if kind not in TYPES:
+        raise ProtocolError(f"unknown frame type {kind}")
+    if channel not in CHANNELS:
+        raise ProtocolError(f"unknown channel {channel}")
+    limit = MAX_CONTROL if kind in CONTROL else MAX_PAYLOAD
+    if length > limit:
+        raise ProtocolError(f"frame of {length} bytes exceeds {limit}")
+    if kind == CREDIT and length != CREDIT_BODY.size:
+        raise ProtocolError("malformed CREDIT frame")
+
+
+def decode_json(payload: bytes) -> dict[str, object]:
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed control message: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("a control message must be a JSON object")
+    return body
+
+
+class Decoder:
+    """Turns a byte stream into frames; bounded: never holds more than one frame."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= HEADER.size:
+            length, kind, ident, channel = HEADER.unpack_from(self._buf)
+            check_header(length, kind, channel)
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            frames.append((kind, ident, channel, bytes(self._buf[HEADER.size : end])))
+            del self._buf[:end]
+        return frames

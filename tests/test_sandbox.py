@@ -1,0 +1,313 @@
+"""Long-lived sandboxes through the real agent, over the real protocol, in real boxes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import resource
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from corral import (
+    AsyncSandbox,
+    CommandExit,
+    CommandOutput,
+    PathOutsideWorkspace,
+    Policy,
+    Sandbox,
+    SandboxBroken,
+    SandboxClosed,
+)
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def test_commands_and_files_share_one_box() -> None:
+    async with AsyncSandbox(policy="default", timeout_s=60) as sb:
+        assert sb.is_running()
+        assert len(sb.id) == 16
+        assert await sb.files.write("in/data.csv", b"a,b\n1,2\n") == 8
+        result = await sb.commands.run("wc -l in/data.csv", timeout_s=10)
+        assert result.exit_code == 0
+        assert result.stdout == b"2 in/data.csv\n"
+        result = await sb.commands.run(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"])
+        assert (result.exit_code, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+        await sb.commands.run("python3 -c \"open('out.bin','wb').write(bytes(range(256)))\"")
+        assert await sb.files.read("out.bin") == bytes(range(256))
+        names = [e.name for e in await sb.files.list(".")]
+        assert names == ["in", "out.bin"]
+        entry = await sb.files.stat("out.bin")
+        assert (entry.type, entry.size) == ("file", 256)
+        await sb.files.remove("in")
+        assert not await sb.files.exists("in/data.csv")
+        await sb.files.mkdir("a/b")
+        await sb.files.rename("out.bin", "a/b/moved.bin")
+        assert await sb.files.exists("/workspace/a/b/moved.bin")
+        # state persists between commands: cwd-relative files, environment per call
+        result = await sb.commands.run("echo $GREETING", env={"GREETING": "hi"}, cwd="a")
+        assert result.stdout == b"hi\n"
+    assert not sb.is_running()
+
+
+async def test_background_server_and_same_loopback() -> None:
+    async with AsyncSandbox() as sb:
+        handle = await sb.commands.run("python3 -m http.server 8000", background=True)
+        fetch = (
+            "import time, urllib.request\n"
+            "for _ in range(100):\n"
+            "    try:\n"
+            "        print(urllib.request.urlopen('http://127.0.0.1:8000').status); break\n"
+            "    except OSError: time.sleep(0.05)\n"
+        )
+        result = await sb.commands.run(["python3", "-c", fetch])
+        assert result.stdout == b"200\n"
+        processes = await sb.commands.list()
+        assert [p.pid for p in processes] == [handle.pid]
+        assert processes[0].argv[-1] == "python3 -m http.server 8000"
+        assert await sb.commands.kill(handle.pid or 0)
+        done = await handle.wait()
+        assert done.signal == signal.SIGKILL
+        assert b"GET / HTTP/1.1" in done.stderr
+        assert await sb.commands.list() == []
+
+
+async def test_stream_delivers_output_as_it_happens() -> None:
+    async with AsyncSandbox() as sb:
+        stamps: list[tuple[float, bytes]] = []
+        events = sb.commands.stream("for i in 1 2 3; do echo $i; sleep 0.2; done")
+        last = None
+        async for event in events:
+            if isinstance(event, CommandOutput):
+                stamps.append((time.monotonic(), event.data))
+            else:
+                last = event
+        assert isinstance(last, CommandExit)
+        assert last.result.stdout == b"1\n2\n3\n"
+        assert [data for _, data in stamps] == [b"1\n", b"2\n", b"3\n"]
+        assert stamps[2][0] - stamps[0][0] > 0.3  # not all at the end
+
+
+async def test_callbacks_and_stdin() -> None:
+    async with AsyncSandbox() as sb:
+        seen: list[bytes] = []
+        result = await sb.commands.run("cat; echo done >&2", stdin=b"hello", on_stdout=seen.append)
+        assert result.stdout == b"hello"
+        assert seen == [b"hello"]
+        handle = await sb.commands.run("cat", background=True, stdin=True)
+        await handle.send_stdin("line 1\n")
+        await handle.close_stdin()
+        assert (await handle.wait()).stdout == b"line 1\n"
+        # a command that never reads its stdin does not block the host
+        result = await sb.commands.run("true", stdin=b"x" * (8 << 20))
+        assert result.exit_code == 0
+
+
+async def test_command_timeout_output_cap_and_not_found() -> None:
+    policy = Policy.preset("default").with_limits(output_bytes=1 << 16)
+    async with AsyncSandbox(policy) as sb:
+        started = time.monotonic()
+        result = await sb.commands.run("sleep 30", timeout_s=0.5)
+        assert result.limit_hit == "timeout"
+        assert result.signal == signal.SIGKILL
+        assert time.monotonic() - started < 5
+        result = await sb.commands.run("yes")
+        assert result.limit_hit == "output"
+        assert result.truncated
+        assert len(result.stdout) == 1 << 16
+        result = await sb.commands.run(["no-such-program"])
+        assert result.exit_code == 127
+        assert b"no-such-program" in result.stderr
+        # the box is still fine
+        assert (await sb.commands.run("echo ok")).stdout == b"ok\n"
+
+
+async def test_binary_and_invalid_utf8_output_is_bytes() -> None:
+    async with AsyncSandbox() as sb:
+        result = await sb.commands.run(
+            ["python3", "-c", "import sys; sys.stdout.buffer.write(b'\\xff\\xfe\\x00abc')"]
+        )
+        assert result.stdout == b"\xff\xfe\x00abc"
+        assert result.stdout_text == "\ufffd\ufffd\x00abc"
+
+
+async def test_pty_drives_a_terminal_program() -> None:
+    async with AsyncSandbox() as sb:
+        term = await sb.pty.create(cols=100, rows=30, command=["/bin/sh", "-i"])
+        await term.send("stty size; echo marker-$((6*7))\n")
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"marker-42" not in seen and time.monotonic() < deadline:
+            seen += await term.read(timeout_s=1)
+        assert b"30 100" in seen
+        assert b"marker-42" in seen
+        await term.resize(cols=120, rows=40)
+        await term.send("stty size\n")
+        while b"40 120" not in seen and time.monotonic() < deadline:
+            seen += await term.read(timeout_s=1)
+        assert b"40 120" in seen
+        await term.send("exit 5\n")
+        assert (await term.wait()).exit_code == 5
+
+
+async def test_paths_outside_the_workspace_are_refused() -> None:
+    async with AsyncSandbox() as sb:
+        for path in ("../etc/passwd", "/etc/passwd", "a/../../x", "", "a\0b"):
+            with pytest.raises(PathOutsideWorkspace):
+                await sb.files.read(path)
+        # a symlink planted by the box: resolved inside the box, and refused
+        await sb.commands.run("ln -s /etc/passwd link; ln -s .. up")
+        with pytest.raises(PermissionError, match="outside the workspace"):
+            await sb.files.read("link")
+        with pytest.raises(PermissionError, match="outside the workspace"):
+            await sb.files.write("up/evil", b"x")
+        with pytest.raises(FileNotFoundError):
+            await sb.files.read("missing.txt")
+        with pytest.raises(IsADirectoryError):
+            await sb.files.read(".")
+
+
+async def test_many_commands_in_one_box_and_many_boxes() -> None:
+    async with AsyncSandbox(Policy.preset("dev")) as sb:
+        results = await asyncio.gather(
+            *(sb.commands.run(f"echo {i}; sleep 0.2") for i in range(64))
+        )
+        assert sorted(int(r.stdout) for r in results) == list(range(64))
+
+    async def one(i: int) -> bytes:
+        async with AsyncSandbox() as box:
+            return (await box.commands.run(f"echo {i}")).stdout
+
+    outputs = await asyncio.gather(*(one(i) for i in range(32)))
+    assert outputs == [f"{i}\n".encode() for i in range(32)]
+
+
+async def _gigabytes(total: int, digest: hashlib._Hash) -> AsyncIterator[bytes]:
+    block = os.urandom(1 << 20)
+    for i in range(total >> 20):
+        chunk = block[i % 997 :] + block[: i % 997]
+        digest.update(chunk)
+        yield chunk
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_two_gib_streams_both_ways_in_bounded_memory() -> None:
+    size = 2 << 30
+    policy = (
+        Policy.preset("dev")
+        .with_limits(memory_bytes=4 << 30, disk_bytes=6 << 30, file_size_bytes=4 << 30)
+        .with_filesystem(tmp_bytes=64 << 20)
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with AsyncSandbox(policy, timeout_s=250) as sb:
+        sent = hashlib.sha256()
+        assert await sb.files.write("big.bin", _gigabytes(size, sent)) == size
+        result = await sb.commands.run("sha256sum big.bin", timeout_s=120)
+        assert result.stdout.split()[0].decode() == sent.hexdigest()
+        got = hashlib.sha256()
+        received = 0
+        reader = await sb.files.open_read("big.bin")
+        async with reader:
+            assert reader.size == size
+            async for chunk in reader:
+                got.update(chunk)
+                received += len(chunk)
+        assert received == size
+        assert got.hexdigest() == sent.hexdigest()
+    growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    assert growth < 256 << 20, f"host RSS grew by {growth >> 20} MiB"
+
+
+async def test_memory_limit_kills_a_command_not_the_box() -> None:
+    policy = Policy.preset("default").with_limits(memory_bytes=128 << 20)
+    async with AsyncSandbox(policy) as sb:
+        result = await sb.commands.run(
+            ["python3", "-c", "b = bytearray(1 << 30); b[::4096] = b'x' * len(b[::4096])"]
+        )
+        assert result.limit_hit == "memory"
+        assert result.signal == signal.SIGKILL
+        assert (await sb.commands.run("echo still here")).stdout == b"still here\n"
+
+
+async def test_agent_killed_from_inside_breaks_pending_calls_promptly() -> None:
+    async with AsyncSandbox() as sb:
+        slow = asyncio.ensure_future(sb.commands.run("sleep 60"))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        # user code may kill its own box's agent: the box is then broken, never hung
+        with pytest.raises(SandboxBroken):
+            await sb.commands.run("kill -9 $(pgrep -f /run/corral/agent.py)")
+        with pytest.raises(SandboxBroken):
+            await slow
+        assert time.monotonic() - started < 5
+        assert not sb.is_running()
+        with pytest.raises(SandboxBroken):
+            await sb.files.read("x")
+
+
+async def test_agent_channel_is_not_reachable_from_user_code() -> None:
+    async with AsyncSandbox() as sb:
+        result = await sb.commands.run(
+            "pid=$(pgrep -f /run/corral/agent.py); "
+            "echo garbage > /proc/$pid/fd/1 || echo refused; "
+            "cat /proc/$pid/environ >/dev/null 2>&1 || echo refused"
+        )
+        assert result.stdout == b"refused\nrefused\n"
+        assert (await sb.commands.run("echo fine")).stdout == b"fine\n"
+
+
+async def test_lifetime_timeout_and_extension() -> None:
+    async with AsyncSandbox(timeout_s=1.0) as sb:
+        sb.set_timeout(3.0)
+        await asyncio.sleep(1.5)
+        assert (await sb.commands.run("echo alive")).stdout == b"alive\n"
+        with pytest.raises(SandboxBroken, match="lifetime timeout"):
+            await sb.commands.run("sleep 30", timeout_s=None)
+        assert not sb.is_running()
+
+
+async def test_close_while_a_command_runs() -> None:
+    sb = AsyncSandbox()
+    await sb.start()
+    slow = asyncio.ensure_future(sb.commands.run("sleep 60"))
+    await asyncio.sleep(0.2)
+    await sb.close()
+    with pytest.raises(SandboxClosed):
+        await slow
+    with pytest.raises(SandboxClosed):
+        await sb.commands.run("true")
+    await sb.close()  # idempotent
+
+
+def test_sync_facade() -> None:
+    with Sandbox(policy="default", timeout_s=60) as sb:
+        sb.files.write("in/data.csv", b"a,b\n1,2\n")
+        assert sb.commands.run("wc -l in/data.csv", timeout_s=10).stdout == b"2 in/data.csv\n"
+        handle = sb.commands.run("sleep 0.3; echo bg", background=True)
+        events = list(sb.commands.stream("for i in 1 2 3; do echo $i; sleep 0.05; done"))
+        assert [e.data for e in events if isinstance(e, CommandOutput)] == [b"1\n", b"2\n", b"3\n"]
+        assert isinstance(events[-1], CommandExit)
+        assert handle.wait().stdout == b"bg\n"
+        sb.commands.run("head -c 3000000 /dev/urandom > big.bin")
+        with sb.files.open_read("big.bin") as f:
+            first = f.read(10)
+            rest = f.read()
+        assert len(first) + len(rest) == 3_000_000
+        assert [e.name for e in sb.files.list(".")] == ["big.bin", "in"]
+        term = sb.pty.create(cols=80, rows=24)
+        term.send("echo via-pty\n")
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"via-pty\r\n" not in seen and time.monotonic() < deadline:
+            seen += term.read(timeout_s=1)
+        assert b"via-pty\r\n" in seen
+        term.kill()
+        sb.set_timeout(120)
+        assert sb.is_running()
+    assert not sb.is_running()
