@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import corral
 from corral import Policy
 from corral._cgroups import leftover_cgroups, sweep_orphans
@@ -129,3 +131,39 @@ def _matching(command: str) -> list[str]:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     wanted = {command, f"/bin/sh -c {command}"}
     return [line for line in ps.stdout.splitlines() if line.strip() in wanted]
+
+
+async def _open_and_close(i: int) -> None:
+    sb = corral.AsyncSandbox(timeout_s=60)
+    await sb.start()
+    try:
+        if i % 3 == 0:  # closed while a command still runs
+            slow = asyncio.ensure_future(sb.commands.run("sleep 30"))
+            bg = await sb.commands.run("setsid sleep 30", background=True)
+            del bg
+            await asyncio.sleep(0.01)
+            await sb.close()
+            with contextlib.suppress(corral.SandboxClosed):
+                await slow
+        elif i % 3 == 1:
+            await sb.files.write("f", b"x" * 1000)
+            assert (await sb.commands.run("cat f")).stdout == b"x" * 1000
+        else:
+            term = await sb.pty.create()
+            await term.send("sleep 30\n")
+    finally:
+        await sb.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_200_sandboxes_leave_nothing_behind() -> None:
+    asyncio.run(_open_and_close(1))  # warm-up
+    before = _snapshot()
+
+    async def all_of_them() -> None:
+        for start in range(0, 200, 20):
+            await asyncio.gather(*(_open_and_close(i) for i in range(start, start + 20)))
+
+    asyncio.run(all_of_them())
+    assert _snapshot() == before

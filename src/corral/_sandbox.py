@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import os
 import posixpath
 import secrets
@@ -610,11 +611,17 @@ class FileReader:
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all the rest with -1); b"" at the end."""
         if n < 0:
-            parts = [self._buffer]
+            # Each chunk is copied once into a BytesIO (which grows by realloc,
+            # and hands its buffer over without a copy) and freed at once, so
+            # the allocator reuses chunk memory instead of faulting in fresh
+            # pages: a join of the chunks would touch every byte twice.
+            whole = io.BytesIO()
+            whole.write(self._buffer)
             self._buffer = b""
             while chunk := await self._chunk():
-                parts.append(chunk)
-            return b"".join(parts)
+                whole.write(chunk)
+                del chunk
+            return whole.getvalue()
         while len(self._buffer) < n:
             chunk = await self._chunk()
             if not chunk:

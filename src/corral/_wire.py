@@ -28,8 +28,8 @@ VERSION = 1
 HEADER = struct.Struct(">IBIB")
 MAX_PAYLOAD = 1 << 20  # the largest frame either side accepts
 MAX_CONTROL = 1 << 20  # the largest JSON control payload (a long directory listing)
-DATA_CHUNK = 256 << 10  # the largest DATA payload a sender produces
-WINDOW = 1 << 20  # initial credit per stream, in bytes
+DATA_CHUNK = 512 << 10  # the largest DATA payload a sender produces
+WINDOW = 4 << 20  # credit per stream, in bytes: what one stream may have in flight
 
 # frame types
 HELLO, CALL, REPLY, DATA, EOF, CREDIT, EVENT = 1, 2, 3, 4, 5, 6, 7
@@ -85,20 +85,46 @@ def decode_json(payload: bytes) -> dict[str, object]:
 
 
 class Decoder:
-    """Turns a byte stream into frames; bounded: never holds more than one frame."""
+    """Turns a byte stream into frames; bounded: holds at most one unfinished frame.
+
+    Each payload is copied exactly once, out of the caller's read buffer (which
+    the caller may therefore reuse); a frame split across reads is assembled
+    alone, without copying the rest of the read.
+    """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._pending = bytearray()
 
-    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
-        self._buf += data
-        frames = []
-        while len(self._buf) >= HEADER.size:
-            length, kind, ident, channel = HEADER.unpack_from(self._buf)
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, int, int, bytes]]:
+        view = memoryview(data).cast("B")
+        frames: list[tuple[int, int, int, bytes]] = []
+        offset = 0
+        pending = self._pending
+        if pending:
+            if len(pending) < HEADER.size:
+                take = min(HEADER.size - len(pending), len(view))
+                pending += view[:take]
+                offset = take
+                if len(pending) < HEADER.size:
+                    return frames
+            length, kind, ident, channel = HEADER.unpack_from(pending)
             check_header(length, kind, channel)
-            end = HEADER.size + length
-            if len(self._buf) < end:
+            take = min(HEADER.size + length - len(pending), len(view) - offset)
+            pending += view[offset : offset + take]
+            offset += take
+            if len(pending) < HEADER.size + length:
+                return frames
+            frames.append((kind, ident, channel, bytes(pending[HEADER.size :])))
+            self._pending = pending = bytearray()
+        size = len(view)
+        while size - offset >= HEADER.size:
+            length, kind, ident, channel = HEADER.unpack_from(view, offset)
+            check_header(length, kind, channel)
+            end = offset + HEADER.size + length
+            if size < end:
                 break
-            frames.append((kind, ident, channel, bytes(self._buf[HEADER.size : end])))
-            del self._buf[:end]
+            frames.append((kind, ident, channel, bytes(view[offset + HEADER.size : end])))
+            offset = end
+        if offset < size:
+            self._pending = bytearray(view[offset:])
         return frames
