@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     p_run.add_argument("--json", action="store_true", help="print the full result as JSON")
     p_run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
 
+    p_audit = sub.add_parser("audit", help="prove the walls hold: probes from inside a box")
+    p_audit.add_argument("--policy", default="default", help="preset name or policy file")
+    p_audit.add_argument("--backend", default="bwrap")
+    p_audit.add_argument("--probe", help="only probes whose id matches (glob or substring)")
+    p_audit.add_argument("--json", action="store_true", help="one object per probe")
+    p_audit.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
+    p_audit.add_argument("--host", action="store_true", help="also check host-side hazards")
+    p_audit.add_argument("--list", action="store_true", help="list the probes and exit")
+
     p_doc = sub.add_parser("doctor", help="what this host can enforce")
     p_doc.add_argument("--json", action="store_true")
 
@@ -122,6 +131,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import _audit
+
+    if args.list:
+        for p in _audit.PROBES:
+            print(f"{p.id:28} {p.title}")
+        return 0
+    policy = _policy_arg(args.policy)
+    reports = asyncio.run(_audit.run_probes(policy, pattern=args.probe, backend=args.backend))
+    if args.probe and not reports:
+        print(f"corral audit: no probe matches {args.probe!r} (see --list)", file=sys.stderr)
+        return 2
+    if args.junit:
+        Path(args.junit).write_text(_audit.junit(reports), encoding="utf-8")
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print(_audit.table(reports, colour=sys.stdout.isatty()))
+    failed = any(r.result in ("fail", "error") for r in reports)
+    if args.host:
+        from ._doctor import run_checks
+
+        hazards = [c for c in run_checks() if c.status != "ok"]
+        for check in hazards:
+            print(f"host: {check.status}: {check.name}: {check.detail}", file=sys.stderr)
+            if check.fix:
+                print(f"      fix: {check.fix}", file=sys.stderr)
+        failed = failed or any(c.status == "fail" for c in hazards)
+    return 1 if failed else 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from ._doctor import run_checks
 
@@ -147,7 +189,12 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _cmd_run, "doctor": _cmd_doctor, "policy": _cmd_policy}
+    handlers = {
+        "run": _cmd_run,
+        "audit": _cmd_audit,
+        "doctor": _cmd_doctor,
+        "policy": _cmd_policy,
+    }
     try:
         return handlers[args.cmd](args)
     except CorralError as exc:
