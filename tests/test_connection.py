@@ -59,7 +59,7 @@ async def pending_call(conn: Connection) -> asyncio.Future[dict[str, object]]:
         (w.encode(w.REPLY, 1, 0, b"not json"), "malformed control message"),
         (w.encode(w.REPLY, 1, 0, b"[1, 2]"), "must be a JSON object"),
         (w.encode(w.CREDIT, 1, 1, b"\x00"), "malformed CREDIT"),
-        (w.encode(w.DATA, 12345, 1, b"unsolicited"), "unknown stream"),
+        (w.encode(w.DATA, 12345, 1, b"unsolicited"), "stream never opened"),
         (w.encode(w.CALL, 1, 0, b"{}"), "unexpected frame type"),
     ],
 )
@@ -122,5 +122,40 @@ async def test_a_malformed_error_reply_is_not_trusted(agent: FakeAgent) -> None:
     call = await pending_call(conn)
     await agent.say(w.encode_json(w.REPLY, 2, {"error": {"errno": 2, "message": "gone"}}))
     with pytest.raises(FileNotFoundError, match="gone"):
+        await asyncio.wait_for(call, 2)
+    conn.close()
+
+
+async def test_late_data_for_a_stream_the_host_let_go_of_is_dropped(agent: FakeAgent) -> None:
+    conn = Connection(agent.reader, agent.writer)
+    ident = conn.new_id()
+    conn.open_in(ident, w.CONTENT)
+    conn.forget(ident)  # e.g. a FileReader closed early
+    await agent.say(w.encode(w.DATA, ident, w.CONTENT, b"still in flight"))
+    await agent.say(w.encode(w.EOF, ident, w.CONTENT))
+    await asyncio.sleep(0.05)
+    assert conn.failure is None
+    conn.close()
+
+
+async def test_deeply_nested_json_ends_the_connection_cleanly(agent: FakeAgent) -> None:
+    conn = Connection(agent.reader, agent.writer)
+    call = await pending_call(conn)
+    await agent.say(w.encode(w.REPLY, 1, 0, b"[" * 100_000))
+    with pytest.raises(SandboxBroken, match="malformed control message"):
+        await asyncio.wait_for(call, 2)
+    conn.close()
+
+
+async def test_a_malformed_event_ends_the_connection(agent: FakeAgent) -> None:
+    conn = Connection(agent.reader, agent.writer)
+    call = await pending_call(conn)
+
+    def handler(body: dict[str, object]) -> None:
+        raise ValueError(f"cannot use {body}")
+
+    conn.on_event(1, handler)
+    await agent.say(w.encode_json(w.EVENT, 1, {"exit": "x"}))
+    with pytest.raises(SandboxBroken, match="cannot be handled"):
         await asyncio.wait_for(call, 2)
     conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import resource
@@ -143,16 +144,22 @@ async def test_pty_drives_a_terminal_program() -> None:
         seen = b""
         deadline = time.monotonic() + 10
         while b"marker-42" not in seen and time.monotonic() < deadline:
-            seen += await term.read(timeout_s=1)
+            with contextlib.suppress(TimeoutError):
+                seen += await term.read(timeout_s=1)
         assert b"30 100" in seen
         assert b"marker-42" in seen
         await term.resize(cols=120, rows=40)
         await term.send("stty size\n")
         while b"40 120" not in seen and time.monotonic() < deadline:
-            seen += await term.read(timeout_s=1)
+            with contextlib.suppress(TimeoutError):
+                seen += await term.read(timeout_s=1)
         assert b"40 120" in seen
         await term.send("exit 5\n")
         assert (await term.wait()).exit_code == 5
+        # the end of the terminal is b"", not a timeout
+        rest = b""
+        while chunk := await term.read(timeout_s=5):
+            rest += chunk
 
 
 async def test_paths_outside_the_workspace_are_refused() -> None:
@@ -305,9 +312,116 @@ def test_sync_facade() -> None:
         seen = b""
         deadline = time.monotonic() + 10
         while b"via-pty\r\n" not in seen and time.monotonic() < deadline:
-            seen += term.read(timeout_s=1)
+            with contextlib.suppress(TimeoutError):
+                seen += term.read(timeout_s=1)
         assert b"via-pty\r\n" in seen
         term.kill()
         sb.set_timeout(120)
         assert sb.is_running()
     assert not sb.is_running()
+
+
+async def test_a_stopped_agent_cannot_hang_a_command_past_its_timeout() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        started = time.monotonic()
+        with pytest.raises(SandboxBroken, match="did not end a timed-out command"):
+            await sb.commands.run(
+                "kill -STOP $(pgrep -f /run/corral/agent.py); sleep 100", timeout_s=1
+            )
+        assert time.monotonic() - started < 15
+
+
+async def test_closing_a_reader_early_or_cancelling_keeps_the_box_usable() -> None:
+    async with AsyncSandbox() as sb:
+        await sb.commands.run("head -c 50000000 /dev/zero > big")
+        reader = await sb.files.open_read("big")
+        assert len(await reader.read(1000)) == 1000
+        await reader.close()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sb.files.read("big"), 0.01)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sb.commands.run("sleep 1000"), 0.3)
+        await asyncio.sleep(0.3)
+        assert (await sb.commands.run("echo fine")).stdout == b"fine\n"
+        # the cancelled command was killed, not left running unseen
+        assert await sb.commands.list() == []
+
+
+async def test_an_unread_terminal_does_not_grow_host_memory() -> None:
+    async with AsyncSandbox() as sb:
+        term = await sb.pty.create(command=["/bin/sh", "-c", "yes corral"])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        await asyncio.sleep(2)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert (after - before) * 1024 < 32 << 20
+        assert await term.read(timeout_s=5)
+        await term.kill()
+
+
+async def test_failed_uploads_fail_and_leave_nothing() -> None:
+    policy = Policy.preset("default").with_limits(file_size_bytes=8 << 20)
+    async with AsyncSandbox(policy) as sb:
+        with pytest.raises(OSError, match="too large|File too large"):
+            await asyncio.wait_for(sb.files.write("big", b"x" * (32 << 20)), 30)
+
+        async def broken_source() -> AsyncIterator[bytes]:
+            yield b"x" * (1 << 20)
+            raise RuntimeError("source failed")
+
+        with pytest.raises(RuntimeError, match="source failed"):
+            await sb.files.write("partial", broken_source())
+        await asyncio.sleep(0.2)
+        listing = (await sb.commands.run("ls -A")).stdout
+        assert listing == b""
+        # stdin offered to a command that has ended is refused, not hung
+        handle = await sb.commands.run("true", background=True, stdin=True)
+        await handle.wait()
+        with pytest.raises(BrokenPipeError):
+            await asyncio.wait_for(handle.send_stdin(b"x" * (8 << 20)), 10)
+
+
+async def test_ordinary_inputs_never_crash_the_agent() -> None:
+    async with AsyncSandbox() as sb:
+        await sb.commands.run(
+            "mkfifo pipe; printf 'x' > notelf; chmod +x notelf; "
+            "for i in $(seq 3000); do : > f-$(printf %0120d $i); done"
+        )
+        entries = await sb.files.list(".")
+        assert 100 < len(entries) < 3003
+        with pytest.raises(OSError, match="not a regular file"):
+            await asyncio.wait_for(sb.files.read("pipe"), 5)
+        result = await sb.commands.run(["./notelf"])
+        assert result.exit_code == 126
+        with pytest.raises(FileNotFoundError):
+            await sb.commands.run("ls", cwd="nope")
+        handle = await sb.commands.run("sleep 5", background=True)
+        with pytest.raises(ValueError, match="not a signal"):
+            await handle.kill(2**40)
+        term = await sb.pty.create()
+        with pytest.raises(ValueError, match="between 1 and 1000"):
+            await term.resize(70000, 24)
+        await sb.commands.run("d=deep; for i in $(seq 1200); do mkdir $d; cd $d; done")
+        await sb.files.remove("deep")
+        assert not await sb.files.exists("deep")
+        assert (await sb.commands.run("echo alive")).stdout == b"alive\n"
+
+
+async def test_a_failing_callback_is_reported_and_does_not_stall() -> None:
+    async with AsyncSandbox() as sb:
+
+        def boom(_: bytes) -> None:
+            raise ValueError("callback failed")
+
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="callback failed"):
+            await sb.commands.run("seq 100000", on_stdout=boom)
+        assert time.monotonic() - started < 5
+
+
+def test_sync_reader_iteration_keeps_buffered_bytes() -> None:
+    with Sandbox() as sb:
+        sb.commands.run("head -c 1048576 /dev/urandom > f")
+        with sb.files.open_read("f") as reader:
+            head = reader.read(10)
+            rest = b"".join(reader)
+        assert len(head) + len(rest) == 1 << 20

@@ -209,6 +209,8 @@ class Agent:
         if s.registered:
             self.sel.unregister(s.fd)
         os.close(s.fd)
+        if not s.eof:  # ended before the host's EOF: tell it to stop sending
+            self.send(w.encode(w.EOF, s.ident, s.channel))
         upload = self.uploads.pop(s.ident, None)
         if upload is not None:
             self.finish_upload(upload, error)
@@ -230,19 +232,21 @@ class Agent:
     def on_call(self, ident: int, body: dict[str, object]) -> None:
         op = body.get("op")
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        # nothing a call carries may bring the agent (and so the box) down
         try:
             if handler is None:
                 raise CallError(errno.ENOSYS, f"unknown operation {op!r}")
             result = handler(ident, body)
+            if result is not None:
+                self.reply(ident, result)
         except CallError as exc:
             self.reply(ident, {"error": {"errno": exc.errno, "message": exc.message}})
         except OSError as exc:
             self.reply(ident, {"error": _err(exc)})
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, struct.error) as exc:
             self.reply(ident, {"error": {"errno": errno.EINVAL, "message": f"bad request: {exc}"}})
-        else:
-            if result is not None:
-                self.reply(ident, result)
+        except RecursionError:
+            self.reply(ident, {"error": {"errno": errno.ELOOP, "message": "too deeply nested"}})
 
     def path(self, raw: object) -> str:
         if not isinstance(raw, str) or "\0" in raw:
@@ -260,23 +264,27 @@ class Agent:
         if not isinstance(env, dict):
             raise CallError(errno.EINVAL, "env must be an object")
         cwd = self.path(body.get("cwd") or ".")
+        if not os.path.isdir(cwd):
+            raise CallError(errno.ENOENT, f"working directory {body.get('cwd')!r} does not exist")
         pty = body.get("pty")
         master = None
         try:
             if isinstance(pty, dict):
                 master, slave = os.openpty()
-                _winsize(master, int(pty["cols"]), int(pty["rows"]))
-                popen = subprocess.Popen(
-                    argv,
-                    stdin=slave,
-                    stdout=slave,
-                    stderr=slave,
-                    cwd=cwd,
-                    env=env,
-                    start_new_session=True,
-                    preexec_fn=_take_tty,
-                )
-                os.close(slave)
+                try:
+                    _winsize(master, int(pty["cols"]), int(pty["rows"]))
+                    popen = subprocess.Popen(
+                        argv,
+                        stdin=slave,
+                        stdout=slave,
+                        stderr=slave,
+                        cwd=cwd,
+                        env=env,
+                        start_new_session=True,
+                        preexec_fn=_take_tty,
+                    )
+                finally:
+                    os.close(slave)
             else:
                 popen = subprocess.Popen(
                     argv,
@@ -287,14 +295,11 @@ class Agent:
                     env=env,
                     start_new_session=True,
                 )
-        except FileNotFoundError:
+        except OSError as exc:  # shell semantics: 127 not found, 126 cannot run
             if master is not None:
                 os.close(master)
-            return {"pid": None, "exit_code": 127, "message": f"{argv[0]}: command not found"}
-        except PermissionError:
-            if master is not None:
-                os.close(master)
-            return {"pid": None, "exit_code": 126, "message": f"{argv[0]}: permission denied"}
+            code = 127 if exc.errno == errno.ENOENT else 126
+            return {"pid": None, "exit_code": code, "message": f"{argv[0]}: {exc.strerror}"}
         proc = Proc(ident, popen, os.pidfd_open(popen.pid), argv)
         self.procs[ident] = proc
         self.sel.register(proc.pidfd, selectors.EVENT_READ, ("exit", proc))
@@ -356,11 +361,24 @@ class Agent:
                 self.end_outgoing(stream)
         return {}
 
+    def op_ping(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        return {}
+
     def op_detach_read(self, ident: int, body: dict[str, object]) -> dict[str, object]:
         """The host stopped reading a file before its end."""
         stream = self.outgoing.get((int(str(body["target"])), w.CONTENT))
         if stream is not None:
             self.end_outgoing(stream)
+        return {}
+
+    def op_abort_write(self, ident: int, body: dict[str, object]) -> dict[str, object]:
+        """The host gave up on an upload: drop the temp file."""
+        target = int(str(body["target"]))
+        stream = self.incoming.get((target, w.CONTENT))
+        if stream is not None:
+            stream.eof = True
+            stream.pending.clear()
+            self.end_incoming(stream, error=OSError(errno.ECANCELED, "upload aborted"))
         return {}
 
     def op_close_stdin(self, ident: int, body: dict[str, object]) -> dict[str, object]:
@@ -380,19 +398,29 @@ class Agent:
     def op_list_processes(self, ident: int, body: dict[str, object]) -> dict[str, object]:
         return {
             "processes": [
-                {"id": p.ident, "pid": p.popen.pid, "argv": p.argv, "pty": p.master is not None}
+                {
+                    "id": p.ident,
+                    "pid": p.popen.pid,
+                    "argv": [a[:256] for a in p.argv[:16]],  # bounded: the reply must fit a frame
+                    "pty": p.master is not None,
+                }
                 for p in self.procs.values()
             ]
         }
 
     def op_read(self, ident: int, body: dict[str, object]) -> None:
-        fd = os.open(self.path(body["path"]), os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted under the expected name must not block the
+        # agent's loop (and every later call) on open
+        fd = os.open(self.path(body["path"]), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise CallError(errno.EISDIR, f"{body['path']!r} is a directory")
+            if stat.S_ISDIR(st.st_mode):
+                raise CallError(errno.EISDIR, f"{body['path']!r} is a directory")
+            raise CallError(errno.EINVAL, f"{body['path']!r} is not a regular file")
+        os.set_blocking(fd, True)
         self.reply(ident, {"size": st.st_size})
-        self.add_outgoing(ident, w.CONTENT, fd, selectable=not stat.S_ISREG(st.st_mode))
+        self.add_outgoing(ident, w.CONTENT, fd, selectable=False)
 
     def op_write(self, ident: int, body: dict[str, object]) -> dict[str, object]:
         final = self.path(body["path"])
@@ -408,9 +436,11 @@ class Agent:
     def op_list(self, ident: int, body: dict[str, object]) -> dict[str, object]:
         path = self.path(body.get("path", "."))
         entries: list[dict[str, object]] = []
+        budget = w.MAX_CONTROL // 2  # the reply must fit a control frame
         with os.scandir(path) as it:
             for entry in it:
-                if len(entries) >= MAX_LIST:
+                budget -= 2 * len(entry.name) + 160
+                if len(entries) >= MAX_LIST or budget < 0:
                     return {"entries": entries, "truncated": True}
                 entries.append(_describe(entry.path, entry.name, self.workspace))
         return {"entries": sorted(entries, key=lambda e: str(e["name"])), "truncated": False}
@@ -424,9 +454,7 @@ class Agent:
         if path == self.workspace:
             raise CallError(errno.EBUSY, "the workspace itself cannot be removed")
         if os.path.isdir(path) and not os.path.islink(path):
-            import shutil  # only here: it costs the agent's start 10 ms
-
-            shutil.rmtree(path)
+            _remove_tree(path)
         else:
             os.unlink(path)
         return {}
@@ -477,7 +505,10 @@ class Agent:
                 elif kind == "host-out":
                     self.flush()
                 elif kind == "out":
-                    self.read_source(obj)
+                    try:
+                        self.read_source(obj)
+                    except OSError:  # the source broke: end that stream, not the agent
+                        self.end_outgoing(obj)
                 elif kind == "in":
                     self.drain(obj)
                 elif kind == "exit":
@@ -486,6 +517,19 @@ class Agent:
             self.flush()
             self.pump_all()
             self.flush()
+
+
+def _remove_tree(top: str) -> None:
+    """rmtree without recursion (a box can build a tree deeper than Python's stack)."""
+    for root, dirs, files, rootfd in os.fwalk(top, topdown=False):
+        for name in files:
+            os.unlink(name, dir_fd=rootfd)
+        for name in dirs:
+            if os.path.islink(os.path.join(root, name)):
+                os.unlink(name, dir_fd=rootfd)
+            else:
+                os.rmdir(name, dir_fd=rootfd)
+    os.rmdir(top)
 
 
 def _describe(path: str, name: str, workspace: str) -> dict[str, object]:

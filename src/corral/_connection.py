@@ -18,6 +18,7 @@ import collections
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import IO, TypeVar
 
@@ -82,16 +83,24 @@ class OutStream:
         self.channel = channel
         self._credit = w.WINDOW
         self._credit_changed = asyncio.Event()
+        self.closed_by_peer = False
 
     def _grant(self, amount: int) -> None:
         self._credit = min(self._credit + amount, 1 << 30)
         self._credit_changed.set()
 
+    def _peer_closed(self) -> None:
+        """The agent ended this stream (the process exited, the upload failed)."""
+        self.closed_by_peer = True
+        self._credit_changed.set()
+
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            while self._credit <= 0:
+            while self._credit <= 0 or self.closed_by_peer:
                 self._conn.check_open()
+                if self.closed_by_peer:
+                    raise BrokenPipeError("the box closed this stream")
                 self._credit_changed.clear()
                 await self._conn.wait_or_fail(self._credit_changed.wait())
             n = min(len(view), self._credit, w.DATA_CHUNK)
@@ -127,6 +136,7 @@ class Connection:
         self._in: dict[tuple[int, int], InStream] = {}
         self._out_streams: dict[tuple[int, int], OutStream] = {}
         self._failure: CorralError | None = None
+        self.last_rx = time.monotonic()
         self._failed = asyncio.Event()
         self.hello: asyncio.Future[dict[str, object]] = self._loop.create_future()
         self._loop.add_reader(self._rfd, self._on_readable)
@@ -175,6 +185,8 @@ class Connection:
             await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             failed.cancel()
+            if not task.done():
+                task.cancel()
         if task.done():
             return task.result()
         task.cancel()
@@ -233,9 +245,10 @@ class Connection:
         """Send a CALL and wait for its REPLY; an ``error`` reply raises OSError."""
         self.check_open()
         ident = self.new_id() if ident is None else ident
+        frame = w.encode_json(w.CALL, ident, body)  # may refuse: before anything is registered
         fut: asyncio.Future[dict[str, object]] = self._loop.create_future()
         self._replies[ident] = fut
-        self.send(w.encode_json(w.CALL, ident, body))
+        self.send(frame)
         try:
             reply = await fut
         finally:
@@ -269,7 +282,12 @@ class Connection:
 
     # -- receiving -----------------------------------------------------------------
 
+    def busy(self) -> bool:
+        """Whether anything waits on the agent (a reply, an event, a stream)."""
+        return bool(self._replies or self._events or self._in)
+
     def _on_readable(self) -> None:
+        self.last_rx = time.monotonic()
         try:
             # into one reused buffer: the decoder copies each payload out once
             n = os.readv(self._rfd, [self._rbuf])
@@ -284,8 +302,10 @@ class Connection:
         try:
             for kind, ident, channel, payload in self._decoder.feed(self._rview[:n]):
                 self._dispatch(kind, ident, channel, payload)
-        except w.ProtocolError as exc:
+        except (w.ProtocolError, CorralError) as exc:
             self.fail(SandboxBroken(f"the box's agent broke the protocol: {exc}"))
+        except Exception as exc:  # anything the agent's bytes provoke ends the connection
+            self.fail(SandboxBroken(f"the box's agent sent what cannot be handled: {exc!r}"))
 
     def _dispatch(self, kind: int, ident: int, channel: int, payload: bytes) -> None:
         if kind == w.HELLO:
@@ -301,13 +321,18 @@ class Connection:
                 handler(w.decode_json(payload))
         elif kind == w.DATA:
             stream = self._in.get((ident, channel))
-            if stream is None:
-                raise w.ProtocolError(f"data for unknown stream {ident}/{channel}")
-            stream._feed(payload)
+            if stream is not None:
+                stream._feed(payload)
+            elif ident >= self._next_id:
+                raise w.ProtocolError(f"data for a stream never opened ({ident}/{channel})")
+            # else: late data for a stream the host let go of (closed, cancelled)
         elif kind == w.EOF:
             stream = self._in.pop((ident, channel), None)
             if stream is not None:
                 stream._end()
+            out = self._out_streams.get((ident, channel))
+            if out is not None:
+                out._peer_closed()
         elif kind == w.CREDIT:
             (amount,) = w.CREDIT_BODY.unpack(payload)
             out = self._out_streams.get((ident, channel))

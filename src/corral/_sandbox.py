@@ -20,6 +20,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Coroutine,
     Iterable,
@@ -42,6 +43,9 @@ AGENT_DIR = "/run/corral"
 BOX_PYTHON = "/usr/bin/python3"
 _HELLO_TIMEOUT_S = 30.0
 _DETACH_GRACE_S = 0.2
+_KILL_GRACE_S = 5.0  # after the agent was told to kill a command, before the host ends the box
+_LIVENESS_S = 10.0  # silence, with work pending, before the agent is pinged
+_STREAM_QUEUE = 64  # output chunks a stream() may hold for a lagging consumer
 _CHUNK = w.DATA_CHUNK
 
 Stream = Literal["stdout", "stderr"]
@@ -146,7 +150,7 @@ class _Process:
         kill_at_cap: bool,
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
-        listeners: list[Callable[[CommandEvent], None]] | None = None,
+        sink: asyncio.Queue[CommandEvent] | None = None,
     ) -> None:
         self.sandbox = sandbox
         self.ident = ident
@@ -158,7 +162,9 @@ class _Process:
             "stdout": on_stdout,
             "stderr": on_stderr,
         }
-        self.listeners = listeners or []
+        # a bounded queue: when its reader lags, the pump waits, credit stops,
+        # and the command inside the box blocks on its output
+        self.sink = sink
         self.chunks: dict[Stream, list[bytes]] = {"stdout": [], "stderr": []}
         self.kept = 0
         self.truncated = False
@@ -167,9 +173,10 @@ class _Process:
             asyncio.get_running_loop().create_future()
         )
         self.pumps: list[asyncio.Task[None]] = []
-        self.timer: asyncio.TimerHandle | None = None
+        self.timers: list[asyncio.TimerHandle] = []
         self.oom_before = sandbox._oom_kills()
         self.result: CommandResult | None = None
+        self.callback_error: BaseException | None = None
 
     def on_event(self, body: dict[str, object]) -> None:
         if self.exit.done():
@@ -191,13 +198,16 @@ class _Process:
         with contextlib.suppress(CorralError):
             while data := await stream.read():
                 self._take(name, data)
+                if self.sink is not None:
+                    await self.sink.put(CommandOutput(name, data))
 
     def _take(self, name: Stream, data: bytes) -> None:
         callback = self.callbacks[name]
-        if callback is not None:
-            callback(data)
-        for listener in self.listeners:
-            listener(CommandOutput(name, data))
+        if callback is not None and self.callback_error is None:
+            try:
+                callback(data)
+            except Exception as exc:  # reported by wait(); the output keeps flowing
+                self.callback_error = exc
         if self.output_cap is not None and self.kept + len(data) > self.output_cap:
             data = data[: max(0, self.output_cap - self.kept)]
             if not self.truncated:
@@ -214,29 +224,49 @@ class _Process:
                 {"op": "signal", "target": self.ident, "signal": int(signum)}
             )
 
+    def arm_timeout(self, timeout_s: float) -> None:
+        self.timers.append(asyncio.get_running_loop().call_later(timeout_s, self.on_timeout))
+
     def on_timeout(self) -> None:
+        if self.exit.done():
+            return
+        self.limit_hit = self.limit_hit or "timeout"
+        self.sandbox._spawn(self.signal(_signal.SIGKILL))
+        # the agent lives in the box: if it does not end the command (stopped,
+        # hung), the host ends the box rather than let the call hang
+        self.timers.append(asyncio.get_running_loop().call_later(_KILL_GRACE_S, self._overdue))
+
+    def _overdue(self) -> None:
         if not self.exit.done():
-            self.limit_hit = self.limit_hit or "timeout"
-            self.sandbox._spawn(self.signal(_signal.SIGKILL))
+            self.sandbox._break("the box's agent did not end a timed-out command; box killed")
 
     async def wait(self) -> CommandResult:
         if self.result is not None:
             return self.result
         try:
-            code, sig = await self.exit
+            # shielded: a cancelled caller must not cancel the exit future itself
+            code, sig = await asyncio.shield(self.exit)
             # Output may still be in flight; a daemon the command left behind
             # may hold its pipes open forever: wait a moment, then let go.
-            done, _ = await asyncio.wait(self.pumps, timeout=_DETACH_GRACE_S)
-            if len(done) < len(self.pumps):
+            pending = set(self.pumps)
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=_DETACH_GRACE_S)
+                if not (pending and self.sink is not None and self.sink.full()):
+                    break  # (a full sink is a slow reader, not a daemon: keep waiting)
+            if pending:
                 with contextlib.suppress(OSError, CorralError):
                     await self.sandbox._conn().call({"op": "detach", "target": self.ident})
                 await asyncio.wait(self.pumps, timeout=_DETACH_GRACE_S)
+        except asyncio.CancelledError:
+            # the caller gave up: the command must not run on unseen
+            if not self.exit.done():
+                self.sandbox._spawn(self.signal(_signal.SIGKILL))
+            self._release()
+            raise
         finally:
-            if self.timer is not None:
-                self.timer.cancel()
-        for pump in self.pumps:
-            pump.cancel()
-        self.sandbox._forget(self.ident)
+            for timer in self.timers:
+                timer.cancel()
+        self._release()
         limit = self.limit_hit
         if limit is None and sig == _signal.SIGKILL and self.sandbox._oom_kills() > self.oom_before:
             limit = "memory"
@@ -250,9 +280,16 @@ class _Process:
             duration_s=time.monotonic() - self.started,
             pid=self.pid,
         )
-        for listener in self.listeners:
-            listener(CommandExit(self.result))
+        if self.sink is not None:
+            await self.sink.put(CommandExit(self.result))
+        if self.callback_error is not None:
+            raise self.callback_error
         return self.result
+
+    def _release(self) -> None:
+        for pump in self.pumps:
+            pump.cancel()
+        self.sandbox._forget(self.ident)
 
 
 class CommandHandle:
@@ -279,9 +316,10 @@ class CommandHandle:
         return await self._process.wait()
 
     async def kill(self, signum: int = _signal.SIGKILL) -> None:
-        await self._process.signal(signum)
+        await self._process.signal(_signum(signum))
 
     async def send_stdin(self, data: bytes | str) -> None:
+        """Send to the command's stdin; BrokenPipeError once it has closed it or ended."""
         if self._stdin is None:
             raise SandboxError("this command was started without stdin (stdin=True)")
         await self._stdin.write(data.encode() if isinstance(data, str) else data)
@@ -292,19 +330,28 @@ class CommandHandle:
             self._stdin = None
 
 
-class PtyHandle:
-    """An interactive terminal in the box."""
+def _signum(signum: int) -> int:
+    if not isinstance(signum, int) or not 1 <= signum < _signal.NSIG:
+        raise ValueError(f"{signum!r} is not a signal number")
+    return signum
 
-    def __init__(self, sandbox: AsyncSandbox, process: _Process, stdin: OutStream) -> None:
+
+class PtyHandle:
+    """An interactive terminal in the box.
+
+    Its output is read straight from the wire: credit goes back only as
+    ``read`` takes it, so a terminal nobody reads stalls inside the box instead
+    of filling the host's memory.
+    """
+
+    def __init__(
+        self, sandbox: AsyncSandbox, process: _Process, stdin: OutStream, output: InStream
+    ) -> None:
         self._sandbox = sandbox
         self._process = process
         self._stdin = stdin
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
-        process.listeners.append(self._on_event)
-
-    def _on_event(self, event: CommandEvent) -> None:
-        if isinstance(event, CommandOutput):
-            self._queue.put_nowait(event.data)
+        self._output = output
+        self._pending: asyncio.Task[bytes] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -314,15 +361,21 @@ class PtyHandle:
         await self._stdin.write(data.encode() if isinstance(data, str) else data)
 
     async def read(self, timeout_s: float | None = None) -> bytes:
-        """The next output of the terminal (b"" when it has ended)."""
-        if self._queue.empty() and self._process.exit.done() and self._process.result:
-            return b""
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout_s)
-        except TimeoutError:
-            return b""
+        """The next output of the terminal; b"" once it has ended.
+
+        Raises TimeoutError when nothing came within ``timeout_s`` (the
+        terminal is still there), and the sandbox's failure if it broke.
+        """
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._output.read())
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout_s)
+        if not done:
+            raise TimeoutError("no terminal output within the timeout")
+        task, self._pending = self._pending, None
+        return task.result()
 
     async def resize(self, cols: int, rows: int) -> None:
+        _check_size(cols, rows)
         await self._sandbox._conn().call(
             {"op": "resize", "target": self._process.ident, "cols": cols, "rows": rows}
         )
@@ -331,7 +384,13 @@ class PtyHandle:
         await self._process.signal(_signal.SIGKILL)
 
     async def wait(self) -> CommandResult:
+        """Wait for the terminal's program to end (its output is read with ``read``)."""
         return await self._process.wait()
+
+
+def _check_size(cols: int, rows: int) -> None:
+    if not (1 <= cols <= 1000 and 1 <= rows <= 1000):
+        raise ValueError("cols and rows must be between 1 and 1000")
 
 
 class Commands:
@@ -351,8 +410,8 @@ class Commands:
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
         pty: tuple[int, int] | None = None,
-        listeners: list[Callable[[CommandEvent], None]] | None = None,
-    ) -> tuple[_Process, OutStream | None]:
+        sink: asyncio.Queue[CommandEvent] | None = None,
+    ) -> tuple[_Process, OutStream | None, InStream]:
         conn = self._sb._conn()
         ident = conn.new_id()
         process = _Process(
@@ -362,7 +421,7 @@ class Commands:
             kill_at_cap=kill_at_cap,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
-            listeners=listeners,
+            sink=sink,
         )
         conn.on_event(ident, process.on_event)
         channels: dict[Stream, InStream] = {"stdout": conn.open_in(ident, w.STDOUT)}
@@ -381,6 +440,8 @@ class Commands:
         try:
             reply = await conn.call(body, ident)
         except BaseException:
+            # cancelled after sending: the agent may start it anyway, so end it
+            self._sb._spawn(process.signal(_signal.SIGKILL))
             self._sb._forget(ident)
             raise
         if reply.get("pid") is None:  # could not be started: shell semantics
@@ -401,12 +462,13 @@ class Commands:
                 duration_s=time.monotonic() - process.started,
                 pid=None,
             )
-            return process, None
+            return process, None, channels["stdout"]
         process.pid = field(reply, "pid", int)
-        process.start_pumps(channels)
+        if pty is None:  # a terminal's output is read by its handle, on demand
+            process.start_pumps(channels)
         if timeout_s is not None:
-            process.timer = asyncio.get_running_loop().call_later(timeout_s, process.on_timeout)
-        return process, writer
+            process.arm_timeout(timeout_s)
+        return process, writer, channels["stdout"]
 
     @overload
     async def run(
@@ -460,7 +522,7 @@ class Commands:
         keeps its stdin open for ``send_stdin``.
         """
         open_stdin = stdin is not None and stdin is not False
-        process, writer = await self._start(
+        process, writer, _ = await self._start(
             command,
             env=env,
             cwd=cwd,
@@ -492,9 +554,13 @@ class Commands:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
     ) -> AsyncGenerator[CommandEvent, None]:
-        """Output chunks as they happen, then one ``CommandExit``."""
-        queue: asyncio.Queue[CommandEvent] = asyncio.Queue()
-        process, _ = await self._start(
+        """Output chunks as they happen, then one ``CommandExit``.
+
+        Bounded: while the consumer lags, the command waits on its output.
+        Leaving the loop early kills the command.
+        """
+        sink: asyncio.Queue[CommandEvent] = asyncio.Queue(maxsize=_STREAM_QUEUE)
+        process, _, _ = await self._start(
             command,
             env=env,
             cwd=cwd,
@@ -504,30 +570,34 @@ class Commands:
             kill_at_cap=True,
             on_stdout=None,
             on_stderr=None,
-            listeners=[queue.put_nowait],
+            sink=sink,
         )
+        if process.result is not None:  # could not be started
+            yield CommandExit(process.result)
+            return
         waiter = asyncio.ensure_future(process.wait())
         try:
             while True:
-                getter = asyncio.ensure_future(queue.get())
+                getter = asyncio.ensure_future(sink.get())
                 await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    event = getter.result()
-                    yield event
-                    if isinstance(event, CommandExit):
-                        return
-                else:
+                if not getter.done():
                     getter.cancel()
-                    while not queue.empty():
-                        event = queue.get_nowait()
-                        yield event
-                        if isinstance(event, CommandExit):
-                            return
-                    yield CommandExit(waiter.result())
+                    if sink.empty():
+                        waiter.result()  # raises the sandbox's failure
+                        continue  # the exit event is on its way into the sink
+                    event = sink.get_nowait()
+                else:
+                    event = getter.result()
+                yield event
+                if isinstance(event, CommandExit):
                     return
         finally:
             if not waiter.done():
                 await process.signal(_signal.SIGKILL)
+                while not waiter.done():  # let the pumps finish into the sink
+                    with contextlib.suppress(asyncio.QueueEmpty):
+                        sink.get_nowait()
+                    await asyncio.sleep(0)
                 with contextlib.suppress(CorralError):
                     await waiter
 
@@ -557,8 +627,13 @@ class Commands:
         return False
 
 
+async def _quietly(call: Awaitable[object]) -> None:
+    with contextlib.suppress(OSError, CorralError):
+        await call
+
+
 async def _feed(writer: OutStream, data: bytes | str) -> None:
-    with contextlib.suppress(CorralError):
+    with contextlib.suppress(CorralError, BrokenPipeError):
         await writer.write(data.encode() if isinstance(data, str) else data)
         writer.close()
 
@@ -577,10 +652,9 @@ class Pty:
         cwd: str | None = None,
     ) -> PtyHandle:
         """A terminal running ``command`` (an interactive shell by default)."""
-        if not (1 <= cols <= 1000 and 1 <= rows <= 1000):
-            raise ValueError("cols and rows must be between 1 and 1000")
+        _check_size(cols, rows)
         merged = {"TERM": "xterm-256color", **(env or {})}
-        process, writer = await self._sb.commands._start(
+        process, writer, output = await self._sb.commands._start(
             command,
             env=merged,
             cwd=cwd,
@@ -594,7 +668,7 @@ class Pty:
         )
         if writer is None:
             raise SandboxError(f"cannot start the terminal: {process.result}")
-        return PtyHandle(self._sb, process, writer)
+        return PtyHandle(self._sb, process, writer, output)
 
 
 class FileReader:
@@ -688,17 +762,25 @@ class Files:
 
         conn.on_event(ident, on_event)
         out = conn.open_out(ident, w.CONTENT)
+        finished = False
         try:
             await conn.call({"op": "write", "path": self._sb._relative(path), "mode": mode}, ident)
-            async for chunk in _chunks(data):
-                await out.write(chunk)
-            out.close()
+            try:
+                async for chunk in _chunks(data):
+                    await out.write(chunk)
+                out.close()
+            except BrokenPipeError:
+                pass  # the agent gave up on the upload: its event says why
             body = await conn.wait_or_fail(done)
             if body.get("__failed__"):
                 conn.check_open()
+            finished = True
             raise_for_error(body)
             return field(body, "done", int)
         finally:
+            if not finished and conn.failure is None:
+                # failed or cancelled half-way: the agent drops the temp file
+                self._sb._spawn(_quietly(conn.call({"op": "abort_write", "target": ident})))
             self._sb._forget(ident)
 
     async def read(self, path: str) -> bytes:
@@ -751,13 +833,17 @@ def _entry(item: object) -> EntryInfo:
     if kind not in ("file", "dir", "symlink", "other"):
         raise SandboxBroken("the agent sent a malformed directory entry")
     mtime = item.get("mtime")
+    try:
+        mtime = float(mtime) if isinstance(mtime, int | float) else 0.0
+    except OverflowError:
+        raise SandboxBroken("the agent sent a malformed directory entry") from None
     return EntryInfo(
         name=field(item, "name", str),
         path=field(item, "path", str),
         type=kind,  # type: ignore[arg-type]
         size=field(item, "size", int),
         mode=field(item, "mode", int),
-        mtime=float(mtime) if isinstance(mtime, int | float) else 0.0,
+        mtime=mtime,
     )
 
 
@@ -855,6 +941,7 @@ class AsyncSandbox:
                     f"the box's agent speaks protocol {hello.get('version')!r}, not {w.VERSION}"
                 )
             self._watch = asyncio.ensure_future(self._watch_box())
+            self._spawn(self._watchdog())
             self.set_timeout(self._timeout_s)
         except BaseException as exc:
             self._teardown()
@@ -916,10 +1003,30 @@ class AsyncSandbox:
             self._lifetime = asyncio.get_running_loop().call_later(timeout_s, self._expire)
 
     def _expire(self) -> None:
+        self._break("the sandbox reached its lifetime timeout")
+
+    def _break(self, reason: str) -> None:
+        """End the box underneath every caller: pending calls raise SandboxBroken(reason)."""
         if self._connection is not None:
-            self._connection.fail(SandboxBroken("the sandbox reached its lifetime timeout"))
+            self._connection.fail(SandboxBroken(reason))
         if self._box is not None:
             self._box.kill()
+
+    async def _watchdog(self) -> None:
+        """An agent that stops answering (SIGSTOPped by the box, wedged) must not
+        leave calls hanging: when work is pending and nothing has arrived for a
+        while, ping it; no answer ends the box."""
+        conn = self._connection
+        assert conn is not None
+        while conn.failure is None:
+            await asyncio.sleep(_LIVENESS_S)
+            if conn.busy() and time.monotonic() - conn.last_rx > _LIVENESS_S:
+                try:
+                    await asyncio.wait_for(conn.call({"op": "ping"}), _LIVENESS_S)
+                except TimeoutError:
+                    self._break("the box's agent stopped responding; box killed")
+                except CorralError:
+                    return
 
     def is_running(self) -> bool:
         return (

@@ -60,7 +60,14 @@ def _call(coro: Coroutine[Any, Any, T]) -> T:
     if running is loop:
         coro.close()
         raise RuntimeError("a sync Sandbox method was called from the portal's own loop")
-    return asyncio.run_coroutine_threadsafe(coro, loop).result()
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result()
+    except BaseException:
+        # Ctrl-C (or any exception) in the caller's thread: cancel the work on
+        # the portal too, so a command does not run on unseen
+        future.cancel()
+        raise
 
 
 def _wrap(awaitable: Awaitable[T]) -> Coroutine[Any, Any, T]:
@@ -134,8 +141,12 @@ class SyncFileReader:
         return _call(self._reader.read(n))
 
     def __iter__(self) -> Iterator[bytes]:
-        while chunk := _call(self._reader._chunk()):
-            yield chunk
+        chunks = aiter(self._reader)
+        while True:
+            try:
+                yield _call(_wrap(anext(chunks)))
+            except StopAsyncIteration:
+                return
 
     def close(self) -> None:
         _call(self._reader.close())

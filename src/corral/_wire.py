@@ -77,7 +77,7 @@ def check_header(length: int, kind: int, channel: int) -> None:
 def decode_json(payload: bytes) -> dict[str, object]:
     try:
         body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"malformed control message: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("a control message must be a JSON object")
