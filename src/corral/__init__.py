@@ -9,6 +9,7 @@ from ._errors import (
     SandboxError,
     UnsupportedPolicy,
 )
+from ._interpreter import CodeContext, Execution, ExecutionError, Logs, Result
 from ._policy import (
     Bind,
     FilesystemPolicy,
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncSandbox",
     "Bind",
+    "CodeContext",
     "CommandEvent",
     "CommandExit",
     "CommandHandle",
@@ -47,18 +49,22 @@ __all__ = [
     "CommandResult",
     "CorralError",
     "EntryInfo",
+    "Execution",
+    "ExecutionError",
     "FileReader",
     "FilesystemPolicy",
     "HostToolMissing",
     "IdentityPolicy",
     "LimitKind",
     "Limits",
+    "Logs",
     "NetworkPolicy",
     "PathOutsideWorkspace",
     "Policy",
     "PolicyError",
     "ProcessInfo",
     "PtyHandle",
+    "Result",
     "RunResult",
     "Sandbox",
     "SandboxBroken",

@@ -77,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     p_audit.add_argument("--host", action="store_true", help="also check host-side hazards")
     p_audit.add_argument("--list", action="store_true", help="list the probes and exit")
 
+    p_rt = sub.add_parser("runtime", help="build, list or remove code runtimes")
+    rt_sub = p_rt.add_subparsers(dest="runtime_cmd", required=True)
+    p_build = rt_sub.add_parser("build", help="build a runtime (reused while unchanged)")
+    p_build.add_argument("name", nargs="?", default="default")
+    p_build.add_argument("--requirements", help="a pinned requirements file (default: the lock)")
+    rt_sub.add_parser("list", help="the runtimes built on this host")
+    p_rm = rt_sub.add_parser("remove", help="delete a runtime")
+    p_rm.add_argument("name")
+
     p_doc = sub.add_parser("doctor", help="what this host can enforce")
     p_doc.add_argument("--json", action="store_true")
 
@@ -164,6 +173,22 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_runtime(args: argparse.Namespace) -> int:
+    from . import _runtime
+
+    if args.runtime_cmd == "build":
+        info = _runtime.build(args.name, requirements=args.requirements, quiet=False)
+        print(f"runtime {info.name!r} ready at {info.path}")
+    elif args.runtime_cmd == "list":
+        for info in _runtime.list_runtimes():
+            size = f"{(info.size_bytes or 0) >> 20} MiB"
+            print(f"{info.name:16} {size:>9}  {info.path}  lock {info.requirements_sha256[:12]}")
+    elif not _runtime.remove(args.name):
+        print(f"corral runtime: no runtime {args.name!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from ._doctor import run_checks
 
@@ -192,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": _cmd_run,
         "audit": _cmd_audit,
+        "runtime": _cmd_runtime,
         "doctor": _cmd_doctor,
         "policy": _cmd_policy,
     }

@@ -31,11 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, overload
 
+from . import _runtime
 from . import _wire as w
 from ._bwrap import Box
 from ._connection import Connection, InStream, OutStream, field, raise_for_error
-from ._errors import CorralError, SandboxBroken, SandboxClosed, SandboxError
-from ._policy import Policy
+from ._errors import CorralError, HostToolMissing, SandboxBroken, SandboxClosed, SandboxError
+from ._interpreter import (
+    CodeContext,
+    CodeInterpreter,
+    ErrorCallback,
+    Execution,
+    ResultCallback,
+    TextCallback,
+)
+from ._policy import Bind, Policy
 from ._result import LimitKind
 from .plan._mounts import File
 
@@ -126,6 +135,8 @@ def _agent_files() -> tuple[File, ...]:
     return (
         File(f"{AGENT_DIR}/agent.py", (here / "_agent.py").read_bytes(), 0o444),
         File(f"{AGENT_DIR}/_wire.py", (here / "_wire.py").read_bytes(), 0o444),
+        File(f"{AGENT_DIR}/kernel_driver.py", (here / "_kernel_driver.py").read_bytes(), 0o444),
+        File(f"{AGENT_DIR}/js_kernel.js", (here / "_js_kernel.js").read_bytes(), 0o444),
     )
 
 
@@ -881,6 +892,7 @@ class AsyncSandbox:
         timeout_s: float | None = 300.0,
         workdir: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        runtime: str | None = _runtime.DEFAULT,
     ) -> None:
         if policy is None:
             policy = Policy.preset("default")
@@ -893,6 +905,9 @@ class AsyncSandbox:
         self.commands = Commands(self)
         self.files = Files(self)
         self.pty = Pty(self)
+        self.runtime = runtime
+        self._runtime_bound = False
+        self._interpreter = CodeInterpreter(self)
         self._timeout_s = timeout_s
         self._workdir = workdir
         self._box: Box | None = None
@@ -922,8 +937,15 @@ class AsyncSandbox:
             f"{AGENT_DIR}/agent.py",
             self.policy.filesystem.workspace,
         ]
+        box_policy = self.policy
+        runtime = _runtime.find(self.runtime) if self.runtime is not None else None
+        if runtime is not None:
+            # the code runtime, read-only, at a fixed path in every box
+            binds = (*box_policy.filesystem.read_only, Bind(str(runtime.path), _runtime.BOX_PATH))
+            box_policy = box_policy.with_filesystem(read_only=binds)
+            self._runtime_bound = True
         self._box = await Box.start(
-            argv, self.policy, workdir=self._workdir, extra_files=_agent_files(), stdin_pipe=True
+            argv, box_policy, workdir=self._workdir, extra_files=_agent_files(), stdin_pipe=True
         )
         try:
             proc = self._box.proc
@@ -1027,6 +1049,60 @@ class AsyncSandbox:
                     self._break("the box's agent stopped responding; box killed")
                 except CorralError:
                     return
+
+    # -- code interpreter ----------------------------------------------------------------
+
+    async def run_code(
+        self,
+        code: str,
+        *,
+        language: str = "python",
+        context: CodeContext | None = None,
+        timeout_s: float | None = None,
+        on_stdout: TextCallback | None = None,
+        on_stderr: TextCallback | None = None,
+        on_result: ResultCallback | None = None,
+        on_error: ErrorCallback | None = None,
+    ) -> Execution:
+        """Run a cell in a stateful context (the language's default one unless given).
+
+        Errors in the code are data (``Execution.error``). ``timeout_s``
+        (default: the policy's ``wall_time_s``) interrupts the cell; the context
+        keeps its state when the interrupt works, and is restarted otherwise.
+        """
+        return await self._interpreter.run(
+            code,
+            language=language,
+            context=context,
+            timeout_s=timeout_s,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            on_result=on_result,
+            on_error=on_error,
+        )
+
+    async def create_code_context(
+        self, language: str = "python", *, cwd: str | None = None
+    ) -> CodeContext:
+        return await self._interpreter.create_context(language, cwd)
+
+    async def restart_code_context(self, context: CodeContext) -> None:
+        await self._interpreter.restart_context(context)
+
+    async def remove_code_context(self, context: CodeContext) -> None:
+        await self._interpreter.remove_context(context)
+
+    async def prewarm(self, language: str = "python") -> None:
+        """Start the language's default context now, so the first cell is quick."""
+        await self._interpreter.prewarm(language)
+
+    def _require_runtime(self) -> None:
+        if not self._runtime_bound:
+            name = self.runtime or _runtime.DEFAULT
+            raise HostToolMissing(
+                f"the code runtime {name!r}",
+                f"build it with: corral runtime build {name}  (then start a new sandbox)",
+            )
 
     def is_running(self) -> bool:
         return (

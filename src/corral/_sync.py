@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
 
+from ._interpreter import CodeContext, ErrorCallback, Execution, ResultCallback, TextCallback
 from ._policy import Policy
+from ._runtime import DEFAULT as DEFAULT_RUNTIME
 from ._sandbox import (
     AsyncSandbox,
     CommandEvent,
@@ -317,8 +319,11 @@ class Sandbox:
         timeout_s: float | None = 300.0,
         workdir: str | None = None,
         env: Mapping[str, str] | None = None,
+        runtime: str | None = DEFAULT_RUNTIME,
     ) -> None:
-        self._async = AsyncSandbox(policy, timeout_s=timeout_s, workdir=workdir, env=env)
+        self._async = AsyncSandbox(
+            policy, timeout_s=timeout_s, workdir=workdir, env=env, runtime=runtime
+        )
         self.id = self._async.id
         self.policy = self._async.policy
         self.commands = SyncCommands(self._async)
@@ -345,6 +350,46 @@ class Sandbox:
 
     def is_running(self) -> bool:
         return self._async.is_running()
+
+    def run_code(
+        self,
+        code: str,
+        *,
+        language: str = "python",
+        context: CodeContext | None = None,
+        timeout_s: float | None = None,
+        on_stdout: TextCallback | None = None,
+        on_stderr: TextCallback | None = None,
+        on_result: ResultCallback | None = None,
+        on_error: ErrorCallback | None = None,
+    ) -> Execution:
+        """See ``AsyncSandbox.run_code``; callbacks run on the portal thread."""
+        return _call(
+            self._async.run_code(
+                code,
+                language=language,
+                context=context,
+                timeout_s=timeout_s,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                on_result=on_result,
+                on_error=on_error,
+            )
+        )
+
+    def create_code_context(
+        self, language: str = "python", *, cwd: str | None = None
+    ) -> CodeContext:
+        return _call(self._async.create_code_context(language, cwd=cwd))
+
+    def restart_code_context(self, context: CodeContext) -> None:
+        _call(self._async.restart_code_context(context))
+
+    def remove_code_context(self, context: CodeContext) -> None:
+        _call(self._async.remove_code_context(context))
+
+    def prewarm(self, language: str = "python") -> None:
+        _call(self._async.prewarm(language))
 
     def set_timeout(self, timeout_s: float | None) -> None:
         async def set_it() -> None:

@@ -1,0 +1,419 @@
+"""Stateful code execution: Jupyter-style results from kernels inside the box.
+
+The host starts the kernel driver (``_kernel_driver.py``) in the box, with the
+runtime's Python, as a background command, and speaks JSON lines with it over
+that command's stdin/stdout. Everything the driver says is untrusted: each
+line is bounded, parsed defensively, and only known fields are used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._errors import CorralError, SandboxBroken
+from ._result import LimitKind
+
+if TYPE_CHECKING:
+    from ._sandbox import AsyncSandbox, CommandHandle
+
+Language = Literal["python", "bash", "javascript"]
+LANGUAGES: tuple[str, ...] = ("python", "bash", "javascript")
+DRIVER = "/run/corral/kernel_driver.py"
+RUNTIME_PYTHON = "/opt/corral/runtime/bin/python"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_MAX_LINE = 64 << 20  # one event (a large image) at most
+_BINARY = {"image/png": "png", "image/jpeg": "jpeg", "application/pdf": "pdf"}
+_TEXT = {
+    "text/plain": "text",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "image/svg+xml": "svg",
+    "text/latex": "latex",
+    "application/javascript": "javascript",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One rich output of a cell: a Jupyter MIME bundle."""
+
+    text: str | None = None
+    html: str | None = None
+    markdown: str | None = None
+    svg: str | None = None
+    png: bytes | None = None
+    jpeg: bytes | None = None
+    pdf: bytes | None = None
+    latex: str | None = None
+    json: object | None = None
+    javascript: str | None = None
+    is_main_result: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def formats(self) -> list[str]:
+        names = (
+            "text",
+            "html",
+            "markdown",
+            "svg",
+            "png",
+            "jpeg",
+            "pdf",
+            "latex",
+            "json",
+            "javascript",
+        )
+        return [n for n in names if getattr(self, n) is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionError:
+    """An error raised by the code: data, not an exception."""
+
+    name: str
+    value: str
+    traceback: str
+    limit_hit: LimitKind | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Logs:
+    stdout: tuple[str, ...] = ()
+    stderr: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """What one ``run_code`` produced."""
+
+    results: tuple[Result, ...]
+    logs: Logs
+    error: ExecutionError | None
+    execution_count: int | None
+    duration_s: float
+    restarted: bool = False  # the context lost its state (timeout or death) and was restarted
+
+    @property
+    def text(self) -> str | None:
+        """The main result's text/plain, if the cell had one."""
+        for result in self.results:
+            if result.is_main_result:
+                return result.text
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class CodeContext:
+    """An independent stateful context (one kernel)."""
+
+    id: str
+    language: str
+    cwd: str
+
+
+ResultCallback = Callable[[Result], object]
+ErrorCallback = Callable[[ExecutionError], object]
+TextCallback = Callable[[str], object]
+
+
+def _result(data: object, main: bool) -> Result:
+    if not isinstance(data, dict):
+        raise SandboxBroken("the kernel driver sent a malformed result")
+    fields: dict[str, Any] = {"is_main_result": main}
+    extra: dict[str, object] = {}
+    for mime, value in data.items():
+        if mime in _TEXT and isinstance(value, str):
+            fields[_TEXT[mime]] = value
+        elif mime in _BINARY and isinstance(value, str):
+            try:
+                fields[_BINARY[mime]] = base64.b64decode(value, validate=False)
+            except (binascii.Error, ValueError):
+                raise SandboxBroken(f"the kernel driver sent malformed {mime}") from None
+        elif mime == "application/json":
+            fields["json"] = value
+        else:
+            extra[str(mime)] = value
+    return Result(**fields, extra=extra)
+
+
+class CodeInterpreter:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+        self._driver: CommandHandle | None = None
+        self._starting: asyncio.Lock | None = None
+        self._buffer = bytearray()
+        self._waiters: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._next = 1
+        self._contexts: dict[str, CodeContext] = {}
+        self._defaults: dict[str, CodeContext] = {}
+
+    # -- the driver ----------------------------------------------------------------------
+
+    async def _ensure_driver(self) -> CommandHandle:
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._driver is not None and self._driver._process.exit.done():
+                self._lost_driver()
+            if self._driver is None:
+                self._sb._require_runtime()
+                env = {"PATH": "/opt/corral/runtime/bin:/usr/local/bin:/usr/bin:/bin"}
+                # output_cap 0: every line goes to the parser, none is kept
+                process, writer, _ = await self._sb.commands._start(
+                    [RUNTIME_PYTHON, "-s", DRIVER],
+                    env=env,
+                    cwd=None,
+                    stdin=True,
+                    timeout_s=None,
+                    output_cap=0,
+                    kill_at_cap=False,
+                    on_stdout=self._on_bytes,
+                    on_stderr=None,
+                )
+                if process.result is not None:
+                    raise CorralError(f"cannot start the kernel driver: {process.result.stderr!r}")
+                from ._sandbox import CommandHandle
+
+                self._driver = CommandHandle(process, writer)
+            return self._driver
+
+    def _lost_driver(self) -> None:
+        self._driver = None
+        self._contexts.clear()
+        self._defaults.clear()
+        self._buffer.clear()
+        for queue in self._waiters.values():
+            queue.put_nowait({"event": "lost"})
+
+    def _on_bytes(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            self._on_line(line)
+        if len(self._buffer) > _MAX_LINE:
+            self._buffer.clear()
+            raise SandboxBroken("the kernel driver sent an oversized line")
+
+    def _on_line(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError):
+            return  # not ours (a kernel's stray write): ignored
+        if not isinstance(event, dict):
+            return
+        ident = event.get("id")
+        queue = self._waiters.get(ident) if isinstance(ident, int) else None
+        if queue is not None:
+            queue.put_nowait(event)
+
+    async def _request(self, body: dict[str, Any]) -> tuple[int, asyncio.Queue[dict[str, Any]]]:
+        driver = await self._ensure_driver()
+        ident = self._next
+        self._next += 1
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._waiters[ident] = queue
+        await driver.send_stdin((json.dumps({"id": ident, **body}) + "\n").encode())
+        return ident, queue
+
+    async def _next_event(self, queue: asyncio.Queue[dict[str, Any]]) -> dict[str, Any]:
+        driver = self._driver
+        getter = asyncio.ensure_future(queue.get())
+        exit_watch = asyncio.ensure_future(asyncio.shield(driver._process.exit)) if driver else None
+        waitables: set[asyncio.Future[Any]] = {getter}
+        if exit_watch is not None:
+            waitables.add(exit_watch)
+        try:
+            await asyncio.wait(waitables, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if exit_watch is not None:
+                exit_watch.cancel()
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        self._sb._conn()  # raises the sandbox's own failure, if that is what happened
+        self._lost_driver()
+        return {"event": "lost"}
+
+    async def _simple(self, body: dict[str, Any]) -> None:
+        ident, queue = await self._request(body)
+        try:
+            event = await self._next_event(queue)
+        finally:
+            self._waiters.pop(ident, None)
+        if event.get("event") == "lost":
+            raise SandboxBroken("the kernel driver died (memory limit?); contexts were lost")
+        error = event.get("error")
+        if error:
+            raise CorralError(f"code context: {str(error)[:2000]}")
+
+    # -- contexts --------------------------------------------------------------------------
+
+    async def create_context(self, language: str = "python", cwd: str | None = None) -> CodeContext:
+        if language not in LANGUAGES:
+            raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, not {language!r}")
+        workspace = self._sb.policy.filesystem.workspace
+        path = workspace + "/" + self._sb._relative(cwd or ".") if cwd else workspace
+        path = path.rstrip("/.") or workspace
+        if cwd:
+            await self._sb.files.mkdir(cwd)
+        context = CodeContext(secrets.token_hex(6), language, path)
+        await self._simple(
+            {"op": "create", "context": context.id, "language": language, "cwd": path}
+        )
+        self._contexts[context.id] = context
+        return context
+
+    async def restart_context(self, context: CodeContext) -> None:
+        self._known(context)
+        await self._simple({"op": "restart", "context": context.id})
+
+    async def remove_context(self, context: CodeContext) -> None:
+        self._known(context)
+        await self._simple({"op": "remove", "context": context.id})
+        del self._contexts[context.id]
+
+    def _known(self, context: CodeContext) -> None:
+        if self._contexts.get(context.id) != context:
+            raise CorralError(
+                f"code context {context.id} does not exist (any more) in this sandbox"
+            )
+
+    async def _default(self, language: str) -> CodeContext:
+        context = self._defaults.get(language)
+        if context is None or context.id not in self._contexts:
+            context = await self.create_context(language)
+            self._defaults[language] = context
+        return context
+
+    async def prewarm(self, language: str = "python") -> None:
+        await self._default(language)
+
+    # -- running code ----------------------------------------------------------------------
+
+    async def run(
+        self,
+        code: str,
+        *,
+        language: str = "python",
+        context: CodeContext | None = None,
+        timeout_s: float | None = None,
+        on_stdout: TextCallback | None = None,
+        on_stderr: TextCallback | None = None,
+        on_result: ResultCallback | None = None,
+        on_error: ErrorCallback | None = None,
+    ) -> Execution:
+        if context is None:
+            if language not in LANGUAGES:
+                raise ValueError(
+                    f"language must be one of {', '.join(LANGUAGES)}, not {language!r}"
+                )
+            context = await self._default(language)
+        else:
+            self._known(context)
+        if timeout_s is None:
+            timeout_s = self._sb.policy.limits.wall_time_s
+        started = time.monotonic()
+        oom_before = self._sb._oom_kills()
+        ident, queue = await self._request(
+            {"op": "execute", "context": context.id, "code": code, "timeout": timeout_s}
+        )
+        results: list[Result] = []
+        stdout: list[str] = []
+        stderr: list[str] = []
+        error: ExecutionError | None = None
+        count: int | None = None
+        restarted = False
+        try:
+            while True:
+                event = await self._next_event(queue)
+                kind = event.get("event")
+                if kind == "stream":
+                    text = str(event.get("text", ""))
+                    if event.get("name") == "stderr":
+                        stderr.append(text)
+                        _call(on_stderr, text)
+                    else:
+                        stdout.append(text)
+                        _call(on_stdout, text)
+                elif kind == "result":
+                    result = _result(event.get("data"), bool(event.get("main")))
+                    results.append(result)
+                    _call(on_result, result)
+                elif kind == "error":
+                    tb = event.get("traceback")
+                    lines = tb if isinstance(tb, list) else []
+                    error = ExecutionError(
+                        name=str(event.get("name", "")),
+                        value=str(event.get("value", "")),
+                        # terminal colours are noise to a program (or a model) reading it
+                        traceback=_ANSI.sub("", "\n".join(str(line) for line in lines)),
+                    )
+                elif kind == "reply" and event.get("error"):
+                    error = ExecutionError("CorralError", str(event["error"])[:2000], "")
+                    break
+                elif kind == "notice":
+                    restarted = True
+                    stderr.append(f"[corral] {event.get('text', '')}\n")
+                elif kind == "done":
+                    count = event.get("count") if isinstance(event.get("count"), int) else None
+                    status = event.get("status")
+                    restarted = restarted or bool(event.get("restarted"))
+                    if status == "timeout":
+                        error = ExecutionError(
+                            "TimeoutError",
+                            f"execution exceeded {timeout_s} s"
+                            + ("; the context was restarted" if restarted else ""),
+                            error.traceback if error else "",
+                            limit_hit="timeout",
+                        )
+                    elif status == "died":
+                        error = self._death(oom_before)
+                    break
+                elif kind == "lost":
+                    error = self._death(oom_before, driver=True)
+                    restarted = True
+                    break
+        finally:
+            self._waiters.pop(ident, None)
+        if error is not None:
+            _call(on_error, error)
+        return Execution(
+            results=tuple(results),
+            logs=Logs(tuple(stdout), tuple(stderr)),
+            error=error,
+            execution_count=count,
+            duration_s=time.monotonic() - started,
+            restarted=restarted,
+        )
+
+    def _death(self, oom_before: int, *, driver: bool = False) -> ExecutionError:
+        what = "the kernel driver" if driver else "the kernel"
+        if self._sb._oom_kills() > oom_before:
+            return ExecutionError(
+                "MemoryError",
+                f"{what} was killed by the sandbox's memory limit; the next cell runs in a "
+                "fresh context",
+                "",
+                limit_hit="memory",
+            )
+        return ExecutionError(
+            "KernelDied", f"{what} died; the next cell runs in a fresh context", ""
+        )
+
+
+def _call(callback: Callable[[Any], object] | None, value: object) -> None:
+    if callback is not None:
+        with contextlib.suppress(Exception):
+            callback(value)
