@@ -171,3 +171,46 @@ def test_sync_run_code() -> None:
         sb.run_code("x = 1", context=context)
         sb.restart_code_context(context)
         assert sb.run_code("x", context=context).error is not None
+
+
+async def test_displays_order_errors_files_and_streaming() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        order: list[str] = []
+        ex = await sb.run_code(
+            "from IPython.display import display\n"
+            "print('a'); display('one'); print('b'); display('two'); display('three')",
+            on_stdout=lambda t: order.append(f"out:{t.strip()}"),
+            on_result=lambda r: order.append(f"res:{r.text}"),
+        )
+        assert [r.text for r in ex.results] == ["'one'", "'two'", "'three'"]
+        assert order == ["out:a", "res:'one'", "out:b", "res:'two'", "res:'three'"]
+        ex = await sb.run_code("def broken(:\n    pass")
+        assert ex.error is not None
+        assert ex.error.name == "SyntaxError"
+        assert ex.error.traceback
+        # the workspace is the kernel's cwd, both ways
+        await sb.run_code("open('from_code.txt', 'w').write('written by code')")
+        assert await sb.files.read("from_code.txt") == b"written by code"
+        await sb.files.write("from_host.txt", b"written by host")
+        assert (await sb.run_code("open('from_host.txt').read()")).text == "'written by host'"
+        # a plot decodes with pillow, at the figure's size (uncropped)
+        ex = await sb.run_code(
+            "%config InlineBackend.print_figure_kwargs = {'bbox_inches': None}\n"
+            "import matplotlib.pyplot as plt\n"
+            "fig = plt.figure(figsize=(4, 3), dpi=100); plt.plot([1, 3, 2]); plt.show()"
+        )
+        png = next(r.png for r in ex.results if r.png)
+        await sb.files.write("plot.png", png)
+        size = await sb.run_code("from PIL import Image; Image.open('plot.png').size")
+        assert size.text == "(400, 300)"
+        # async iteration: chunks arrive before the cell ends
+        stamps: list[tuple[float, str]] = []
+        async for kind, value in sb.stream_code(
+            "print('x', flush=True)\nimport time; time.sleep(1)\nprint('y')"
+        ):
+            stamps.append((time.monotonic(), kind))
+            if kind == "done":
+                assert value.error is None  # type: ignore[union-attr]
+        kinds = [k for _, k in stamps]
+        assert kinds == ["stdout", "stdout", "done"]
+        assert stamps[1][0] - stamps[0][0] > 0.8

@@ -122,6 +122,12 @@ class CodeContext:
     cwd: str
 
 
+CodeEvent = (
+    tuple[Literal["stdout", "stderr"], str]
+    | tuple[Literal["result"], Result]
+    | tuple[Literal["error"], ExecutionError]
+    | tuple[Literal["done"], Execution]
+)
 ResultCallback = Callable[[Result], object]
 ErrorCallback = Callable[[ExecutionError], object]
 TextCallback = Callable[[str], object]

@@ -38,6 +38,7 @@ from ._connection import Connection, InStream, OutStream, field, raise_for_error
 from ._errors import CorralError, HostToolMissing, SandboxBroken, SandboxClosed, SandboxError
 from ._interpreter import (
     CodeContext,
+    CodeEvent,
     CodeInterpreter,
     ErrorCallback,
     Execution,
@@ -1080,6 +1081,46 @@ class AsyncSandbox:
             on_result=on_result,
             on_error=on_error,
         )
+
+    async def stream_code(
+        self,
+        code: str,
+        *,
+        language: str = "python",
+        context: CodeContext | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncGenerator[CodeEvent, None]:
+        """``run_code`` as an async iterator: ``("stdout" | "stderr", text)``,
+        ``("result", Result)`` and ``("error", ExecutionError)`` as they happen,
+        then ``("done", Execution)``."""
+        queue: asyncio.Queue[CodeEvent] = asyncio.Queue()
+        task = asyncio.ensure_future(
+            self.run_code(
+                code,
+                language=language,
+                context=context,
+                timeout_s=timeout_s,
+                on_stdout=lambda t: queue.put_nowait(("stdout", t)),
+                on_stderr=lambda t: queue.put_nowait(("stderr", t)),
+                on_result=lambda r: queue.put_nowait(("result", r)),
+                on_error=lambda e: queue.put_nowait(("error", e)),
+            )
+        )
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not queue.empty():
+                    yield queue.get_nowait()
+                yield ("done", task.result())
+                return
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def create_code_context(
         self, language: str = "python", *, cwd: str | None = None
