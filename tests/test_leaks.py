@@ -21,15 +21,16 @@ from .conftest import py
 
 
 def _box_uid_processes() -> list[str]:
-    """Processes running as a box uid, and zombies that are ours to reap.
+    """Processes running as a box uid that are ours: below this process, or orphans.
 
     A zombie whose parent is the host's pid 1 is left out: bwrap's monitor exits
     as soon as the box's init reports the command's status, so the init, dying
     a moment later, is always reaped by the host's init (at once under systemd,
-    late under some container inits). Another corral process's boxes would
-    count too: the suite runs alone.
+    late under some container inits). Live boxes of another corral process on
+    the same host are left out too (their bwrap's parent is that process).
     """
     found = []
+    parents = _parents()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -40,9 +41,32 @@ def _box_uid_processes() -> list[str]:
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         uid = int(fields["Uid"].split()[0])
         zombie_of_init = fields["State"].strip().startswith("Z") and fields["PPid"].strip() == "1"
-        if DEFAULT_RANGE[0] <= uid <= DEFAULT_RANGE[1] and not zombie_of_init:
+        if not DEFAULT_RANGE[0] <= uid <= DEFAULT_RANGE[1] or zombie_of_init:
+            continue
+        if _descends_from_us(int(entry.name), parents) or fields["PPid"].strip() == "1":
             found.append(f"{entry.name} uid={uid} state={fields['State'].strip()}")
     return found
+
+
+def _parents() -> dict[int, int]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_bytes()
+                out[int(entry.name)] = int(stat.rsplit(b")", 1)[1].split()[1])
+    return out
+
+
+def _descends_from_us(pid: int, parents: dict[int, int]) -> bool:
+    me = os.getpid()
+    for _ in range(64):
+        pid = parents.get(pid, 0)
+        if pid == me:
+            return True
+        if pid <= 1:
+            return False
+    return False
 
 
 def _snapshot() -> dict[str, object]:
@@ -50,7 +74,7 @@ def _snapshot() -> dict[str, object]:
         "fds": sorted(os.listdir("/proc/self/fd")),
         "mounts": Path("/proc/self/mountinfo").read_text().count("\n"),
         "tmp": sorted(p.name for p in Path("/tmp").iterdir() if "corral" in p.name),
-        "cgroups": leftover_cgroups(),
+        "cgroups": [c for c in leftover_cgroups() if f"/box-{os.getpid()}-" in c],
         "box_processes": _box_uid_processes(),
     }
 
@@ -101,7 +125,7 @@ def test_cancelling_at_any_moment_leaves_no_box() -> None:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     assert [line for line in ps.stdout.splitlines() if f"sleep {marker}" in line] == []
     assert _box_uid_processes() == []
-    assert leftover_cgroups() == []
+    assert [c for c in leftover_cgroups() if f"/box-{os.getpid()}-" in c] == []
 
 
 def test_a_killed_owner_takes_its_box_along() -> None:
