@@ -62,11 +62,23 @@ def test_with_limits_returns_a_new_policy() -> None:
     assert changed.limits.pids == base.limits.pids
 
 
-def test_network_modes_other_than_none_are_refused_clearly() -> None:
-    with pytest.raises(PolicyError, match="network.mode: 'allowlist' is not supported yet"):
-        Policy().with_network(mode="allowlist")
+def test_network_modes_and_rules_are_checked() -> None:
+    with pytest.raises(PolicyError, match="network.mode: 'open' is not supported yet"):
+        Policy().with_network(mode="open")
     with pytest.raises(PolicyError, match="network.mode: 'bridge' is not one of"):
         Policy().with_network(mode="bridge")
+    with pytest.raises(PolicyError, match=r"network.allow\[0\]: '\*' alone would allow everything"):
+        Policy().with_network(mode="allowlist", allow=["*"])
+    with pytest.raises(PolicyError, match=r"network.allow\[1\]: 'a:99999': the port"):
+        Policy().with_network(mode="allowlist", allow=["ok.example", "a:99999"])
+    with pytest.raises(PolicyError, match=r"network.deny\[0\]: .* CIDR"):
+        Policy().with_network(mode="allowlist", deny=["10.0.0.0/99"])
+    with pytest.raises(PolicyError, match="network.hosts.x.test: 'nope' is not an IP address"):
+        Policy().with_network(mode="allowlist", hosts={"x.test": "nope"})
+    with pytest.raises(PolicyError, match="rules need mode 'allowlist'"):
+        Policy().with_network(allow=["pypi.org"])
+    policy = Policy().with_network(mode="allowlist", allow=["PyPI.org", "*.github.com:443"])
+    assert policy.network.allow == ("PyPI.org", "*.github.com:443")
 
 
 def test_identity_never_root() -> None:
@@ -151,6 +163,7 @@ def test_from_toml_with_human_units() -> None:
         ("[limit]\npids = 3", "limit: unknown field"),
         ("[limits]\npid = 3", "limits.pid: unknown field"),
         ('[network]\nmode = "open"', "network.mode: 'open' is not supported yet"),
+        ('[network]\nmode = "allowlist"\nallow = ["*"]', r"network.allow\[0\]"),
         ('[syscalls]\nprofile = "none"', "syscalls.profile: 'none' is not a profile"),
         ("[limits\n", "not valid TOML"),
         ('extends = "nope"', "preset: 'nope' is not a preset"),

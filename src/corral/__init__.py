@@ -19,6 +19,7 @@ from ._policy import (
     Policy,
     SyscallPolicy,
 )
+from ._proxy import NetworkEvent
 from ._result import LimitKind, RunResult
 from ._run import run, run_async
 from ._sandbox import (
@@ -58,6 +59,7 @@ __all__ = [
     "LimitKind",
     "Limits",
     "Logs",
+    "NetworkEvent",
     "NetworkPolicy",
     "PathOutsideWorkspace",
     "Policy",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -36,7 +37,10 @@ from typing import IO
 from . import _cgroups, _seccomp
 from ._errors import HostToolMissing, SandboxError, UnsupportedPolicy
 from ._identity import HostIdentity, acquire_host_identity, release_host_identity
+from ._netrules import Rules
 from ._policy import Policy
+from ._proxy import PORT as PROXY_PORT
+from ._proxy import Proxy, listen_in_box
 from ._result import LIMIT_PRECEDENCE, LimitKind, RunResult
 from .plan import _capabilities, _mounts, _namespaces, _rlimits
 from .plan import _cgroups as _plan_cgroups
@@ -48,6 +52,17 @@ BWRAP_INSTALL_HINT = (
 MIN_BWRAP = (0, 8, 0)  # --disable-userns, --size, --perms, --ro-bind-data
 _CPU_POLL_S = 0.1
 _DRAIN_AFTER_EXIT_S = 2.0
+_PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
+PROXY_ENV = {
+    name: value
+    for base, value in (
+        ("http_proxy", _PROXY_URL),
+        ("https_proxy", _PROXY_URL),
+        ("all_proxy", _PROXY_URL),
+        ("no_proxy", "localhost,127.0.0.1,::1"),
+    )
+    for name in (base, base.upper())
+}
 _KILL_GRACE_S = 2.0
 
 
@@ -149,6 +164,12 @@ def make_plans(
             "limits.cpu_cores",
             f"cannot enforce a CPU quota without a cpu cgroup ({support.reason}) and "
             "limits.cpu_time_s is not set; set one of them to a finite value or cpu_cores to none",
+        )
+    if policy.network.mode == "allowlist" and os.geteuid() != 0:
+        raise UnsupportedPolicy(
+            "network.mode",
+            "'allowlist' needs corral to run as root on this host for now (the proxy's "
+            "listener is created inside the box's network namespace)",
         )
     if workspace_source is not None and limits.disk_bytes is not None:
         degraded.append(
@@ -395,6 +416,7 @@ class Box:
         self.cgroup: _cgroups.SandboxCgroup | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd: int | None = None
+        self.proxy: Proxy | None = None
         self.started = 0.0
         self._closed = False
 
@@ -410,6 +432,10 @@ class Box:
     ) -> Box:
         if not command:
             raise ValueError("command must not be empty")
+        if policy.network.mode == "allowlist":
+            # every common tool finds the proxy from these (curl, pip, npm, git,
+            # Python, Node): upper and lower case both
+            policy = policy.with_env(PROXY_ENV)
         workspace_source = None
         if workdir is not None:
             path = Path(workdir).resolve()
@@ -475,6 +501,10 @@ class Box:
                 if proc.poll() is not None:  # bwrap gave up while we were placing it
                     raise _setup_failed(proc, identity) from None
                 raise
+        if self.policy.network.mode == "allowlist":
+            net = self.policy.network
+            self.proxy = Proxy(Rules(net.allow, net.deny), hosts=dict(net.hosts))
+            await self.proxy.serve(listen_in_box(box_pid))
         try:
             os.write(block_w, b"\0")
         except BrokenPipeError:
@@ -491,6 +521,8 @@ class Box:
             return
         self._closed = True
         proc = self.proc
+        if self.proxy is not None:
+            self.proxy.shutdown()
         try:
             if proc is not None and proc.returncode is None:
                 # The box may still be blocked: kill it BEFORE the block pipe
@@ -532,7 +564,7 @@ async def run_bwrap(
     try:
         assert box.proc is not None
         assert box.pidfd is not None
-        return await _supervise(
+        result = await _supervise(
             asyncio.get_running_loop(),
             box.proc,
             box.pidfd,
@@ -544,6 +576,9 @@ async def run_bwrap(
         )
     finally:
         box.close()
+    if box.proxy is not None:
+        result = dataclasses.replace(result, network=tuple(box.proxy.events))
+    return result
 
 
 @functools.cache

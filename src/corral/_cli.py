@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     p_run.add_argument("--timeout", type=_duration, help="wall-clock limit, e.g. 10s")
     p_run.add_argument("--workdir", help="host directory bound as the workspace")
     p_run.add_argument("--env", type=_env_arg, action="append", default=[], metavar="K=V")
+    p_run.add_argument(
+        "--allow-domain",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="reach HOST through corral's proxy (network mode allowlist); repeatable",
+    )
     p_run.add_argument("--json", action="store_true", help="print the full result as JSON")
     p_run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
 
@@ -119,6 +126,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         policy = policy.with_limits(**changes)
     if args.env:
         policy = policy.with_env(dict(args.env))
+    if args.allow_domain:
+        allow = (*policy.network.allow, *args.allow_domain)
+        policy = policy.with_network(mode="allowlist", allow=allow)
     result = run(command, policy=policy, workdir=args.workdir)
     if args.json:
         print(result.to_json())
@@ -128,6 +138,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.buffer.write(result.stderr)
         if result.truncated:
             print("corral: output truncated at limits.output_bytes", file=sys.stderr)
+        for event in result.network:
+            if not event.allowed:
+                print(f"corral: refused {event.host}:{event.port}: {event.reason}", file=sys.stderr)
         for note in result.degraded:
             print(f"corral: weakened: {note}", file=sys.stderr)
         if result.limit_hit is not None:

@@ -22,7 +22,7 @@ SeccompProfile = Literal["default", "strict"]
 
 SECCOMP_PROFILES: tuple[str, ...] = ("default", "strict")
 # Network modes the code can enforce today; the others are refused by name.
-SUPPORTED_NETWORK_MODES: tuple[str, ...] = ("none",)
+SUPPORTED_NETWORK_MODES: tuple[str, ...] = ("none", "allowlist")
 
 _ENV_NAME_FORBIDDEN = frozenset("=\0")
 # Variables that would let a caller's policy turn the dynamic loader against the
@@ -142,18 +142,56 @@ def _under(path: str, roots: tuple[str, ...]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class NetworkPolicy:
-    """How the box reaches the network. ``none``: loopback only, its own."""
+    """How the box reaches the network.
+
+    ``none``: loopback only, its own. ``allowlist``: through corral's proxy, to
+    the hosts ``allow`` names and ``deny`` does not (deny wins; see
+    ``_netrules`` for the rule syntax). ``hosts`` maps names to addresses for
+    the proxy's resolver (tests); an internal address still needs an IP rule.
+    """
 
     mode: NetworkMode = "none"
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    hosts: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        from ._netrules import RuleError, canonical_host, parse_address, parse_rule
+
         if self.mode not in ("none", "allowlist", "open"):
             raise PolicyError("network.mode", f"{self.mode!r} is not one of none, allowlist, open")
         if self.mode not in SUPPORTED_NETWORK_MODES:
             raise PolicyError(
                 "network.mode",
-                f"{self.mode!r} is not supported yet (the allowlist proxy is planned); use 'none'",
+                f"{self.mode!r} is not supported yet (a user-space network stack is planned); "
+                "use 'none' or 'allowlist'",
             )
+        for name in ("allow", "deny"):
+            rules = tuple(
+                str(r) if isinstance(r, str) else r
+                for r in _seq(f"network.{name}", getattr(self, name))
+            )
+            for i, rule in enumerate(rules):
+                if not isinstance(rule, str):
+                    raise PolicyError(f"network.{name}[{i}]", "must be a string")
+                try:
+                    parse_rule(rule, allow=name == "allow")
+                except RuleError as exc:
+                    raise PolicyError(f"network.{name}[{i}]", str(exc)) from None
+            _set(self, name, rules)
+        hosts = self.hosts.items() if isinstance(self.hosts, Mapping) else self.hosts
+        pairs = []
+        for key, value in hosts:
+            try:
+                canonical_host(str(key))
+            except RuleError as exc:
+                raise PolicyError(f"network.hosts.{key}", str(exc)) from None
+            if parse_address(str(value)) is None:
+                raise PolicyError(f"network.hosts.{key}", f"{value!r} is not an IP address")
+            pairs.append((str(key), str(value)))
+        _set(self, "hosts", tuple(sorted(pairs)))
+        if self.mode == "none" and (self.allow or self.deny):
+            raise PolicyError("network.allow", "rules need mode 'allowlist'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,7 +559,7 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "workspace": _as_is,
         "tmp_bytes": _size_field,
     },
-    "network": {"mode": _as_is},
+    "network": {"mode": _as_is, "allow": _as_is, "deny": _as_is, "hosts": _as_is},
     "limits": {
         "memory_bytes": _optional(_size_field),
         "swap_bytes": _size_field,

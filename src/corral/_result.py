@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ._proxy import NetworkEvent
+
 LimitKind = Literal["timeout", "memory", "pids", "cpu_time", "output", "disk"]
 
 # When several limits were hit, the first in this order is ``limit_hit``: the
@@ -43,6 +45,7 @@ class RunResult:
     cpu_time_s: float | None
     peak_memory_bytes: int | None
     degraded: tuple[str, ...] = ()
+    network: tuple[NetworkEvent, ...] = ()  # every decision of the proxy (mode allowlist)
 
     @property
     def ok(self) -> bool:
@@ -62,6 +65,7 @@ class RunResult:
         data["stderr"] = self.stderr_text
         data["limits_hit"] = list(self.limits_hit)
         data["degraded"] = list(self.degraded)
+        data["network"] = [asdict(e) for e in self.network]
         return data
 
     def to_json(self) -> str:
@@ -82,4 +86,5 @@ def result_from_dict(data: dict[str, Any]) -> RunResult:
         cpu_time_s=data["cpu_time_s"],
         peak_memory_bytes=data["peak_memory_bytes"],
         degraded=tuple(data["degraded"]),
+        network=tuple(NetworkEvent(**e) for e in data.get("network", ())),
     )

@@ -46,6 +46,7 @@ from ._interpreter import (
     TextCallback,
 )
 from ._policy import Bind, Policy
+from ._proxy import NetworkEvent
 from ._result import LimitKind
 from .plan._mounts import File
 
@@ -879,6 +880,32 @@ async def _chunks(data: Payload) -> AsyncIterator[bytes]:
         yield bytes(chunk)
 
 
+class Network:
+    """The box's network through the proxy (policy network mode ``allowlist``)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    def events(self) -> list[NetworkEvent]:
+        """Every decision so far: host, port, address, allowed, rule, reason."""
+        proxy = self._sb._box.proxy if self._sb._box is not None else None
+        return list(proxy.events) if proxy is not None else []
+
+    def update(
+        self, *, allow: Sequence[str] | None = None, deny: Sequence[str] | None = None
+    ) -> None:
+        """Change the rules while the box runs; they apply to new connections."""
+        box = self._sb._box
+        if box is None or box.proxy is None:
+            raise SandboxError("this sandbox has no proxy (network mode is not 'allowlist')")
+        net = self._sb.policy.network
+        new_allow = tuple(allow) if allow is not None else net.allow
+        new_deny = tuple(deny) if deny is not None else net.deny
+        checked = self._sb.policy.with_network(allow=new_allow, deny=new_deny)  # names the field
+        box.proxy.update(checked.network.allow, checked.network.deny)
+        self._sb.policy = checked
+
+
 class AsyncSandbox:
     """A long-lived, isolated box: many commands, files that persist, background work.
 
@@ -906,6 +933,7 @@ class AsyncSandbox:
         self.commands = Commands(self)
         self.files = Files(self)
         self.pty = Pty(self)
+        self.network = Network(self)
         self.runtime = runtime
         self._runtime_bound = False
         self._interpreter = CodeInterpreter(self)
@@ -1211,7 +1239,8 @@ class AsyncSandbox:
         return timeout_s if timeout_s is not None else self.policy.limits.wall_time_s
 
     def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
-        env = dict(self.policy.env)
+        # the box's own environment: the policy's, plus what the box needs (the proxy)
+        env = dict(self._box.policy.env if self._box is not None else self.policy.env)
         if extra:
             for key, value in extra.items():
                 if not isinstance(key, str) or not isinstance(value, str) or "=" in key or not key:

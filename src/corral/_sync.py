@@ -329,6 +329,7 @@ class Sandbox:
         self.commands = SyncCommands(self._async)
         self.files = SyncFiles(self._async)
         self.pty = SyncPty(self._async)
+        self.network = self._async.network  # events() and update() do not block
 
     def start(self) -> None:
         _call(self._async.start())

@@ -50,8 +50,10 @@ NamespaceOp = Unshare | Hostname | MapIdentity | DieWithParent | NewSession | Di
 
 
 def plan_namespaces(network: NetworkPolicy, identity: IdentityPolicy) -> tuple[NamespaceOp, ...]:
-    if network.mode != "none":  # pragma: no cover - Policy refuses other modes today
+    if network.mode not in ("none", "allowlist"):  # pragma: no cover - Policy refuses it
         raise ValueError(f"network mode {network.mode!r} has no namespace plan yet")
+    # allowlist too: the box's only way out is the proxy's listener, which
+    # corral creates inside this empty namespace (see _proxy)
     return (
         Unshare("user", "root or capabilities in the box mean anything on the host"),
         Unshare("mount", "the box's mounts change the host's view of the filesystem"),

@@ -1,0 +1,307 @@
+"""Network mode ``allowlist``: real boxes, the real proxy, real HTTP(S) servers on 127.0.0.1.
+
+Test domains are mapped to the loopback servers with the policy's ``hosts``
+override; since loopback is an internal address, every test that must reach
+them also allows ``127.0.0.1`` by an explicit IP rule — and one test checks
+that without it the proxy refuses.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import socketserver
+import ssl
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import corral
+from corral import AsyncSandbox, Policy, _netrules
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="allowlist mode needs root here")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"hello {self.headers.get('Host')} {self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@dataclass
+class Servers:
+    http_port: int
+    https_port: int
+    cafile: Path
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    tmp = Path(tempfile.mkdtemp(prefix="corral-test-tls-"))  # reachable by box uids
+    tmp.chmod(0o755)
+    key, cert = tmp / "key.pem", tmp / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=secure.test",
+            "-addext",
+            "subjectAltName=DNS:secure.test,DNS:other.test",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    cert.chmod(0o644)
+    plain = _Server(("127.0.0.1", 0), _Handler)
+    secure = _Server(("127.0.0.1", 0), _Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    secure.socket = context.wrap_socket(secure.socket, server_side=True)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (plain, secure)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield Servers(plain.server_address[1], secure.server_address[1], cert)
+    finally:
+        for server in (plain, secure):
+            server.shutdown()
+            server.server_close()
+        shutil.rmtree(tmp)
+
+
+def policy(servers: Servers, allow: list[str], *, deny: tuple[str, ...] = ()) -> Policy:
+    hosts = {
+        "pypi.test": "127.0.0.1",
+        "evil.test": "127.0.0.1",
+        "secure.test": "127.0.0.1",
+        "other.test": "127.0.0.1",
+    }
+    return (
+        Policy.preset("default")
+        .with_filesystem(read_only=[f"{servers.cafile}:/etc/corral-test-ca.pem"])
+        .with_network(mode="allowlist", allow=allow, deny=list(deny), hosts=hosts)
+    )
+
+
+FETCH = r"""
+import json, socket, ssl, sys, urllib.request
+out = {}
+for url in sys.argv[1:]:
+    try:
+        ctx = ssl.create_default_context(cafile="/etc/corral-test-ca.pem")
+        with urllib.request.urlopen(url, timeout=10, context=ctx) as r:
+            out[url] = r.read().decode()
+    except urllib.error.HTTPError as e:
+        out[url] = f"HTTP {e.code}: {e.read().decode().strip()}"
+    except Exception as e:
+        out[url] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"""
+
+
+def fetch(policy: Policy, *urls: str) -> tuple[dict[str, str], corral.RunResult]:
+    result = corral.run(["/usr/bin/python3", "-c", FETCH, *urls], policy=policy)
+    assert result.exit_code == 0, result.stderr_text
+    return json.loads(result.stdout), result
+
+
+def test_allowed_domains_work_and_the_rest_is_refused(servers: Servers) -> None:
+    p = policy(servers, ["pypi.test", "secure.test", "127.0.0.1"])
+    http_ok = f"http://pypi.test:{servers.http_port}/simple/"
+    https_ok = f"https://secure.test:{servers.https_port}/x"
+    unlisted = f"http://evil.test:{servers.http_port}/steal"
+    seen, result = fetch(p, http_ok, https_ok, unlisted)
+    assert seen[http_ok] == f"hello pypi.test:{servers.http_port} /simple/"
+    assert seen[https_ok] == f"hello secure.test:{servers.https_port} /x"
+    assert seen[unlisted].startswith("HTTP 403: corral proxy: evil.test")
+    assert "not on the allowlist" in seen[unlisted]
+    decisions = {(e.host, e.allowed) for e in result.network}
+    assert ("pypi.test", True) in decisions
+    assert ("evil.test", False) in decisions
+
+
+def test_loopback_targets_need_an_explicit_ip_rule(servers: Servers) -> None:
+    seen, result = fetch(policy(servers, ["pypi.test"]), f"http://pypi.test:{servers.http_port}/")
+    assert "loopback address (SSRF guard)" in next(iter(seen.values()))
+    assert [e.reason for e in result.network] == ["loopback address (SSRF guard)"]
+
+
+def test_deny_wins_and_numeric_spellings_are_canonicalized(servers: Servers) -> None:
+    p = policy(servers, ["pypi.test", "127.0.0.1"], deny=("pypi.test",))
+    port = servers.http_port
+    urls = [f"http://pypi.test:{port}/", f"http://2130706433:{port}/", f"http://0x7f.0.0.1:{port}/"]
+    seen, _ = fetch(p.with_network(deny=["pypi.test", "127.0.0.0/8"]), *urls)
+    assert all(v.startswith("HTTP 403") for v in seen.values()), seen
+    meta = [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://2852039166/",
+        "http://0xa9.0xfe.0xa9.0xfe/",
+    ]
+    seen, result = fetch(policy(servers, ["pypi.test"]), *meta)
+    assert all(v.startswith("HTTP 403") for v in seen.values()), seen
+    assert {e.host for e in result.network} == {"169.254.169.254"}
+
+
+def test_sni_must_match_the_connect_host(servers: Servers) -> None:
+    code = rf"""
+import socket, ssl
+s = socket.create_connection(("127.0.0.1", 3128))
+s.sendall(b"CONNECT secure.test:{servers.https_port} HTTP/1.1\r\nHost: secure.test\r\n\r\n")
+assert s.recv(100).startswith(b"HTTP/1.1 200")
+ctx = ssl.create_default_context(cafile="/etc/corral-test-ca.pem")
+try:
+    ctx.wrap_socket(s, server_hostname="other.test")
+    print("fronted")
+except (ssl.SSLError, OSError) as e:
+    print("refused")
+"""
+    result = corral.run(
+        ["/usr/bin/python3", "-c", code], policy=policy(servers, ["secure.test", "127.0.0.1"])
+    )
+    assert result.stdout_text.strip() == "refused", result.stderr_text
+    assert any("SNI 'other.test' does not match" in e.reason for e in result.network)
+
+
+def test_no_other_way_out(servers: Servers) -> None:
+    code = r"""
+import socket
+out = []
+for addr in [("127.0.0.1", PORT), ("1.1.1.1", 443)]:
+    try:
+        socket.create_connection(addr, timeout=3); out.append("connected")
+    except OSError as e:
+        out.append(type(e).__name__)
+try:
+    socket.getaddrinfo("pypi.test", 80); out.append("resolved")
+except OSError:
+    out.append("no dns")
+print(out)
+""".replace("PORT", str(servers.http_port))
+    result = corral.run(
+        ["/usr/bin/python3", "-c", code], policy=policy(servers, ["pypi.test", "127.0.0.1"])
+    )
+    assert result.stdout_text.strip() == "['ConnectionRefusedError', 'OSError', 'no dns']"
+
+
+def test_garbage_huge_heads_and_floods_do_not_hurt_the_proxy(servers: Servers) -> None:
+    code = rf"""
+import socket, urllib.request
+out = {{}}
+s = socket.create_connection(("127.0.0.1", 3128))
+s.sendall(b"\x16\x03\x01garbage\r\n\r\n")
+out["garbage"] = s.recv(200).split(b"\r\n")[0].decode()
+s = socket.create_connection(("127.0.0.1", 3128))
+s.sendall(b"GET http://pypi.test/" + b"a" * 100000)
+out["huge"] = s.recv(200).split(b"\r\n")[0].decode()
+held = []
+for _ in range(2000):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", 3128), timeout=5))
+    except OSError as e:
+        out["flood_error"] = str(e); break
+out["held"] = len(held)
+busy = [c.recv(100).split(b"\r\n")[0].decode() for c in held[-5:]]
+out["flood"] = busy
+for c in held:
+    c.close()
+import time; time.sleep(0.5)
+after = urllib.request.urlopen("http://pypi.test:{servers.http_port}/ok", timeout=10)
+out["after"] = after.read().decode()
+print(repr(out))
+"""
+    p = policy(servers, ["pypi.test", "127.0.0.1"]).with_limits(open_files=4096, wall_time_s=60)
+    result = corral.run(["/usr/bin/python3", "-c", code], policy=p)
+    out = eval(result.stdout_text)
+    assert out["garbage"] == "HTTP/1.1 400 Bad Request"
+    assert out["huge"] == "HTTP/1.1 431 Request Header Fields Too Large"
+    assert out["held"] == 2000
+    assert set(out["flood"]) == {"HTTP/1.1 503 Service Unavailable"}
+    assert out["after"].startswith("hello pypi.test")
+
+
+async def test_rules_change_while_the_box_runs(servers: Servers) -> None:
+    async with AsyncSandbox(policy(servers, ["127.0.0.1"]), timeout_s=60) as sb:
+        url = f"http://pypi.test:{servers.http_port}/"
+        get = [
+            "/usr/bin/python3",
+            "-c",
+            f"import urllib.request as u\ntry: print(u.urlopen({url!r}).status)\n"
+            "except Exception as e: print(e)",
+        ]
+        assert b"403" in (await sb.commands.run(get)).stdout
+        sb.network.update(allow=["127.0.0.1", "pypi.test"])
+        assert (await sb.commands.run(get)).stdout == b"200\n"
+        assert [e.allowed for e in sb.network.events()] == [False, True]
+
+
+def test_rules_unit() -> None:
+    rules = _netrules.Rules(
+        ("*.github.com", "api.example.com:443", "[2001:db8::1]"), ("uploads.github.com",)
+    )
+    assert rules.decide_name("api.github.com", 443).allowed
+    assert not rules.decide_name("github.com", 443).allowed  # a wildcard never matches the apex
+    assert not rules.decide_name("uploads.github.com", 443).allowed  # deny wins
+    assert rules.decide_name("api.example.com", 443).allowed
+    assert not rules.decide_name("api.example.com", 80).allowed
+    assert _netrules.canonical_host("BÜCHER.example") == "xn--bcher-kva.example"
+    assert _netrules.canonical_host("0xa9.0xfe.0xa9.0xfe") == "169.254.169.254"
+    assert _netrules.canonical_host("2852039166") == "169.254.169.254"
+    assert _netrules.address_hazard(_netrules.parse_address("::ffff:10.0.0.1")) == "private"  # type: ignore[arg-type]
+    assert _netrules.address_hazard(_netrules.parse_address("100.64.1.1")) == "CGNAT"  # type: ignore[arg-type]
+    assert _netrules.address_hazard(_netrules.parse_address("fd00:ec2::254")) == "cloud metadata"  # type: ignore[arg-type]
+    assert _netrules.address_hazard(_netrules.parse_address("93.184.215.14")) == ""  # type: ignore[arg-type]
+    assert rules.decide_address(_netrules.parse_address("2001:db8::1"), 443).allowed  # type: ignore[arg-type]
+
+
+def test_cli_allow_domain(servers: Servers, tmp_path: Path) -> None:
+    import sys
+
+    url = f"http://evil.test:{servers.http_port}/x"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "corral",
+            "run",
+            "--allow-domain",
+            "pypi.test",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            f"import urllib.request as u\ntry: u.urlopen({url!r})\nexcept Exception as e: print(e)",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert b"403" in proc.stdout
+    assert b"corral: refused evil.test" in proc.stderr
