@@ -305,3 +305,117 @@ def test_cli_allow_domain(servers: Servers, tmp_path: Path) -> None:
     )
     assert b"403" in proc.stdout
     assert b"corral: refused evil.test" in proc.stderr
+
+
+def test_approval_callback_is_consulted_once_per_host(servers: Servers) -> None:
+    asked: list[tuple[str, int]] = []
+
+    def approve(host: str, port: int) -> bool:
+        asked.append((host, port))
+        return host == "pypi.test"
+
+    port = servers.http_port
+    urls = [
+        f"http://pypi.test:{port}/a",
+        f"http://pypi.test:{port}/b",
+        f"http://evil.test:{port}/c",
+    ]
+    result = corral.run(
+        ["/usr/bin/python3", "-c", FETCH, *urls],
+        policy=policy(servers, ["127.0.0.1"]),
+        on_network_request=approve,
+    )
+    seen = json.loads(result.stdout)
+    assert seen[urls[0]].startswith("hello pypi.test")
+    assert seen[urls[1]].startswith("hello pypi.test")
+    assert "refused by the callback" in seen[urls[2]]
+    assert asked == [("pypi.test", port), ("evil.test", port)]
+    allowed = [e for e in result.network if e.allowed]
+    assert all(e.bytes_down > 0 and e.bytes_up > 0 for e in allowed)
+
+
+def test_socks5_with_remote_dns(servers: Servers) -> None:
+    code = rf"""
+import socket, struct
+def socks(host):
+    s = socket.create_connection(("127.0.0.1", 3128))
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    name = host.encode()
+    port = struct.pack(">H", {servers.http_port})
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + port)
+    reply = s.recv(10)
+    if reply[1] != 0:
+        return "refused %d" % reply[1]
+    s.sendall(b"GET / HTTP/1.0\r\nHost: " + name + b"\r\n\r\n")
+    return s.recv(4096).split(b"\r\n\r\n", 1)[1].decode()
+print(socks("pypi.test")); print(socks("evil.test"))
+"""
+    result = corral.run(
+        ["/usr/bin/python3", "-c", code], policy=policy(servers, ["pypi.test", "127.0.0.1"])
+    )
+    lines = result.stdout_text.splitlines()
+    assert lines[0].startswith("hello pypi.test")
+    assert lines[1] == "refused 2"
+
+
+@pytest.fixture
+def simple_index(tmp_path: Path) -> Iterator[int]:
+    """A PEP 503 simple index with one tiny wheel, served on loopback."""
+    import zipfile
+
+    root = Path(tempfile.mkdtemp(prefix="corral-test-index-"))
+    wheel = "corraldemo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(root / wheel, "w") as z:
+        z.writestr("corraldemo/__init__.py", "VALUE = 42\n")
+        z.writestr(
+            "corraldemo-1.0.dist-info/METADATA",
+            "Metadata-Version: 2.1\nName: corraldemo\nVersion: 1.0\n",
+        )
+        z.writestr(
+            "corraldemo-1.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        z.writestr("corraldemo-1.0.dist-info/RECORD", "")
+    (root / "simple" / "corraldemo").mkdir(parents=True)
+    (root / "simple" / "corraldemo" / "index.html").write_text(
+        f'<html><body><a href="/{wheel}">{wheel}</a></body></html>'
+    )
+
+    def handler(*args: object) -> http.server.SimpleHTTPRequestHandler:
+        return http.server.SimpleHTTPRequestHandler(*args, directory=str(root))  # type: ignore[arg-type]
+
+    server = _Server(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        shutil.rmtree(root)
+
+
+@pytest.mark.skipif(_runtime_missing := corral._runtime.find() is None, reason="no code runtime")
+async def test_pip_download_through_the_proxy(servers: Servers, simple_index: int) -> None:
+    async with AsyncSandbox(policy(servers, ["pypi.test", "127.0.0.1"]), timeout_s=120) as sb:
+        result = await sb.commands.run(
+            [
+                "/opt/corral/runtime/bin/python",
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-d",
+                "dl",
+                "--index-url",
+                f"http://pypi.test:{simple_index}/simple/",
+                "--trusted-host",
+                "pypi.test",
+                "corraldemo",
+            ],
+            timeout_s=90,
+        )
+        assert result.exit_code == 0, result.stderr_text
+        names = [e.name for e in await sb.files.list("dl")]
+        assert names == ["corraldemo-1.0-py3-none-any.whl"]

@@ -40,7 +40,7 @@ from ._identity import HostIdentity, acquire_host_identity, release_host_identit
 from ._netrules import Rules
 from ._policy import Policy
 from ._proxy import PORT as PROXY_PORT
-from ._proxy import Proxy, listen_in_box
+from ._proxy import Approval, Proxy, listen_in_box
 from ._result import LIMIT_PRECEDENCE, LimitKind, RunResult
 from .plan import _capabilities, _mounts, _namespaces, _rlimits
 from .plan import _cgroups as _plan_cgroups
@@ -417,6 +417,7 @@ class Box:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd: int | None = None
         self.proxy: Proxy | None = None
+        self.approve: Approval | None = None
         self.started = 0.0
         self._closed = False
 
@@ -429,6 +430,7 @@ class Box:
         workdir: str | os.PathLike[str] | None = None,
         extra_files: tuple[_mounts.File, ...] = (),
         stdin_pipe: bool = False,
+        approve: Approval | None = None,
     ) -> Box:
         if not command:
             raise ValueError("command must not be empty")
@@ -445,6 +447,7 @@ class Box:
         box = cls(
             policy, make_plans(policy, workspace_source=workspace_source, extra_files=extra_files)
         )
+        box.approve = approve
         try:
             await box._launch(command, stdin_pipe)
         except BaseException:
@@ -503,7 +506,9 @@ class Box:
                 raise
         if self.policy.network.mode == "allowlist":
             net = self.policy.network
-            self.proxy = Proxy(Rules(net.allow, net.deny), hosts=dict(net.hosts))
+            self.proxy = Proxy(
+                Rules(net.allow, net.deny), hosts=dict(net.hosts), approve=self.approve
+            )
             await self.proxy.serve(listen_in_box(box_pid))
         try:
             os.write(block_w, b"\0")
@@ -558,9 +563,12 @@ async def run_bwrap(
     *,
     workdir: str | os.PathLike[str] | None = None,
     stdin: bytes | None = None,
+    approve: Approval | None = None,
 ) -> RunResult:
     """Run ``command`` once in a fresh box under ``policy`` and tear the box down."""
-    box = await Box.start(command, policy, workdir=workdir, stdin_pipe=stdin is not None)
+    box = await Box.start(
+        command, policy, workdir=workdir, stdin_pipe=stdin is not None, approve=approve
+    )
     try:
         assert box.proc is not None
         assert box.pidfd is not None

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from ._netrules import Decision, IPAddress, RuleError, Rules, canonical_host, parse_address
@@ -35,6 +36,10 @@ IDLE_TIMEOUT_S = 300.0
 MAX_CONNECTIONS = 256
 MAX_EVENTS = 10_000
 MAX_BODY = 64 << 20  # a plain-HTTP request body forwarded upstream
+APPROVAL_TIMEOUT_S = 300.0
+
+# Decides an unlisted host: (host, port) -> bool, or an awaitable of one.
+Approval = Callable[[str, int], "bool | Awaitable[bool]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +65,11 @@ class Proxy:
         *,
         hosts: Mapping[str, str] | None = None,
         on_event: Callable[[NetworkEvent], None] | None = None,
+        approve: Approval | None = None,
     ) -> None:
         self.rules = rules
+        self.approve = approve
+        self._answers: dict[tuple[str, int], bool] = {}
         self.hosts = {canonical_host(k): v for k, v in (hosts or {}).items()}
         self.events: deque[NetworkEvent] = deque(maxlen=MAX_EVENTS)
         self.on_event = on_event
@@ -115,8 +123,12 @@ class Proxy:
             writer.close()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await asyncio.wait_for(reader.readexactly(1), HEAD_TIMEOUT_S)
+        if first == b"\x05":
+            await asyncio.wait_for(self._socks_handshake(reader, writer), HEAD_TIMEOUT_S)
+            return
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+            head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
         except asyncio.LimitOverrunError:
             await _refuse(writer, 431, "request head too large")
             return
@@ -136,14 +148,19 @@ class Proxy:
 
     async def _open(
         self, host: str, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str] | NetworkEvent:
-        """Decide and connect; a NetworkEvent (already recorded) when refused."""
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str, float, str] | NetworkEvent:
+        """Decide and connect; a NetworkEvent (already recorded) when refused.
+
+        An allowed connection is recorded by ``_allowed`` when it ends, with
+        its byte counts."""
         started = time.monotonic()
         try:
             host = canonical_host(host)
         except RuleError as exc:
             return self._deny(host, port, None, Decision(False, "", str(exc)))
         decision = self.rules.decide_name(host, port)
+        if not decision.allowed and decision.reason == "not on the allowlist":
+            decision = await self._ask(host, port, decision)
         if not decision.allowed:
             return self._deny(host, port, None, decision)
         addresses = await self._resolve(host, port)
@@ -162,22 +179,44 @@ class Proxy:
             except (OSError, TimeoutError) as exc:
                 last = Decision(False, decision.rule, f"connection failed: {exc}")
                 continue
-            rule = verdict.rule or decision.rule
-            self._record(
-                NetworkEvent(
-                    time.time(),
-                    host,
-                    port,
-                    str(address),
-                    True,
-                    rule,
-                    decision.reason,
-                    duration_s=time.monotonic() - started,
-                )
-            )
-            return up_reader, up_writer, str(address)
+            return up_reader, up_writer, str(address), started, verdict.rule or decision.rule
         assert last is not None
         return self._deny(host, port, str(addresses[0]), last)
+
+    async def _ask(self, host: str, port: int, decision: Decision) -> Decision:
+        """An unlisted host: ask the approval callback, once per host and port."""
+        if self.approve is None:
+            return decision
+        key = (host, port)
+        if key not in self._answers:
+            try:
+                answer = self.approve(host, port)
+                if inspect.isawaitable(answer):
+                    answer = await asyncio.wait_for(answer, APPROVAL_TIMEOUT_S)
+                self._answers[key] = bool(answer)
+            except Exception:  # a failing or slow callback is a "no"
+                self._answers[key] = False
+        if self._answers[key]:
+            return Decision(True, "approved", "approved by the callback")
+        return Decision(False, "approved", "refused by the callback")
+
+    def _allowed(
+        self, host: str, port: int, address: str, rule: str, started: float, counts: list[int]
+    ) -> None:
+        self._record(
+            NetworkEvent(
+                time.time(),
+                host,
+                port,
+                address,
+                True,
+                rule,
+                "allowed",
+                counts[0],
+                counts[1],
+                time.monotonic() - started,
+            )
+        )
 
     def _deny(self, host: str, port: int, address: str | None, decision: Decision) -> NetworkEvent:
         event = NetworkEvent(
@@ -218,21 +257,71 @@ class Proxy:
         if isinstance(opened, NetworkEvent):
             await _refuse(writer, 403, f"{host}:{port} is not allowed: {opened.reason}")
             return
-        up_reader, up_writer, address = opened
+        await self._tunnel(
+            host, port, opened, reader, writer, b"HTTP/1.1 200 Connection established\r\n\r\n"
+        )
+
+    async def _tunnel(
+        self,
+        host: str,
+        port: int,
+        opened: tuple[asyncio.StreamReader, asyncio.StreamWriter, str, float, str],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ok: bytes,
+    ) -> None:
+        up_reader, up_writer, address, started, rule = opened
+        counts = [0, 0]
         try:
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            writer.write(ok)
             await writer.drain()
             first = await asyncio.wait_for(_read_record(reader), HEAD_TIMEOUT_S)
             sni = client_hello_sni(first)
-            if sni is not None and _safe_canonical(sni) != canonical_host(host):
+            if sni is not None and _safe_canonical(sni) != _safe_canonical(host):
+                # domain fronting: the TLS session names another host than the
+                # one that was allowed
                 self._deny(
                     host, port, address, Decision(False, "", f"TLS SNI {sni!r} does not match")
                 )
                 return
             up_writer.write(first)
-            await _splice(reader, writer, up_reader, up_writer)
+            counts[0] += len(first)
+            await _splice(reader, writer, up_reader, up_writer, counts)
         finally:
             up_writer.close()
+            self._allowed(host, port, address, rule, started, counts)
+
+    # -- SOCKS5 (remote DNS: names travel to the proxy, which resolves and checks them) --
+
+    async def _socks_handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        (count,) = await reader.readexactly(1)
+        methods = await reader.readexactly(count)
+        if 0 not in methods:
+            writer.write(b"\x05\xff")  # only "no authentication": the listener is the credential
+            return
+        writer.write(b"\x05\x00")
+        version, command, _, kind = await reader.readexactly(4)
+        if version != 5 or command != 1:  # CONNECT only: no BIND, no UDP ASSOCIATE
+            writer.write(b"\x05\x07\x00\x01" + bytes(6))
+            return
+        if kind == 1:
+            host = str(ipaddress.IPv4Address(await reader.readexactly(4)))
+        elif kind == 4:
+            host = str(ipaddress.IPv6Address(await reader.readexactly(16)))
+        elif kind == 3:
+            (length,) = await reader.readexactly(1)
+            host = (await reader.readexactly(length)).decode("ascii", errors="replace")
+        else:
+            writer.write(b"\x05\x08\x00\x01" + bytes(6))
+            return
+        (port,) = struct.unpack(">H", await reader.readexactly(2))
+        opened = await self._open(host, port)
+        if isinstance(opened, NetworkEvent):
+            writer.write(b"\x05\x02\x00\x01" + bytes(6))  # connection not allowed by ruleset
+            return
+        await self._tunnel(host, port, opened, reader, writer, b"\x05\x00\x00\x01" + bytes(6))
 
     # -- plain HTTP -------------------------------------------------------------------------
 
@@ -269,7 +358,8 @@ class Proxy:
         if isinstance(opened, NetworkEvent):
             await _refuse(writer, 403, f"{host}:{port} is not allowed: {opened.reason}")
             return
-        up_reader, up_writer, _ = opened
+        up_reader, up_writer, address, started, rule = opened
+        counts = [0, 0]
         try:
             # one request per connection, sent upstream as origin-form, with
             # our own Connection header: nothing else can ride along to
@@ -281,15 +371,19 @@ class Proxy:
                 not in ("connection", "proxy-connection", "proxy-authorization", "keep-alive")
             ]
             request = f"{method} {slash}{path} HTTP/1.1\r\n" + "\r\n".join(kept)
-            up_writer.write(request.encode("latin-1") + b"\r\nConnection: close\r\n\r\n")
+            head = request.encode("latin-1") + b"\r\nConnection: close\r\n\r\n"
+            up_writer.write(head)
+            counts[0] += len(head) + length
             if length:
                 up_writer.write(await asyncio.wait_for(reader.readexactly(length), IDLE_TIMEOUT_S))
             await up_writer.drain()
-            while data := await asyncio.wait_for(up_reader.read(65536), IDLE_TIMEOUT_S):
+            while data := await asyncio.wait_for(up_reader.read(1 << 18), IDLE_TIMEOUT_S):
+                counts[1] += len(data)
                 writer.write(data)
                 await writer.drain()
         finally:
             up_writer.close()
+            self._allowed(host, port, address, rule, started, counts)
 
 
 def listen_in_box(box_pid: int, port: int = PORT) -> socket.socket:
@@ -426,10 +520,12 @@ async def _splice(
     writer: asyncio.StreamWriter,
     up_reader: asyncio.StreamReader,
     up_writer: asyncio.StreamWriter,
+    counts: list[int],
 ) -> None:
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, index: int) -> None:
         try:
-            while data := await asyncio.wait_for(src.read(1 << 16), IDLE_TIMEOUT_S):
+            while data := await asyncio.wait_for(src.read(1 << 18), IDLE_TIMEOUT_S):
+                counts[index] += len(data)
                 dst.write(data)
                 await dst.drain()
         finally:
@@ -437,4 +533,6 @@ async def _splice(
                 if dst.can_write_eof():
                     dst.write_eof()
 
-    await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+    await asyncio.gather(
+        pipe(reader, up_writer, 0), pipe(up_reader, writer, 1), return_exceptions=True
+    )

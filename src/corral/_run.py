@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from ._bwrap import run_bwrap
 from ._policy import Policy
+from ._proxy import Approval
 from ._result import RunResult
 
 
@@ -27,6 +28,7 @@ async def run_async(
     stdin: bytes | None = None,
     env: Mapping[str, str] | None = None,
     timeout_s: float | None = None,
+    on_network_request: Approval | None = None,
 ) -> RunResult:
     """Run ``command`` once in a fresh sandbox; the sandbox is gone when this returns.
 
@@ -34,6 +36,8 @@ async def run_async(
     adds variables to the policy's environment; ``timeout_s`` tightens the
     policy's wall-clock limit. ``workdir`` is a host directory bound as the
     workspace (otherwise the workspace is a private, size-limited tmpfs).
+    ``on_network_request(host, port)`` decides hosts the allowlist does not
+    name (network mode ``allowlist``); its answer is remembered for the box.
     Failures of the command are in the result; exceptions mean misuse or a
     broken host.
     """
@@ -45,7 +49,9 @@ async def run_async(
         resolved = resolved.with_limits(
             wall_time_s=timeout_s if wall is None else min(wall, timeout_s)
         )
-    return await run_bwrap(list(command), resolved, workdir=workdir, stdin=stdin)
+    return await run_bwrap(
+        list(command), resolved, workdir=workdir, stdin=stdin, approve=on_network_request
+    )
 
 
 def run(
@@ -56,10 +62,17 @@ def run(
     stdin: bytes | None = None,
     env: Mapping[str, str] | None = None,
     timeout_s: float | None = None,
+    on_network_request: Approval | None = None,
 ) -> RunResult:
     """The synchronous facade of :func:`run_async` (same arguments, same result)."""
     return asyncio.run(
         run_async(
-            command, policy=policy, workdir=workdir, stdin=stdin, env=env, timeout_s=timeout_s
+            command,
+            policy=policy,
+            workdir=workdir,
+            stdin=stdin,
+            env=env,
+            timeout_s=timeout_s,
+            on_network_request=on_network_request,
         )
     )

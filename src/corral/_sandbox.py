@@ -46,7 +46,7 @@ from ._interpreter import (
     TextCallback,
 )
 from ._policy import Bind, Policy
-from ._proxy import NetworkEvent
+from ._proxy import Approval, NetworkEvent
 from ._result import LimitKind
 from .plan._mounts import File
 
@@ -921,6 +921,7 @@ class AsyncSandbox:
         workdir: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         runtime: str | None = _runtime.DEFAULT,
+        on_network_request: Approval | None = None,
     ) -> None:
         if policy is None:
             policy = Policy.preset("default")
@@ -935,6 +936,7 @@ class AsyncSandbox:
         self.pty = Pty(self)
         self.network = Network(self)
         self.runtime = runtime
+        self._approve = on_network_request
         self._runtime_bound = False
         self._interpreter = CodeInterpreter(self)
         self._timeout_s = timeout_s
@@ -974,7 +976,12 @@ class AsyncSandbox:
             box_policy = box_policy.with_filesystem(read_only=binds)
             self._runtime_bound = True
         self._box = await Box.start(
-            argv, box_policy, workdir=self._workdir, extra_files=_agent_files(), stdin_pipe=True
+            argv,
+            box_policy,
+            workdir=self._workdir,
+            extra_files=_agent_files(),
+            stdin_pipe=True,
+            approve=self._approve,
         )
         try:
             proc = self._box.proc

@@ -17,6 +17,7 @@ from typing import Any, Literal, Self, TypeVar, overload
 
 from ._interpreter import CodeContext, ErrorCallback, Execution, ResultCallback, TextCallback
 from ._policy import Policy
+from ._proxy import Approval
 from ._runtime import DEFAULT as DEFAULT_RUNTIME
 from ._sandbox import (
     AsyncSandbox,
@@ -320,9 +321,15 @@ class Sandbox:
         workdir: str | None = None,
         env: Mapping[str, str] | None = None,
         runtime: str | None = DEFAULT_RUNTIME,
+        on_network_request: Approval | None = None,
     ) -> None:
         self._async = AsyncSandbox(
-            policy, timeout_s=timeout_s, workdir=workdir, env=env, runtime=runtime
+            policy,
+            timeout_s=timeout_s,
+            workdir=workdir,
+            env=env,
+            runtime=runtime,
+            on_network_request=on_network_request,
         )
         self.id = self._async.id
         self.policy = self._async.policy
