@@ -436,8 +436,8 @@ class Box:
             raise ValueError("command must not be empty")
         if policy.network.mode == "allowlist":
             # every common tool finds the proxy from these (curl, pip, npm, git,
-            # Python, Node): upper and lower case both
-            policy = policy.with_env(PROXY_ENV)
+            # Python, Node): upper and lower case both; the policy's own win
+            policy = policy.with_env({**PROXY_ENV, **dict(policy.env)}, replace=True)
         workspace_source = None
         if workdir is not None:
             path = Path(workdir).resolve()

@@ -30,6 +30,8 @@ from ._netrules import Decision, IPAddress, RuleError, Rules, canonical_host, pa
 
 PORT = 3128
 HEAD_LIMIT = 64 << 10  # request line and headers
+# asyncio's buffer for the upstream side (it pauses reading at twice this)
+STREAM_LIMIT = 256 << 10
 HEAD_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 300.0
@@ -77,6 +79,7 @@ class Proxy:
         self._active: set[asyncio.Task[None]] = set()
 
     async def serve(self, sock: socket.socket) -> None:
+        # the box's side reads with HEAD_LIMIT: readuntil() then refuses a longer head
         self._server = await asyncio.start_server(self._handle, sock=sock, limit=HEAD_LIMIT)
 
     def update(self, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
@@ -130,6 +133,8 @@ class Proxy:
         try:
             head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
         except asyncio.LimitOverrunError:
+            head = b""
+        if not head or len(head) > HEAD_LIMIT:
             await _refuse(writer, 431, "request head too large")
             return
         lines = head.decode("latin-1").split("\r\n")
@@ -174,7 +179,8 @@ class Proxy:
                 continue
             try:
                 up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(str(address), port), CONNECT_TIMEOUT_S
+                    asyncio.open_connection(str(address), port, limit=STREAM_LIMIT),
+                    CONNECT_TIMEOUT_S,
                 )
             except (OSError, TimeoutError) as exc:
                 last = Decision(False, decision.rule, f"connection failed: {exc}")
