@@ -38,7 +38,22 @@ def test_there_are_enough_probes_with_unique_ids() -> None:
 def test_every_probe_passes_under_the_presets(preset: str) -> None:
     reports = audit(Policy.preset(preset))
     bad = {i: (r.result, r.detail) for i, r in reports.items() if r.result != "pass"}
+    # the proxy probes do not apply without a proxy: reported as skipped, with why
+    assert bad == {
+        "net.proxy_internal": ("skip", "not applicable: network mode none"),
+        "net.proxy_unlisted": ("skip", "not applicable: network mode none"),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="allowlist mode needs root here")
+def test_every_probe_passes_in_allowlist_mode_and_a_loophole_fails() -> None:
+    policy = Policy.preset("default").with_network(mode="allowlist", allow=["pypi.org"])
+    reports = audit(policy)
+    bad = {i: (r.result, r.detail) for i, r in reports.items() if r.result != "pass"}
     assert bad == {}
+    loophole = policy.with_network(allow=["pypi.org", "127.0.0.1"])
+    assert audit(loophole, "net.proxy_internal")["net.proxy_internal"].result == "fail"
 
 
 @pytest.mark.slow
@@ -74,7 +89,7 @@ def test_every_probe_passes_as_an_ordinary_user(world_readable_src: Path) -> Non
     assert bad == {}
     # without cgroups an ordinary user has no CPU rate limit: said, not hidden
     skipped = {r["id"] for r in reports if r["result"] == "skip"}
-    assert skipped <= {"abuse.cpu_threads"}
+    assert skipped <= {"abuse.cpu_threads", "net.proxy_internal", "net.proxy_unlisted"}
     assert proc.returncode == 0
 
 

