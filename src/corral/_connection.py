@@ -274,10 +274,12 @@ class Connection:
     def on_event(self, ident: int, handler: Callable[[dict[str, object]], None]) -> None:
         self._events[ident] = handler
 
-    def forget(self, ident: int) -> None:
+    def forget(self, ident: int, *, keep: frozenset[int] = frozenset()) -> None:
+        """Let go of a call; incoming channels in ``keep`` stay until their EOF."""
         self._events.pop(ident, None)
         for channel in w.CHANNELS:
-            self._in.pop((ident, channel), None)
+            if channel not in keep:
+                self._in.pop((ident, channel), None)
             self._out_streams.pop((ident, channel), None)
 
     # -- receiving -----------------------------------------------------------------

@@ -190,6 +190,7 @@ class _Process:
         self.oom_before = sandbox._oom_kills()
         self.result: CommandResult | None = None
         self.callback_error: BaseException | None = None
+        self.is_pty = False
 
     def on_event(self, body: dict[str, object]) -> None:
         if self.exit.done():
@@ -302,7 +303,9 @@ class _Process:
     def _release(self) -> None:
         for pump in self.pumps:
             pump.cancel()
-        self.sandbox._forget(self.ident)
+        # a terminal's output is read by its handle, which must still see the EOF
+        keep = frozenset((w.STDOUT,)) if self.is_pty else frozenset()
+        self.sandbox._forget(self.ident, keep=keep)
 
 
 class CommandHandle:
@@ -479,6 +482,8 @@ class Commands:
         process.pid = field(reply, "pid", int)
         if pty is None:  # a terminal's output is read by its handle, on demand
             process.start_pumps(channels)
+        else:
+            process.is_pty = True
         if timeout_s is not None:
             process.arm_timeout(timeout_s)
         return process, writer, channels["stdout"]
@@ -1230,9 +1235,9 @@ class AsyncSandbox:
             return self._connection.failure
         return SandboxClosed("the sandbox was closed")
 
-    def _forget(self, ident: int) -> None:
+    def _forget(self, ident: int, *, keep: frozenset[int] = frozenset()) -> None:
         if self._connection is not None:
-            self._connection.forget(ident)
+            self._connection.forget(ident, keep=keep)
 
     def _oom_kills(self) -> int:
         box = self._box
