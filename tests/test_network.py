@@ -8,6 +8,7 @@ that without it the proxy refuses.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import os
@@ -135,7 +136,7 @@ def fetch(policy: Policy, *urls: str) -> tuple[dict[str, str], corral.RunResult]
 
 
 def test_allowed_domains_work_and_the_rest_is_refused(servers: Servers) -> None:
-    p = policy(servers, ["pypi.test", "secure.test", "127.0.0.1"])
+    p = policy(servers, ["pypi.test", f"secure.test:{servers.https_port}", "127.0.0.1"])
     http_ok = f"http://pypi.test:{servers.http_port}/simple/"
     https_ok = f"https://secure.test:{servers.https_port}/x"
     unlisted = f"http://evil.test:{servers.http_port}/steal"
@@ -185,7 +186,8 @@ except (ssl.SSLError, OSError) as e:
     print("refused")
 """
     result = corral.run(
-        ["/usr/bin/python3", "-c", code], policy=policy(servers, ["secure.test", "127.0.0.1"])
+        ["/usr/bin/python3", "-c", code],
+        policy=policy(servers, [f"secure.test:{servers.https_port}", "127.0.0.1"]),
     )
     assert result.stdout_text.strip() == "refused", result.stderr_text
     assert any("SNI 'other.test' does not match" in e.reason for e in result.network)
@@ -348,15 +350,25 @@ def socks(host):
     if reply[1] != 0:
         return "refused %d" % reply[1]
     s.sendall(b"GET / HTTP/1.0\r\nHost: " + name + b"\r\n\r\n")
-    return s.recv(4096).split(b"\r\n\r\n", 1)[1].decode()
+    reply = b""
+    while chunk := s.recv(4096):
+        reply += chunk
+    return reply.split(b"\r\n\r\n", 1)[1].decode()
 print(socks("pypi.test")); print(socks("evil.test"))
 """
+    # a tunnel to a port other than 443 needs a rule naming the port
     result = corral.run(
-        ["/usr/bin/python3", "-c", code], policy=policy(servers, ["pypi.test", "127.0.0.1"])
+        ["/usr/bin/python3", "-c", code],
+        policy=policy(servers, [f"pypi.test:{servers.http_port}", "127.0.0.1"]),
     )
     lines = result.stdout_text.splitlines()
     assert lines[0].startswith("hello pypi.test")
     assert lines[1] == "refused 2"
+    result = corral.run(
+        ["/usr/bin/python3", "-c", code], policy=policy(servers, ["pypi.test", "127.0.0.1"])
+    )
+    assert result.stdout_text.splitlines() == ["refused 2", "refused 2"]
+    assert "needs a rule that names the port" in result.network[0].reason
 
 
 @pytest.fixture
@@ -419,3 +431,88 @@ async def test_pip_download_through_the_proxy(servers: Servers, simple_index: in
         assert result.exit_code == 0, result.stderr_text
         names = [e.name for e in await sb.files.list("dl")]
         assert names == ["corraldemo-1.0-py3-none-any.whl"]
+
+
+SMUGGLE = r"""
+import json, socket, ssl
+def ask(raw):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+    s.sendall(raw)
+    reply = b""
+    try:
+        while chunk := s.recv(65536):
+            reply += chunk
+    except OSError:
+        pass
+    return reply.split(b"\r\n")[0].decode(errors="replace")
+out = {}
+target = b"http://pypi.test:HTTP/x"
+out["bare_lf"] = ask(b"GET " + target + b" HTTP/1.1\r\nX-A: 1\nHost: evil.test\r\n\r\n")
+out["two_hosts"] = ask(b"GET " + target + b" HTTP/1.1\r\nHost: evil.test\r\nHost: pypi.test\r\n\r\n")
+out["long_host"] = ask(b"CONNECT " + b"a" * 60000 + b".test:443 HTTP/1.1\r\n\r\n")
+out["control"] = ask(b"CONNECT x\x1b]0;pwned\x07.test:443 HTTP/1.1\r\n\r\n")
+# TLS split so the SNI sits in a second record, and TLS without any SNI
+def hello(name):
+    ctx = ssl.create_default_context()
+    inc, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, outgoing, server_hostname=name)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+def tunnel(record_bytes):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+    s.sendall(b"CONNECT secure.test:HTTPS HTTP/1.1\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 200")
+    s.sendall(record_bytes)
+    try:
+        return "closed" if s.recv(100) == b"" else "answered"
+    except OSError:
+        return "closed"
+full = hello("other.test")
+body = full[5:]
+def record(part):
+    return b"\x16\x03\x01" + len(part).to_bytes(2, "big") + part
+split = record(body[:40]) + record(body[40:])
+out["sni_split"] = tunnel(split)
+out["no_sni"] = tunnel(hello(None))
+print(json.dumps(out))
+"""
+
+
+def test_smuggling_and_fronting_tricks_are_refused(servers: Servers) -> None:
+    code = SMUGGLE.replace("HTTPS", str(servers.https_port)).replace(
+        "HTTP/x", f"{servers.http_port}/x"
+    )
+    p = policy(servers, ["pypi.test", f"secure.test:{servers.https_port}", "127.0.0.1"])
+    result = corral.run(["/usr/bin/python3", "-c", code], policy=p)
+    assert result.exit_code == 0, result.stderr_text
+    out = json.loads(result.stdout)
+    assert out["bare_lf"] == "HTTP/1.1 400 Bad Request"
+    assert out["two_hosts"] == "HTTP/1.1 400 Bad Request"
+    assert out["long_host"].startswith("HTTP/1.1 4")
+    assert out["control"] == "HTTP/1.1 400 Bad Request"
+    assert out["sni_split"] == "closed"
+    assert out["no_sni"] == "closed"
+    assert all(len(e.host) <= 253 and e.host.isprintable() for e in result.network)
+
+
+async def test_concurrent_requests_ask_once() -> None:
+    from corral._netrules import Rules
+    from corral._proxy import Proxy
+
+    asked = []
+
+    async def approve(host: str, port: int) -> bool:
+        asked.append(host)
+        await asyncio.sleep(0.1)
+        return False
+
+    proxy = Proxy(Rules((), ()), approve=approve)
+    from corral._netrules import Decision
+
+    denied = Decision(False, "", "not on the allowlist")
+    answers = await asyncio.gather(*(proxy._ask("x.test", 443, denied) for _ in range(20)))
+    assert asked == ["x.test"]
+    assert not any(a.allowed for a in answers)

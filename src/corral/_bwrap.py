@@ -509,7 +509,7 @@ class Box:
             self.proxy = Proxy(
                 Rules(net.allow, net.deny), hosts=dict(net.hosts), approve=self.approve
             )
-            await self.proxy.serve(listen_in_box(box_pid))
+            await self.proxy.serve(listen_in_box(self.pidfd))
         try:
             os.write(block_w, b"\0")
         except BrokenPipeError:
@@ -582,10 +582,11 @@ async def run_bwrap(
             stdin,
             box.started,
         )
+        if box.proxy is not None:
+            await box.proxy.close()  # every connection cut and on record
+            result = dataclasses.replace(result, network=tuple(box.proxy.events))
     finally:
         box.close()
-    if box.proxy is not None:
-        result = dataclasses.replace(result, network=tuple(box.proxy.events))
     return result
 
 

@@ -26,6 +26,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 METADATA = (ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("fd00:ec2::254/128"))
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 class RuleError(ValueError):
@@ -48,7 +49,11 @@ class Rule:
         return host == self.domain
 
     def matches_address(self, address: IPAddress, port: int) -> bool:
-        if self.network is None or (self.port is not None and self.port != port):
+        if self.port is not None and self.port != port:
+            return False
+        if self.wildcard and self.domain == "":  # deny "*": every address too
+            return True
+        if self.network is None:
             return False
         return address.version == self.network.version and address in self.network
 
@@ -63,12 +68,18 @@ def canonical_host(host: str) -> str:
     address = parse_address(host)
     if address is not None:
         return str(address)
+    if len(host) > 253:
+        raise RuleError("a host name longer than 253 characters")
     try:
         encoded = host.encode("idna").decode("ascii")
     except UnicodeError as exc:
-        raise RuleError(f"{host!r} is not a valid host name: {exc}") from None
-    if any(not label or len(label) > 63 for label in encoded.split(".")) or len(encoded) > 253:
-        raise RuleError(f"{host!r} is not a valid host name")
+        raise RuleError(f"{host[:80]!r} is not a valid host name: {exc}") from None
+    labels = encoded.split(".")
+    if len(encoded) > 253 or any(
+        not label or len(label) > 63 or not set(label) <= _LABEL_CHARS for label in labels
+    ):
+        # no control characters, spaces or NUL: names reach prompts, logs and events
+        raise RuleError(f"{host[:80]!r} is not a valid host name")
     return encoded
 
 
@@ -130,7 +141,7 @@ def _split_port(raw: str) -> tuple[str, int | None]:
 
 
 def _port(raw: str, text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise RuleError(f"{raw!r}: the port must be 1-65535")
     return int(text)
 
@@ -140,6 +151,7 @@ class Decision:
     allowed: bool
     rule: str  # the rule that decided, or why nothing did
     reason: str
+    port_named: bool = False  # the deciding rule names this very port
 
 
 class Rules:
@@ -157,19 +169,23 @@ class Rules:
                 return Decision(False, rule.text, "denied by rule")
         for rule in self.allow:
             if rule.matches_name(host, port):
-                return Decision(True, rule.text, "allowed by rule")
+                return Decision(True, rule.text, "allowed by rule", rule.port is not None)
         return Decision(False, "", "not on the allowlist")
 
     def decide_address(
         self, address: IPAddress, port: int, *, requested_by_address: bool = False
     ) -> Decision:
         """May the proxy connect to ``address``? (For a name: each address it resolved to.)"""
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # what Linux would connect to
         for rule in self.deny:
             if rule.matches_address(address, port):
                 return Decision(False, rule.text, "denied by rule")
         for rule in self.allow:
             if rule.matches_address(address, port):
-                return Decision(True, rule.text, "allowed by an address rule")
+                return Decision(
+                    True, rule.text, "allowed by an address rule", rule.port is not None
+                )
         hazard = address_hazard(address)
         if hazard:
             return Decision(False, "", f"{hazard} address (SSRF guard)")

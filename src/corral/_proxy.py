@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import ipaddress
+import re
+import resource
 import socket
 import struct
 import time
@@ -42,6 +45,8 @@ MAX_CONNECTIONS = 256
 MAX_EVENTS = 10_000
 MAX_BODY = 64 << 20  # a plain-HTTP request body forwarded upstream
 APPROVAL_TIMEOUT_S = 300.0
+MAX_QUESTIONS = 1024  # distinct hosts one box may have the callback asked about
+_BAD_HEAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 # Decides an unlisted host: (host, port) -> bool, or an awaitable of one.
 Approval = Callable[[str, int], "bool | Awaitable[bool]"]
@@ -64,6 +69,9 @@ class NetworkEvent:
 
 
 class Proxy:
+    # every connection of every box in this process: two descriptors each
+    _total = 0
+
     def __init__(
         self,
         rules: Rules,
@@ -74,7 +82,7 @@ class Proxy:
     ) -> None:
         self.rules = rules
         self.approve = approve
-        self._answers: dict[tuple[str, int], bool] = {}
+        self._answers: dict[tuple[str, int], asyncio.Future[bool]] = {}
         self.hosts = {canonical_host(k): v for k, v in (hosts or {}).items()}
         self.events: deque[NetworkEvent] = deque(maxlen=MAX_EVENTS)
         self.on_event = on_event
@@ -97,12 +105,10 @@ class Proxy:
             task.cancel()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._active):
-            task.cancel()
+        """Stop, and wait until every connection has been cut and recorded."""
+        self.shutdown()
         if self._active:
-            await asyncio.gather(*self._active, return_exceptions=True)
+            await asyncio.gather(*list(self._active), return_exceptions=True)
 
     def _record(self, event: NetworkEvent) -> None:
         self.events.append(event)
@@ -113,25 +119,33 @@ class Proxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._active) >= MAX_CONNECTIONS:
-            await _refuse(writer, 503, "too many connections through this box's proxy")
+        if len(self._active) >= MAX_CONNECTIONS or Proxy._total >= _process_budget():
+            # per box, and for the whole process: descriptors are a host resource
+            with contextlib.suppress(OSError):
+                await _refuse(writer, 503, "too many connections through the proxy")
+            writer.close()
             return
         self._active.add(task)
+        Proxy._total += 1
         try:
             await self._serve_one(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass
         except TimeoutError:
             with contextlib.suppress(OSError):
-                await _refuse(writer, 408, "request head not received in time")
+                await _refuse(writer, 408, "request not received in time")
         finally:
+            Proxy._total -= 1
             self._active.discard(task)
             writer.close()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         first = await asyncio.wait_for(reader.readexactly(1), HEAD_TIMEOUT_S)
         if first == b"\x05":
-            await asyncio.wait_for(self._socks_handshake(reader, writer), HEAD_TIMEOUT_S)
+            # the timeout covers the SOCKS negotiation only, never the tunnel
+            wanted = await asyncio.wait_for(_socks_request(reader, writer), HEAD_TIMEOUT_S)
+            if wanted is not None:
+                await self._open_tunnel(*wanted, reader, writer, socks=True)
             return
         try:
             head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
@@ -140,33 +154,48 @@ class Proxy:
         if not head or len(head) > HEAD_LIMIT:
             await _refuse(writer, 431, "request head too large")
             return
-        lines = head.decode("latin-1").split("\r\n")
+        text = head[:-4].decode("latin-1")
+        lines = text.split("\r\n")
+        if any(_BAD_HEAD.search(line) for line in lines):
+            # a bare \n or \r, NUL or another control character: servers split
+            # such heads differently than we do (header and request smuggling)
+            await _refuse(writer, 400, "malformed request head")
+            return
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             await _refuse(writer, 400, "not an HTTP/1 proxy request")
             return
         method, target, _ = parts
-        headers = [tuple(line.split(":", 1)) for line in lines[1:] if ":" in line]
+        headers = [
+            (k.strip(), v.strip()) for k, sep, v in (ln.partition(":") for ln in lines[1:]) if sep
+        ]
+        names = [k.lower() for k, _ in headers]
+        if names.count("host") > 1 or names.count("content-length") > 1:
+            await _refuse(writer, 400, "duplicate Host or Content-Length header")
+            return
         if method == "CONNECT":
-            await self._connect(target, reader, writer)
+            host, port = _host_port(target, default=443)
+            if host is None:
+                await _refuse(writer, 400, f"bad CONNECT target {target[:100]!r}")
+                return
+            await self._open_tunnel(host, port, reader, writer, socks=False)
         else:
             await self._forward(method, target, headers, reader, writer)
 
     # -- deciding and connecting -----------------------------------------------------
 
-    async def _open(
-        self, host: str, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str, float, str] | NetworkEvent:
+    async def _open(self, host: str, port: int, *, tunnel: bool) -> _Opened | NetworkEvent:
         """Decide and connect; a NetworkEvent (already recorded) when refused.
 
-        An allowed connection is recorded by ``_allowed`` when it ends, with
-        its byte counts."""
-        started = time.monotonic()
+        A tunnel (CONNECT, SOCKS) carries any protocol, so it goes to 443 only,
+        unless the rule that allows it names its port.
+        """
+        rules = self.rules  # one set of rules for the whole decision
         try:
             host = canonical_host(host)
         except RuleError as exc:
-            return self._deny(host, port, None, Decision(False, "", str(exc)))
-        decision = self.rules.decide_name(host, port)
+            return self._deny(_printable(host), port, None, Decision(False, "", str(exc)))
+        decision = rules.decide_name(host, port)
         if not decision.allowed and decision.reason == "not on the allowlist":
             decision = await self._ask(host, port, decision)
         if not decision.allowed:
@@ -176,10 +205,18 @@ class Proxy:
             return self._deny(host, port, None, Decision(False, decision.rule, "name not found"))
         last: Decision | None = None
         for address in addresses:
-            verdict = self.rules.decide_address(address, port)
+            verdict = rules.decide_address(address, port)
             if not verdict.allowed:
                 last = verdict
                 continue
+            named = decision.port_named or verdict.port_named or decision.rule == "approved"
+            if tunnel and port != 443 and not named:
+                last = Decision(
+                    False,
+                    decision.rule,
+                    f"a tunnel to port {port} needs a rule that names the port (host:port)",
+                )
+                break
             try:
                 up_reader, up_writer = await asyncio.wait_for(
                     asyncio.open_connection(str(address), port, limit=STREAM_LIMIT),
@@ -188,7 +225,10 @@ class Proxy:
             except (OSError, TimeoutError) as exc:
                 last = Decision(False, decision.rule, f"connection failed: {exc}")
                 continue
-            return up_reader, up_writer, str(address), started, verdict.rule or decision.rule
+            rule = verdict.rule or decision.rule
+            opened = NetworkEvent(time.time(), host, port, str(address), True, rule, "allowed")
+            self._record(opened)  # at once: a connection still open at teardown is on record
+            return _Opened(up_reader, up_writer, str(address), time.monotonic(), rule, opened)
         assert last is not None
         return self._deny(host, port, str(addresses[0]), last)
 
@@ -198,34 +238,42 @@ class Proxy:
             return decision
         key = (host, port)
         if key not in self._answers:
-            try:
-                answer = self.approve(host, port)
-                if inspect.isawaitable(answer):
-                    answer = await asyncio.wait_for(answer, APPROVAL_TIMEOUT_S)
-                self._answers[key] = bool(answer)
-            except Exception:  # a failing or slow callback is a "no"
-                self._answers[key] = False
-        if self._answers[key]:
+            if len(self._answers) >= MAX_QUESTIONS:
+                return Decision(False, "approved", "too many hosts asked about for this box")
+            self._answers[key] = asyncio.ensure_future(self._question(host, port))
+        # concurrent requests for one host share one question and its answer
+        if await asyncio.shield(self._answers[key]):
             return Decision(True, "approved", "approved by the callback")
         return Decision(False, "approved", "refused by the callback")
 
-    def _allowed(
-        self, host: str, port: int, address: str, rule: str, started: float, counts: list[int]
-    ) -> None:
-        self._record(
-            NetworkEvent(
-                time.time(),
-                host,
-                port,
-                address,
-                True,
-                rule,
-                "allowed",
-                counts[0],
-                counts[1],
-                time.monotonic() - started,
-            )
+    async def _question(self, host: str, port: int) -> bool:
+        approve = self.approve
+        assert approve is not None
+        loop = asyncio.get_running_loop()
+        try:
+            if inspect.iscoroutinefunction(approve):
+                answer = await asyncio.wait_for(approve(host, port), APPROVAL_TIMEOUT_S)
+            else:
+                # a plain function may block (ask a person): never on the event loop
+                answer = await asyncio.wait_for(
+                    loop.run_in_executor(None, approve, host, port), APPROVAL_TIMEOUT_S
+                )
+                if inspect.isawaitable(answer):
+                    answer = await asyncio.wait_for(answer, APPROVAL_TIMEOUT_S)
+            return bool(answer)
+        except Exception:  # a failing or slow callback is a "no"
+            return False
+
+    def _closed(self, opened: _Opened, counts: list[int]) -> None:
+        """Complete the connection's event with its byte counts and duration."""
+        final = dataclasses.replace(
+            opened.event,
+            bytes_up=counts[0],
+            bytes_down=counts[1],
+            duration_s=time.monotonic() - opened.started,
         )
+        with contextlib.suppress(ValueError):
+            self.events[self.events.index(opened.event)] = final
 
     def _deny(self, host: str, port: int, address: str | None, decision: Decision) -> NetworkEvent:
         event = NetworkEvent(
@@ -253,84 +301,69 @@ class Proxy:
                 out.append(address)
         return out
 
-    # -- CONNECT --------------------------------------------------------------------------
+    # -- CONNECT and SOCKS5 tunnels -----------------------------------------------------------
 
-    async def _connect(
-        self, target: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        host, port = _host_port(target, default=443)
-        if host is None:
-            await _refuse(writer, 400, f"bad CONNECT target {target!r}")
-            return
-        opened = await self._open(host, port)
-        if isinstance(opened, NetworkEvent):
-            await _refuse(writer, 403, f"{host}:{port} is not allowed: {opened.reason}")
-            return
-        await self._tunnel(
-            host, port, opened, reader, writer, b"HTTP/1.1 200 Connection established\r\n\r\n"
-        )
-
-    async def _tunnel(
+    async def _open_tunnel(
         self,
         host: str,
         port: int,
-        opened: tuple[asyncio.StreamReader, asyncio.StreamWriter, str, float, str],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        ok: bytes,
+        *,
+        socks: bool,
     ) -> None:
-        up_reader, up_writer, address, started, rule = opened
+        opened = await self._open(host, port, tunnel=True)
+        if isinstance(opened, NetworkEvent):
+            if socks:
+                writer.write(b"\x05\x02\x00\x01" + bytes(6))  # not allowed by ruleset
+            else:
+                await _refuse(
+                    writer, 403, f"{_printable(host)}:{port} is not allowed: {opened.reason}"
+                )
+            return
+        ok = (
+            b"\x05\x00\x00\x01" + bytes(6)
+            if socks
+            else b"HTTP/1.1 200 Connection established\r\n\r\n"
+        )
         counts = [0, 0]
+        down: asyncio.Future[None] | None = None
         try:
             writer.write(ok)
             await writer.drain()
-            first = await asyncio.wait_for(_read_record(reader), HEAD_TIMEOUT_S)
-            sni = client_hello_sni(first)
-            if sni is not None and _safe_canonical(sni) != _safe_canonical(host):
-                # domain fronting: the TLS session names another host than the
-                # one that was allowed
-                self._deny(
-                    host, port, address, Decision(False, "", f"TLS SNI {sni!r} does not match")
+            # the server's side flows at once (SSH, SMTP speak first) ...
+            down = asyncio.ensure_future(_pipe(opened.reader, writer, counts, 1))
+            # ... the client's first bytes are looked at before anything goes up:
+            # if they open TLS, the whole ClientHello must carry exactly one
+            # SNI, naming the host that was allowed (no domain fronting; ECH,
+            # which hides the name from any proxy, is out of reach by design)
+            first = await asyncio.wait_for(reader.read(5), IDLE_TIMEOUT_S)
+            if first[:1] == b"\x16":
+                first, sni = await asyncio.wait_for(
+                    _read_client_hello(reader, first), HEAD_TIMEOUT_S
                 )
-                return
-            up_writer.write(first)
-            counts[0] += len(first)
-            await _splice(reader, writer, up_reader, up_writer, counts)
+                if sni != opened.event.host:
+                    with contextlib.suppress(ValueError):
+                        self.events.remove(opened.event)
+                    self._deny(
+                        opened.event.host,
+                        port,
+                        opened.address,
+                        Decision(False, "", f"TLS SNI {_printable(sni or '')!r} does not match"),
+                    )
+                    opened.event = dataclasses.replace(opened.event, allowed=False)
+                    return
+            if first:
+                opened.writer.write(first)
+                counts[0] += len(first)
+                await _pipe(reader, opened.writer, counts, 0)
+            await down
         finally:
-            up_writer.close()
-            self._allowed(host, port, address, rule, started, counts)
-
-    # -- SOCKS5 (remote DNS: names travel to the proxy, which resolves and checks them) --
-
-    async def _socks_handshake(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        (count,) = await reader.readexactly(1)
-        methods = await reader.readexactly(count)
-        if 0 not in methods:
-            writer.write(b"\x05\xff")  # only "no authentication": the listener is the credential
-            return
-        writer.write(b"\x05\x00")
-        version, command, _, kind = await reader.readexactly(4)
-        if version != 5 or command != 1:  # CONNECT only: no BIND, no UDP ASSOCIATE
-            writer.write(b"\x05\x07\x00\x01" + bytes(6))
-            return
-        if kind == 1:
-            host = str(ipaddress.IPv4Address(await reader.readexactly(4)))
-        elif kind == 4:
-            host = str(ipaddress.IPv6Address(await reader.readexactly(16)))
-        elif kind == 3:
-            (length,) = await reader.readexactly(1)
-            host = (await reader.readexactly(length)).decode("ascii", errors="replace")
-        else:
-            writer.write(b"\x05\x08\x00\x01" + bytes(6))
-            return
-        (port,) = struct.unpack(">H", await reader.readexactly(2))
-        opened = await self._open(host, port)
-        if isinstance(opened, NetworkEvent):
-            writer.write(b"\x05\x02\x00\x01" + bytes(6))  # connection not allowed by ruleset
-            return
-        await self._tunnel(host, port, opened, reader, writer, b"\x05\x00\x00\x01" + bytes(6))
+            if down is not None and not down.done():
+                down.cancel()
+            opened.writer.close()
+            if opened.event.allowed:
+                self._closed(opened, counts)
 
     # -- plain HTTP -------------------------------------------------------------------------
 
@@ -338,7 +371,7 @@ class Proxy:
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, ...]],
+        headers: list[tuple[str, str]],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
@@ -346,60 +379,120 @@ class Proxy:
             await _refuse(writer, 400, "only absolute http:// targets (use CONNECT for https)")
             return
         rest = target[len("http://") :]
-        authority, slash, path = rest.partition("/")
+        authority, _, path = rest.partition("/")
+        if "@" in authority:
+            await _refuse(writer, 400, "credentials in the target are not forwarded")
+            return
         host, port = _host_port(authority, default=80)
         if host is None:
-            await _refuse(writer, 400, f"bad target {target!r}")
+            await _refuse(writer, 400, f"bad target {target[:100]!r}")
             return
-        fields = {k.strip().lower(): v.strip() for k, v in headers}
-        host_header, _ = _host_port(fields.get("host", authority), default=port)
-        if host_header is None or _safe_canonical(host_header) != _safe_canonical(host):
-            await _refuse(writer, 403, "the Host header does not match the request target")
-            return
+        fields = {k.lower(): v for k, v in headers}
+        if "host" in fields:
+            host_header, _ = _host_port(fields["host"], default=port)
+            if host_header is None or _safe_canonical(host_header) != _safe_canonical(host):
+                await _refuse(writer, 403, "the Host header does not match the request target")
+                return
         if "transfer-encoding" in fields:
             await _refuse(writer, 411, "send a Content-Length body through this proxy")
             return
-        length = int(fields.get("content-length", "0") or 0)
-        if not 0 <= length <= MAX_BODY:
-            await _refuse(writer, 413, "request body too large")
+        length_text = fields.get("content-length", "0") or "0"
+        if not (length_text.isascii() and length_text.isdigit()) or int(length_text) > MAX_BODY:
+            await _refuse(writer, 413, "bad or too large Content-Length")
             return
-        opened = await self._open(host, port)
+        length = int(length_text)
+        opened = await self._open(host, port, tunnel=False)
         if isinstance(opened, NetworkEvent):
-            await _refuse(writer, 403, f"{host}:{port} is not allowed: {opened.reason}")
+            await _refuse(writer, 403, f"{_printable(host)}:{port} is not allowed: {opened.reason}")
             return
-        up_reader, up_writer, address, started, rule = opened
         counts = [0, 0]
         try:
-            # one request per connection, sent upstream as origin-form, with
-            # our own Connection header: nothing else can ride along to
-            # another virtual host on the same server
-            kept = [
-                f"{k}:{v}"
-                for k, v in headers
-                if k.strip().lower()
-                not in ("connection", "proxy-connection", "proxy-authorization", "keep-alive")
-            ]
-            request = f"{method} {slash}{path} HTTP/1.1\r\n" + "\r\n".join(kept)
-            head = request.encode("latin-1") + b"\r\nConnection: close\r\n\r\n"
-            up_writer.write(head)
-            counts[0] += len(head) + length
-            if length:
-                up_writer.write(await asyncio.wait_for(reader.readexactly(length), IDLE_TIMEOUT_S))
-            await up_writer.drain()
+            # one request per connection, sent upstream in origin-form with our
+            # own Host and Connection headers: nothing rides along to another
+            # virtual host on the same server
+            drop = ("host", "connection", "proxy-connection", "proxy-authorization", "keep-alive")
+            kept = [f"{k}: {v}" for k, v in headers if k.lower() not in drop]
+            authority_out = opened.event.host if port == 80 else f"{opened.event.host}:{port}"
+            head = (
+                f"{method} /{path} HTTP/1.1\r\nHost: {authority_out}\r\n"
+                + "".join(f"{line}\r\n" for line in kept)
+                + "Connection: close\r\n\r\n"
+            ).encode("latin-1")
+            opened.writer.write(head)
+            counts[0] += len(head)
+            left = length
+            while left:  # streamed: a body never sits whole in the host's memory
+                chunk = await asyncio.wait_for(reader.read(min(left, 1 << 18)), IDLE_TIMEOUT_S)
+                if not chunk:
+                    return
+                opened.writer.write(chunk)
+                await opened.writer.drain()
+                left -= len(chunk)
+                counts[0] += len(chunk)
+            await opened.writer.drain()
             writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
-            while data := await asyncio.wait_for(up_reader.read(1 << 18), IDLE_TIMEOUT_S):
+            while data := await asyncio.wait_for(opened.reader.read(1 << 18), IDLE_TIMEOUT_S):
                 counts[1] += len(data)
                 writer.write(data)
                 await writer.drain()
         finally:
-            up_writer.close()
-            self._allowed(host, port, address, rule, started, counts)
+            opened.writer.close()
+            self._closed(opened, counts)
 
 
-def listen_in_box(box_pid: int, port: int = PORT) -> socket.socket:
+@dataclass
+class _Opened:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    address: str
+    started: float
+    rule: str
+    event: NetworkEvent
+
+
+def _printable(text: str) -> str:
+    """For messages and events: no control characters, bounded."""
+    return "".join(c if c.isprintable() else "?" for c in text[:253])
+
+
+def _process_budget() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft // 4)
+
+
+async def _socks_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> tuple[str, int] | None:
+    """The SOCKS5 greeting and request (remote DNS): the target, or None if refused."""
+    (count,) = await reader.readexactly(1)
+    methods = await reader.readexactly(count)
+    if 0 not in methods:
+        writer.write(b"\x05\xff")  # only "no authentication": the listener is the credential
+        return None
+    writer.write(b"\x05\x00")
+    version, command, _, kind = await reader.readexactly(4)
+    if version != 5 or command != 1:  # CONNECT only: no BIND, no UDP ASSOCIATE
+        writer.write(b"\x05\x07\x00\x01" + bytes(6))
+        return None
+    if kind == 1:
+        host = str(ipaddress.IPv4Address(await reader.readexactly(4)))
+    elif kind == 4:
+        host = str(ipaddress.IPv6Address(await reader.readexactly(16)))
+    elif kind == 3:
+        (length,) = await reader.readexactly(1)
+        host = (await reader.readexactly(length)).decode("ascii", errors="replace")
+    else:
+        writer.write(b"\x05\x08\x00\x01" + bytes(6))
+        return None
+    (port,) = struct.unpack(">H", await reader.readexactly(2))
+    return host, port
+
+
+def listen_in_box(box_pidfd: int, port: int = PORT) -> socket.socket:
     """A listening socket on 127.0.0.1:``port`` inside the network namespace of
-    the box whose init is ``box_pid`` (still blocked, so nothing in the box can
-    have taken the port first).
+    the box whose init ``box_pidfd`` refers to (still blocked, so nothing in the
+    box can have taken the port first; a pidfd, so no recycled pid can point
+    the listener into another namespace).
 
     setns() changes only the calling thread's namespace, so a short-lived
     thread enters the box's namespace, creates the socket, and ends; the
@@ -415,13 +508,9 @@ def listen_in_box(box_pid: int, port: int = PORT) -> socket.socket:
     def enter() -> None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/proc/{box_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into the box's network: {os.strerror(err)}")
-            finally:
-                os.close(fd)
+            if libc.setns(box_pidfd, 0x40000000) != 0:  # a pidfd, CLONE_NEWNET (Linux 5.8)
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into the box's network: {os.strerror(err)}")
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
@@ -485,65 +574,88 @@ def _safe_canonical(host: str) -> str:
         return "\0invalid"
 
 
-async def _read_record(reader: asyncio.StreamReader) -> bytes:
-    """The client's first TLS record (or the first bytes of whatever it sends)."""
-    head = await reader.read(5)
-    if len(head) == 5 and head[0] == 0x16:
-        (length,) = struct.unpack(">H", head[3:5])
-        return head + await reader.readexactly(min(length, 1 << 14))
-    return head
+async def _read_client_hello(
+    reader: asyncio.StreamReader, prefix: bytes
+) -> tuple[bytes, str | None]:
+    """The client's whole TLS ClientHello (reassembled across records and reads, at
+    most 64 KiB; ``prefix`` is what was already read) and its one server name;
+    None for the name if it is not TLS, has no SNI or more than one name."""
+    raw = b""
+    body = b""
+    pending = prefix
+    while True:
+        header = pending + await reader.readexactly(5 - len(pending))
+        pending = b""
+        raw += header
+        if header[0] != 0x16:
+            return raw, None
+        (length,) = struct.unpack(">H", header[3:5])
+        if length > 1 << 14:
+            return raw, None
+        fragment = await reader.readexactly(length)
+        raw += fragment
+        body += fragment
+        if len(body) >= 4:
+            if body[0] != 0x01:
+                return raw, None
+            needed = 4 + int.from_bytes(body[1:4], "big")
+            if needed > 1 << 16:
+                return raw, None
+            if len(body) >= needed:
+                return raw, client_hello_sni(body[:needed])
 
 
-def client_hello_sni(record: bytes) -> str | None:
-    """The server_name of a TLS ClientHello record, or None (not TLS, or no SNI)."""
+def client_hello_sni(message: bytes) -> str | None:
+    """The one server_name of a ClientHello handshake message, or None (none, several
+    names, or malformed)."""
     try:
-        if len(record) < 9 or record[0] != 0x16 or record[5] != 0x01:
+        if len(message) < 4 or message[0] != 0x01:
             return None
-        pos = 9 + 2 + 32  # record header, handshake header, client version, random
-        pos += 1 + record[pos]  # session id
-        (ciphers,) = struct.unpack_from(">H", record, pos)
+        pos = 4 + 2 + 32  # handshake header, client version, random
+        pos += 1 + message[pos]  # session id
+        (ciphers,) = struct.unpack_from(">H", message, pos)
         pos += 2 + ciphers
-        pos += 1 + record[pos]  # compression methods
-        (ext_total,) = struct.unpack_from(">H", record, pos)
+        pos += 1 + message[pos]  # compression methods
+        (ext_total,) = struct.unpack_from(">H", message, pos)
         pos += 2
-        end = min(pos + ext_total, len(record))
+        end = min(pos + ext_total, len(message))
+        names: list[str] = []
+        seen_sni = False
         while pos + 4 <= end:
-            ext_type, ext_len = struct.unpack_from(">HH", record, pos)
+            ext_type, ext_len = struct.unpack_from(">HH", message, pos)
             pos += 4
-            if ext_type == 0:  # server_name
-                (list_len,) = struct.unpack_from(">H", record, pos)
+            if ext_type == 0:
+                if seen_sni:
+                    return None  # two server_name extensions: ambiguous, refused
+                seen_sni = True
+                (list_len,) = struct.unpack_from(">H", message, pos)
                 item = pos + 2
                 while item + 3 <= pos + 2 + list_len:
-                    name_type, name_len = struct.unpack_from(">BH", record, item)
+                    name_type, name_len = struct.unpack_from(">BH", message, item)
                     if name_type == 0:
-                        return record[item + 3 : item + 3 + name_len].decode("ascii")
+                        names.append(message[item + 3 : item + 3 + name_len].decode("ascii"))
                     item += 3 + name_len
-                return None
             pos += ext_len
+        if len(names) != 1:
+            return None
+        return _safe_canonical(names[0])
     except (IndexError, struct.error, UnicodeDecodeError):
         return None
-    return None
 
 
-async def _splice(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    up_reader: asyncio.StreamReader,
-    up_writer: asyncio.StreamWriter,
-    counts: list[int],
+async def _pipe(
+    src: asyncio.StreamReader, dst: asyncio.StreamWriter, counts: list[int], index: int
 ) -> None:
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, index: int) -> None:
-        dst.transport.set_write_buffer_limits(high=WRITE_BUFFER)
-        try:
-            while data := await asyncio.wait_for(src.read(1 << 18), IDLE_TIMEOUT_S):
-                counts[index] += len(data)
-                dst.write(data)
-                await dst.drain()
-        finally:
-            with contextlib.suppress(OSError):
-                if dst.can_write_eof():
-                    dst.write_eof()
-
-    await asyncio.gather(
-        pipe(reader, up_writer, 0), pipe(up_reader, writer, 1), return_exceptions=True
-    )
+    """Copy until EOF (or the idle timeout), counting; then half-close ``dst``."""
+    dst.transport.set_write_buffer_limits(high=WRITE_BUFFER)
+    try:
+        while data := await asyncio.wait_for(src.read(1 << 18), IDLE_TIMEOUT_S):
+            counts[index] += len(data)
+            dst.write(data)
+            await dst.drain()
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            if dst.can_write_eof():
+                dst.write_eof()
