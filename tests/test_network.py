@@ -448,7 +448,8 @@ def ask(raw):
 out = {}
 target = b"http://pypi.test:HTTP/x"
 out["bare_lf"] = ask(b"GET " + target + b" HTTP/1.1\r\nX-A: 1\nHost: evil.test\r\n\r\n")
-out["two_hosts"] = ask(b"GET " + target + b" HTTP/1.1\r\nHost: evil.test\r\nHost: pypi.test\r\n\r\n")
+two = b"Host: evil.test\r\nHost: pypi.test\r\n"
+out["two_hosts"] = ask(b"GET " + target + b" HTTP/1.1\r\n" + two + b"\r\n")
 out["long_host"] = ask(b"CONNECT " + b"a" * 60000 + b".test:443 HTTP/1.1\r\n\r\n")
 out["control"] = ask(b"CONNECT x\x1b]0;pwned\x07.test:443 HTTP/1.1\r\n\r\n")
 # TLS split so the SNI sits in a second record, and TLS without any SNI
