@@ -17,30 +17,12 @@ from pathlib import Path
 import pytest
 
 from corral import Policy
+from corral._audit import PRELUDE
 
 from .conftest import Runner, py
 
-# A probe prints one JSON document: {label: "ok" | errno name | exception name}.
-PROBE_PRELUDE = r"""
-import ctypes, errno, json, os, socket, sys
-libc = ctypes.CDLL(None, use_errno=True)
-out = {}
-def attempt(label, fn):
-    try:
-        fn()
-        out[label] = "ok"
-    except OSError as exc:
-        out[label] = errno.errorcode.get(exc.errno, str(exc.errno))
-    except Exception as exc:
-        out[label] = type(exc).__name__
-def sys_call(*args):
-    def go():
-        r = libc.syscall(*args)
-        if r < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-    return go
-"""
+# The audit's own prelude: ``attempt(label, fn)`` records "ok" or the errno name.
+PROBE_PRELUDE = PRELUDE
 
 
 def probe(box: Runner, body: str, policy: Policy | None = None) -> dict[str, str]:
