@@ -517,3 +517,13 @@ async def test_concurrent_requests_ask_once() -> None:
     answers = await asyncio.gather(*(proxy._ask("x.test", 443, denied) for _ in range(20)))
     assert asked == ["x.test"]
     assert not any(a.allowed for a in answers)
+
+
+def test_the_hosts_own_addresses_are_known() -> None:
+    """Every IPv4 address of every interface counts as the host's own (SSRF guard)."""
+    listing = subprocess.run(
+        ["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    addresses = {line.split()[3].split("/")[0] for line in listing.splitlines()}
+    known = {str(a) for a in _netrules.host_addresses()}
+    assert addresses <= known, addresses - known

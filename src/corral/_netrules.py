@@ -230,6 +230,19 @@ def host_addresses() -> frozenset[IPAddress]:
         if addr is not None:
             found.add(addr)
     try:
+        # IPv4 addresses of every interface: the routing trie marks them
+        # "/32 host LOCAL", under the line naming the address
+        with open("/proc/net/fib_trie", encoding="ascii") as f:
+            previous = ""
+            for line in f:
+                if "/32 host LOCAL" in line:
+                    addr = parse_address(previous.strip().lstrip("|-+ ").strip())
+                    if addr is not None:
+                        found.add(addr)
+                previous = line
+    except OSError:
+        pass
+    try:
         with open("/proc/net/if_inet6", encoding="ascii") as f:
             for line in f:
                 hexaddr = line.split()[0]
