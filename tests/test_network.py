@@ -527,3 +527,22 @@ def test_the_hosts_own_addresses_are_known() -> None:
     addresses = {line.split()[3].split("/")[0] for line in listing.splitlines()}
     known = {str(a) for a in _netrules.host_addresses()}
     assert addresses <= known, addresses - known
+
+
+def test_allowlist_as_an_ordinary_user(servers: Servers, world_readable_src: Path) -> None:
+    """Without root the proxy's listener is made by a forked child that joins the
+    box's user namespace first: the same walls, the same answers."""
+    from .conftest import Runner, unprivileged_user
+
+    if unprivileged_user() is None:
+        pytest.skip("no unprivileged test user")
+    user_box = Runner("user", world_readable_src)
+    ok = f"http://pypi.test:{servers.http_port}/u"
+    bad = f"http://evil.test:{servers.http_port}/u"
+    result = user_box(
+        ["/usr/bin/python3", "-c", FETCH, ok, bad], policy(servers, ["pypi.test", "127.0.0.1"])
+    )
+    seen = json.loads(result.stdout)
+    assert seen[ok].startswith("hello pypi.test")
+    assert "not on the allowlist" in seen[bad]
+    assert any(not e.allowed and e.host == "evil.test" for e in result.network)

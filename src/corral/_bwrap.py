@@ -165,12 +165,6 @@ def make_plans(
             f"cannot enforce a CPU quota without a cpu cgroup ({support.reason}) and "
             "limits.cpu_time_s is not set; set one of them to a finite value or cpu_cores to none",
         )
-    if policy.network.mode == "allowlist" and os.geteuid() != 0:
-        raise UnsupportedPolicy(
-            "network.mode",
-            "'allowlist' needs corral to run as root on this host for now (the proxy's "
-            "listener is created inside the box's network namespace)",
-        )
     if workspace_source is not None and limits.disk_bytes is not None:
         degraded.append(
             "limits.disk_bytes: the host workspace directory is bounded per file "

@@ -494,14 +494,19 @@ def listen_in_box(box_pidfd: int, port: int = PORT) -> socket.socket:
     box can have taken the port first; a pidfd, so no recycled pid can point
     the listener into another namespace).
 
-    setns() changes only the calling thread's namespace, so a short-lived
-    thread enters the box's namespace, creates the socket, and ends; the
-    socket stays in that namespace and is served by the host's event loop.
-    Needs CAP_SYS_ADMIN over the namespace: corral running as root.
+    As root, setns() changes only the calling thread's namespace, so a
+    short-lived thread enters the box's namespace, creates the socket, and
+    ends; the socket stays in that namespace and is served by the host's event
+    loop. As an ordinary user, the box's user namespace must be entered first,
+    which only a single-threaded process may do: a forked child enters both,
+    creates the socket and passes it back over a socketpair.
     """
     import ctypes
     import os
     import threading
+
+    if os.geteuid() != 0:
+        return _listen_via_child(box_pidfd, port)
 
     result: list[socket.socket | BaseException] = []
 
@@ -526,6 +531,45 @@ def listen_in_box(box_pidfd: int, port: int = PORT) -> socket.socket:
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
+
+
+def _listen_via_child(box_pidfd: int, port: int) -> socket.socket:
+    import ctypes
+    import os
+
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # the child: single-threaded, it may join a user namespace
+        code = 1
+        try:
+            parent_end.close()
+            libc = ctypes.CDLL(None, use_errno=True)
+            # CLONE_NEWUSER | CLONE_NEWNET, atomically, through the pidfd
+            if libc.setns(box_pidfd, 0x10000000 | 0x40000000) == 0:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", port))
+                sock.listen(128)
+                socket.send_fds(child_end, [b"ok"], [sock.fileno()])
+                code = 0
+            else:
+                child_end.sendall(f"setns: {os.strerror(ctypes.get_errno())}".encode())
+        except BaseException as exc:  # reported to the parent, never raised in the child
+            with contextlib.suppress(OSError):
+                child_end.sendall(repr(exc).encode()[:500])
+        finally:
+            os._exit(code)
+    child_end.close()
+    try:
+        message, fds, _, _ = socket.recv_fds(parent_end, 1024, 1)
+    finally:
+        parent_end.close()
+        os.waitpid(pid, 0)
+    if not fds:
+        raise OSError(f"cannot listen inside the box's network: {message.decode(errors='replace')}")
+    sock = socket.socket(fileno=fds[0])
+    sock.setblocking(False)
+    return sock
 
 
 async def _refuse(writer: asyncio.StreamWriter, status: int, message: str) -> None:
