@@ -40,6 +40,7 @@ def test_every_probe_passes_under_the_presets(preset: str) -> None:
     bad = {i: (r.result, r.detail) for i, r in reports.items() if r.result != "pass"}
     # the proxy probes do not apply without a proxy: reported as skipped, with why
     assert bad == {
+        "net.open_host_loopback": ("skip", "not applicable: network mode none"),
         "net.proxy_internal": ("skip", "not applicable: network mode none"),
         "net.proxy_unlisted": ("skip", "not applicable: network mode none"),
     }
@@ -51,9 +52,20 @@ def test_every_probe_passes_in_allowlist_mode_and_a_loophole_fails() -> None:
     policy = Policy.preset("default").with_network(mode="allowlist", allow=["pypi.org"])
     reports = audit(policy)
     bad = {i: (r.result, r.detail) for i, r in reports.items() if r.result != "pass"}
-    assert bad == {}
+    assert bad == {"net.open_host_loopback": ("skip", "not applicable: network mode allowlist")}
     loophole = policy.with_network(allow=["pypi.org", "127.0.0.1"])
     assert audit(loophole, "net.proxy_internal")["net.proxy_internal"].result == "fail"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="open mode needs root on this host")
+def test_open_mode_audit() -> None:
+    reports = audit(Policy.preset("default").with_network(mode="open"))
+    failed = {i: r.detail for i, r in reports.items() if r.result in ("fail", "error")}
+    assert failed == {}
+    assert reports["net.open_host_loopback"].result == "pass"
+    # the direct-egress probes do not apply to an open network, and say so
+    assert reports["net.tcp_out"].result == "skip"
 
 
 @pytest.mark.slow
@@ -89,7 +101,12 @@ def test_every_probe_passes_as_an_ordinary_user(world_readable_src: Path) -> Non
     assert bad == {}
     # without cgroups an ordinary user has no CPU rate limit: said, not hidden
     skipped = {r["id"] for r in reports if r["result"] == "skip"}
-    assert skipped <= {"abuse.cpu_threads", "net.proxy_internal", "net.proxy_unlisted"}
+    assert skipped <= {
+        "abuse.cpu_threads",
+        "net.open_host_loopback",
+        "net.proxy_internal",
+        "net.proxy_unlisted",
+    }
     assert proc.returncode == 0
 
 

@@ -546,3 +546,37 @@ def test_allowlist_as_an_ordinary_user(servers: Servers, world_readable_src: Pat
     assert seen[ok].startswith("hello pypi.test")
     assert "not on the allowlist" in seen[bad]
     assert any(not e.allowed and e.host == "evil.test" for e in result.network)
+
+
+OPEN_PROBE = r"""
+import json, socket, sys
+out = {"interfaces": sorted(n for _, n in socket.if_nameindex())}
+try:
+    socket.create_connection(("pypi.org", 443), timeout=15).close()
+    out["registry"] = "connected"
+except OSError as e:
+    out["registry"] = repr(e)
+for host in ("10.0.2.2", "127.0.0.1"):
+    try:
+        socket.create_connection((host, int(sys.argv[1])), timeout=3)
+        out[host] = "reached"
+    except OSError as e:
+        out[host] = type(e).__name__
+print(json.dumps(out))
+"""
+
+
+def test_open_mode_reaches_out_but_not_the_hosts_loopback(servers: Servers) -> None:
+    """Mode open: a NAT in user space (slirp4netns) in the box's own namespace.
+    This machine reaches the package registries, so pypi.org is the outside."""
+    result = corral.run(
+        ["/usr/bin/python3", "-c", OPEN_PROBE, str(servers.http_port)],
+        policy=Policy.preset("default").with_network(mode="open"),
+    )
+    out = json.loads(result.stdout)
+    assert out["interfaces"] == ["lo", "tap0"]
+    assert out["registry"] == "connected"
+    assert out["10.0.2.2"] != "reached"  # --disable-host-loopback
+    assert out["127.0.0.1"] == "ConnectionRefusedError"  # the box's own loopback
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert "slirp4netns" not in ps  # ended with the box

@@ -63,8 +63,9 @@ def test_with_limits_returns_a_new_policy() -> None:
 
 
 def test_network_modes_and_rules_are_checked() -> None:
-    with pytest.raises(PolicyError, match="network.mode: 'open' is not supported yet"):
-        Policy().with_network(mode="open")
+    assert Policy().with_network(mode="open").network.mode == "open"
+    with pytest.raises(PolicyError, match="network.allow: rules need mode 'allowlist'"):
+        Policy().with_network(mode="open", allow=["pypi.org"])
     with pytest.raises(PolicyError, match="network.mode: 'bridge' is not one of"):
         Policy().with_network(mode="bridge")
     with pytest.raises(PolicyError, match=r"network.allow\[0\]: '\*' alone would allow everything"):
@@ -162,7 +163,7 @@ def test_from_toml_with_human_units() -> None:
         ("[limits]\nmemory_bytes = 0", "limits.memory_bytes: must be > 0"),
         ("[limit]\npids = 3", "limit: unknown field"),
         ("[limits]\npid = 3", "limits.pid: unknown field"),
-        ('[network]\nmode = "open"', "network.mode: 'open' is not supported yet"),
+        ('[network]\nmode = "closed"', "network.mode: 'closed' is not one of"),
         ('[network]\nmode = "allowlist"\nallow = ["*"]', r"network.allow\[0\]"),
         ('[syscalls]\nprofile = "none"', "syscalls.profile: 'none' is not a profile"),
         ("[limits\n", "not valid TOML"),

@@ -799,7 +799,6 @@ denied(
     "attempt('packet', lambda: socket.socket(17, socket.SOCK_RAW, 0))\n"
     "attempt('raw', lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 6))",
     expect=("EPERM", "EACCES"),
-    applies=_NET,
 )
 denied(
     "net.vsock",
@@ -807,7 +806,6 @@ denied(
     "talking to the hypervisor or host past the namespace",
     "seccomp",
     "attempt('vsock', lambda: socket.socket(40, socket.SOCK_STREAM, 0))",
-    applies=_NET,
 )
 denied(
     "net.netlink",
@@ -816,7 +814,6 @@ denied(
     "seccomp",
     "attempt('audit', lambda: socket.socket(16, socket.SOCK_RAW, 9))\n"
     "attempt('netfilter', lambda: socket.socket(16, socket.SOCK_RAW, 12))",
-    applies=_NET,
 )
 
 
@@ -878,6 +875,34 @@ async def _proxy_internal(ctx: Context) -> Outcome:
         verdicts.append((target, guarded, seen["body"] or seen["status"]))
     bad = [f"{t}: {why}" for t, guarded, why in verdicts if not guarded]
     return Outcome("fail" if bad else "pass", "; ".join(bad) or "all refused by the SSRF guard")
+
+
+def _open(policy: Policy) -> str | None:
+    if policy.network.mode != "open":
+        return f"not applicable: network mode {policy.network.mode}"
+    return None
+
+
+@probe(
+    "net.open_host_loopback",
+    "in open mode, the host's 127.0.0.1 services stay unreachable",
+    "reaching databases or admin APIs bound to the host's loopback through the NAT",
+    "slirp4netns --disable-host-loopback; the box's own namespace",
+    applies=_open,
+)
+async def _open_loopback(ctx: Context) -> Outcome:
+    seen = await ctx.observe(
+        "for host in ('10.0.2.2', '127.0.0.1'):\n"
+        "    s = socket.socket(); s.settimeout(3)\n"
+        f"    attempt(host, lambda: s.connect((host, {ctx.host_service_port})))\n"
+        "out['interfaces'] = ','.join(sorted(n for _, n in socket.if_nameindex()))"
+    )
+    interfaces = seen.pop("interfaces")
+    if interfaces != "lo,tap0":
+        return Outcome("fail", f"interfaces: {interfaces}")
+    return _all_in(
+        seen, {"ECONNREFUSED", "ENETUNREACH", "EHOSTUNREACH", "EACCES", "EPERM", "TimeoutError"}
+    )
 
 
 # -- processes and leaks ---------------------------------------------------------------

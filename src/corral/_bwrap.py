@@ -165,6 +165,12 @@ def make_plans(
             f"cannot enforce a CPU quota without a cpu cgroup ({support.reason}) and "
             "limits.cpu_time_s is not set; set one of them to a finite value or cpu_cores to none",
         )
+    if policy.network.mode == "open" and not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        raise UnsupportedPolicy(
+            "network.mode",
+            "'open' needs /dev/net/tun usable by this user for slirp4netns "
+            "(it is mode 0666 on most hosts; here it is not): run as root, or use 'allowlist'",
+        )
     if workspace_source is not None and limits.disk_bytes is not None:
         degraded.append(
             "limits.disk_bytes: the host workspace directory is bounded per file "
@@ -191,6 +197,7 @@ def make_plans(
             workspace_source=workspace_source,
             workspace_bytes=policy.workspace_bytes,
             extra_files=extra_files,
+            resolv_conf=b"nameserver 10.0.2.3\n" if policy.network.mode == "open" else None,
         ),
         namespaces=_namespaces.plan_namespaces(policy.network, policy.identity),
         capabilities=_capabilities.plan_capabilities(policy.identity),
@@ -411,6 +418,7 @@ class Box:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd: int | None = None
         self.proxy: Proxy | None = None
+        self.slirp: subprocess.Popen[bytes] | None = None
         self.approve: Approval | None = None
         self.started = 0.0
         self._closed = False
@@ -498,6 +506,8 @@ class Box:
                 if proc.poll() is not None:  # bwrap gave up while we were placing it
                     raise _setup_failed(proc, identity) from None
                 raise
+        if self.policy.network.mode == "open":
+            self.slirp = await _start_slirp(box_pid, fds)
         if self.policy.network.mode == "allowlist":
             net = self.policy.network
             self.proxy = Proxy(
@@ -522,6 +532,10 @@ class Box:
         proc = self.proc
         if self.proxy is not None:
             self.proxy.shutdown()
+        if self.slirp is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.slirp.kill()
+            self.slirp.communicate()  # reaps it and closes its stderr pipe
         try:
             if proc is not None and proc.returncode is None:
                 # The box may still be blocked: kill it BEFORE the block pipe
@@ -588,6 +602,75 @@ async def run_bwrap(
 def _sweep_once() -> None:
     """Once per process: clear the cgroups of boxes whose owner was killed."""
     _cgroups.sweep_orphans()
+
+
+async def _start_slirp(box_pid: int, fds: _Fds) -> subprocess.Popen[bytes]:
+    """Network mode open: slirp4netns gives the box's own namespace a tap device
+    with outbound NAT in user space. --disable-host-loopback keeps the host's
+    127.0.0.1 services out of reach; --enable-sandbox and --enable-seccomp
+    confine slirp4netns itself, which parses the box's packets. It is handed
+    the namespace as a descriptor corral opened (the box is still blocked), not
+    a pid to look up."""
+    path = shutil.which("slirp4netns", path="/usr/local/bin:/usr/bin:/bin")
+    if path is None:
+        raise HostToolMissing("slirp4netns", "install it with: sudo apt-get install slirp4netns")
+    netns = os.open(f"/proc/{box_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    fds.pass_.append(netns)
+    passed = [netns]
+    argv = [
+        find_util("setpriv"),
+        "--pdeathsig",
+        "KILL",
+        "--",  # dies with corral
+        path,
+        "--configure",
+        "--mtu=65520",
+        "--disable-host-loopback",
+        "--enable-sandbox",
+        "--enable-seccomp",
+    ]
+    if os.geteuid() != 0:
+        userns = os.open(f"/proc/{box_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        fds.pass_.append(userns)
+        passed.append(userns)
+        argv.append(f"--userns-path=/proc/self/fd/{userns}")
+    ready_r, ready_w = fds.pipe()
+    fds.keep.append(ready_r)
+    fds.pass_.append(ready_w)
+    passed.append(ready_w)
+    argv += [f"--ready-fd={ready_w}", "--netns-type=path", f"/proc/self/fd/{netns}", "tap0"]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            pass_fds=tuple(passed),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={},
+        )
+    except OSError as exc:
+        raise SandboxError(f"cannot start slirp4netns: {exc}") from exc
+    fds.close_passed()
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[bytes] = loop.create_future()
+
+    def on_ready() -> None:
+        if not ready.done():
+            ready.set_result(os.read(ready_r, 1))
+
+    loop.add_reader(ready_r, on_ready)
+    try:
+        signal_byte = await asyncio.wait_for(ready, 10.0)
+    except TimeoutError:
+        signal_byte = b""
+    finally:
+        loop.remove_reader(ready_r)
+    if signal_byte != b"1":
+        proc.kill()
+        _, err = proc.communicate()
+        detail = err.decode(errors="replace")[-500:]
+        raise SandboxError(f"slirp4netns did not bring the box's network up: {detail}")
+    return proc
 
 
 def _open_box(proc: subprocess.Popen[bytes], box_pid: int) -> int | None:

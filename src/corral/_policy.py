@@ -22,7 +22,7 @@ SeccompProfile = Literal["default", "strict"]
 
 SECCOMP_PROFILES: tuple[str, ...] = ("default", "strict")
 # Network modes the code can enforce today; the others are refused by name.
-SUPPORTED_NETWORK_MODES: tuple[str, ...] = ("none", "allowlist")
+SUPPORTED_NETWORK_MODES: tuple[str, ...] = ("none", "allowlist", "open")
 
 _ENV_NAME_FORBIDDEN = frozenset("=\0")
 # Variables that would let a caller's policy turn the dynamic loader against the
@@ -146,7 +146,10 @@ class NetworkPolicy:
 
     ``none``: loopback only, its own. ``allowlist``: through corral's proxy, to
     the hosts ``allow`` names and ``deny`` does not (deny wins; see
-    ``_netrules`` for the rule syntax). ``hosts`` maps names to addresses for
+    ``_netrules`` for the rule syntax). ``open``: outbound through a user-space
+    network stack (slirp4netns) in the box's own namespace, never the host's
+    127.0.0.1 — but anything else the host reaches (LAN, cloud metadata), the
+    box reaches too. ``hosts`` maps names to addresses for
     the proxy's resolver (tests); an internal address still needs an IP rule.
     """
 
@@ -190,7 +193,7 @@ class NetworkPolicy:
                 raise PolicyError(f"network.hosts.{key}", f"{value!r} is not an IP address")
             pairs.append((str(key), str(value)))
         _set(self, "hosts", tuple(sorted(pairs)))
-        if self.mode == "none" and (self.allow or self.deny):
+        if self.mode != "allowlist" and (self.allow or self.deny):
             raise PolicyError("network.allow", "rules need mode 'allowlist'")
 
 

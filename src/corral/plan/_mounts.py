@@ -131,7 +131,7 @@ class Chdir:
 MountOp = RoBind | Bind | Tmpfs | Proc | Dev | Symlink | Dir | File | Hide | RemountRo | Chdir
 
 
-def _etc_files(identity: IdentityPolicy, workspace: str) -> tuple[File, ...]:
+def _etc_files(identity: IdentityPolicy, workspace: str, *, dns: bool) -> tuple[File, ...]:
     uid, gid, user = identity.uid, identity.gid, identity.username
     passwd = (
         f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
@@ -145,7 +145,11 @@ def _etc_files(identity: IdentityPolicy, workspace: str) -> tuple[File, ...]:
         File("/etc/group", group.encode(), 0o644),
         File("/etc/hostname", f"{identity.hostname}\n".encode(), 0o644),
         File("/etc/hosts", hosts.encode(), 0o644),
-        File("/etc/nsswitch.conf", b"passwd: files\ngroup: files\nhosts: files\n", 0o644),
+        File(
+            "/etc/nsswitch.conf",
+            b"passwd: files\ngroup: files\nhosts: files" + (b" dns" if dns else b"") + b"\n",
+            0o644,
+        ),
     )
 
 
@@ -157,6 +161,7 @@ def plan_mounts(
     workspace_source: str | None,
     workspace_bytes: int | None,
     extra_files: tuple[File, ...] = (),
+    resolv_conf: bytes | None = None,
 ) -> tuple[MountOp, ...]:
     """The box's mount table, in the order it must be built.
 
@@ -172,7 +177,9 @@ def plan_mounts(
 
     # /etc: generated identity files plus a short allowlist of host files.
     ops.append(Dir("/etc", 0o755))
-    ops.extend(_etc_files(identity, fs.workspace))
+    ops.extend(_etc_files(identity, fs.workspace, dns=resolv_conf is not None))
+    if resolv_conf is not None:  # network mode open: the user-space stack's resolver
+        ops.append(File("/etc/resolv.conf", resolv_conf, 0o644))
     for path in host.etc_present:
         ops.append(RoBind(path, path))
 

@@ -50,8 +50,8 @@ NamespaceOp = Unshare | Hostname | MapIdentity | DieWithParent | NewSession | Di
 
 
 def plan_namespaces(network: NetworkPolicy, identity: IdentityPolicy) -> tuple[NamespaceOp, ...]:
-    if network.mode not in ("none", "allowlist"):  # pragma: no cover - Policy refuses it
-        raise ValueError(f"network mode {network.mode!r} has no namespace plan yet")
+    if network.mode not in ("none", "allowlist", "open"):  # pragma: no cover
+        raise ValueError(f"network mode {network.mode!r} has no namespace plan")
     # allowlist too: the box's only way out is the proxy's listener, which
     # corral creates inside this empty namespace (see _proxy)
     return (
