@@ -396,7 +396,7 @@ class SandboxCgroup:
             throttled_ns = _keyed(self.dirs.get("cpu"), "cpu.stat").get("throttled_time")
             return CgroupStats(
                 peak_memory_bytes=_read_int(memory, "memory.max_usage_in_bytes"),
-                oom_kills=_keyed(memory, "memory.oom_control").get("oom_kill", 0),
+                oom_kills=self.oom_kills(),
                 pids_limit_hits=hits,
                 cpu_time_s=None if cpu_ns is None else cpu_ns / 1e9,
                 cpu_throttled_s=None if throttled_ns is None else throttled_ns / 1e9,
@@ -405,11 +405,19 @@ class SandboxCgroup:
         usage_us, throttled_us = cpu.get("usage_usec"), cpu.get("throttled_usec")
         return CgroupStats(
             peak_memory_bytes=_read_int(memory, "memory.peak"),
-            oom_kills=_keyed(memory, "memory.events").get("oom_kill", 0),
+            oom_kills=self.oom_kills(),
             pids_limit_hits=hits,
             cpu_time_s=None if usage_us is None else usage_us / 1e6,
             cpu_throttled_s=None if throttled_us is None else throttled_us / 1e6,
         )
+
+    def oom_kills(self) -> int:
+        """Processes the memory limit has killed so far (one file: cheap enough to
+        read around every command of a long-lived box)."""
+        memory = self.dirs.get("memory")
+        if self.version == 1:
+            return _keyed(memory, "memory.oom_control").get("oom_kill", 0)
+        return _keyed(memory, "memory.events").get("oom_kill", 0)
 
     def kill_all(self) -> None:
         """SIGKILL every process in the sandbox cgroup and wait until it is empty.

@@ -23,8 +23,30 @@ LIMIT_PRECEDENCE: tuple[LimitKind, ...] = (
 )
 
 
+class ProcessOutcome:
+    """What every finished command has: an exit status, a limit, its output."""
+
+    __slots__ = ()
+    exit_code: int
+    limit_hit: LimitKind | None
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.limit_hit is None
+
+    @property
+    def stdout_text(self) -> str:
+        return self.stdout.decode("utf-8", errors="replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", errors="replace")
+
+
 @dataclass(frozen=True, slots=True)
-class RunResult:
+class RunResult(ProcessOutcome):
     """The outcome of one sandboxed command.
 
     ``exit_code`` follows the shell: 128+N when the command was killed by
@@ -46,18 +68,6 @@ class RunResult:
     peak_memory_bytes: int | None
     degraded: tuple[str, ...] = ()
     network: tuple[NetworkEvent, ...] = ()  # every decision of the proxy (mode allowlist)
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0 and self.limit_hit is None
-
-    @property
-    def stdout_text(self) -> str:
-        return self.stdout.decode("utf-8", errors="replace")
-
-    @property
-    def stderr_text(self) -> str:
-        return self.stderr.decode("utf-8", errors="replace")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -47,7 +47,7 @@ from ._interpreter import (
 )
 from ._policy import Bind, Policy
 from ._proxy import Approval, NetworkEvent
-from ._result import LimitKind
+from ._result import LimitKind, ProcessOutcome
 from .plan._mounts import File
 
 AGENT_DIR = "/run/corral"
@@ -68,7 +68,7 @@ class PathOutsideWorkspace(CorralError, ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class CommandResult:
+class CommandResult(ProcessOutcome):
     """A finished command. ``limit_hit`` is ``timeout`` (its own timeout),
     ``memory`` (killed by the box's memory limit) or ``output``."""
 
@@ -80,18 +80,6 @@ class CommandResult:
     truncated: bool
     duration_s: float
     pid: int | None
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0 and self.limit_hit is None
-
-    @property
-    def stdout_text(self) -> str:
-        return self.stdout.decode("utf-8", errors="replace")
-
-    @property
-    def stderr_text(self) -> str:
-        return self.stderr.decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1244,7 +1232,7 @@ class AsyncSandbox:
         if box is None or box.cgroup is None:
             return 0
         with contextlib.suppress(CorralError, OSError):
-            return box.cgroup.stats().oom_kills
+            return box.cgroup.oom_kills()
         return 0
 
     def _timeout(self, timeout_s: float | None) -> float | None:
