@@ -1,9 +1,11 @@
 """corral: isolated, stateful, resource-limited sandboxes for untrusted code."""
 
+from ._client import AsyncClient, Client, RemoteSandbox, SandboxInfo
 from ._errors import (
     CorralError,
     HostToolMissing,
     PolicyError,
+    RemoteError,
     SandboxBroken,
     SandboxClosed,
     SandboxError,
@@ -40,8 +42,10 @@ from ._sync import Sandbox, SyncCommandHandle, SyncFileReader, SyncPtyHandle
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
     "AsyncSandbox",
     "Bind",
+    "Client",
     "CodeContext",
     "CommandEvent",
     "CommandExit",
@@ -66,12 +70,15 @@ __all__ = [
     "PolicyError",
     "ProcessInfo",
     "PtyHandle",
+    "RemoteError",
+    "RemoteSandbox",
     "Result",
     "RunResult",
     "Sandbox",
     "SandboxBroken",
     "SandboxClosed",
     "SandboxError",
+    "SandboxInfo",
     "SyncCommandHandle",
     "SyncFileReader",
     "SyncPtyHandle",

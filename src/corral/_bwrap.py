@@ -29,7 +29,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -40,7 +40,7 @@ from ._identity import HostIdentity, acquire_host_identity, release_host_identit
 from ._netrules import Rules
 from ._policy import Policy
 from ._proxy import PORT as PROXY_PORT
-from ._proxy import Approval, Proxy, listen_in_box
+from ._proxy import Approval, NetworkEvent, Proxy, listen_in_box
 from ._result import LIMIT_PRECEDENCE, LimitKind, RunResult
 from .plan import _capabilities, _mounts, _namespaces, _rlimits
 from .plan import _cgroups as _plan_cgroups
@@ -420,6 +420,8 @@ class Box:
         self.proxy: Proxy | None = None
         self.slirp: subprocess.Popen[bytes] | None = None
         self.approve: Approval | None = None
+        self.on_network_event: Callable[[NetworkEvent], None] | None = None
+        self.workspace_owned: str | None = None  # a host workdir handed to the box's uid
         self.started = 0.0
         self._closed = False
 
@@ -433,7 +435,12 @@ class Box:
         extra_files: tuple[_mounts.File, ...] = (),
         stdin_pipe: bool = False,
         approve: Approval | None = None,
+        on_network_event: Callable[[NetworkEvent], None] | None = None,
+        own_workdir: bool = False,
     ) -> Box:
+        """``own_workdir``: ``workdir`` is a fresh directory of corral's own (a
+        server's workspace), to be owned by the box's host uid, so it can be
+        mode 0700: no other user or box reads it."""
         if not command:
             raise ValueError("command must not be empty")
         if policy.network.mode == "allowlist":
@@ -450,6 +457,8 @@ class Box:
             policy, make_plans(policy, workspace_source=workspace_source, extra_files=extra_files)
         )
         box.approve = approve
+        box.on_network_event = on_network_event
+        box.workspace_owned = workspace_source if own_workdir else None
         try:
             await box._launch(command, stdin_pipe)
         except BaseException:
@@ -461,6 +470,8 @@ class Box:
         plans, fds = self.plans, self.fds
         if os.geteuid() == 0:
             self.identity = acquire_host_identity()
+            if self.workspace_owned is not None:
+                os.chown(self.workspace_owned, self.identity.uid, self.identity.gid)
         if plans.cgroups:
             _sweep_once()
             self.cgroup = _cgroups.SandboxCgroup.create(
@@ -511,7 +522,10 @@ class Box:
         if self.policy.network.mode == "allowlist":
             net = self.policy.network
             self.proxy = Proxy(
-                Rules(net.allow, net.deny), hosts=dict(net.hosts), approve=self.approve
+                Rules(net.allow, net.deny),
+                hosts=dict(net.hosts),
+                approve=self.approve,
+                on_event=self.on_network_event,
             )
             await self.proxy.serve(listen_in_box(self.pidfd))
         try:

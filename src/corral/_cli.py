@@ -102,6 +102,36 @@ def _parser() -> argparse.ArgumentParser:
     p_show.add_argument("policy")
     p_check = pol_sub.add_parser("check", help="validate a policy file")
     p_check.add_argument("file")
+
+    p_serve = sub.add_parser("serve", help="the HTTP API (OpenAPI at /docs)")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--data-dir", type=Path, help="database and workspaces")
+    p_serve.add_argument(
+        "--retention", type=_duration, default=7 * 86400.0, help="keep ended sandboxes (7d)"
+    )
+    p_serve.add_argument("--max-upload", type=_size, default=1 << 30, help="per file (1G)")
+    p_serve.add_argument("--log-level", default="info")
+
+    p_keys = sub.add_parser("keys", help="API keys of corral serve")
+    keys_sub = p_keys.add_subparsers(dest="keys_cmd", required=True)
+    p_kc = keys_sub.add_parser("create", help="a new key (printed once, on the last line)")
+    p_kc.add_argument("--name", required=True)
+    p_kc.add_argument("--max-sandboxes", type=int, help="running at once")
+    p_kc.add_argument("--max-memory", type=_size, help="memory of its running sandboxes")
+    p_kc.add_argument("--max-lifetime", type=_duration, help="lifetime of one sandbox")
+    p_kl = keys_sub.add_parser("list", help="the keys (never their secrets)")
+    p_kr = keys_sub.add_parser("revoke", help="revoke a key by id")
+    p_kr.add_argument("id")
+    for p_key in (p_kc, p_kl, p_kr):
+        p_key.add_argument("--data-dir", type=Path, help="the server's data directory")
+
+    p_mcp = sub.add_parser("mcp", help="an MCP server (stdio, or streamable HTTP)")
+    p_mcp.add_argument("--policy", default="default", help="preset name or policy file")
+    p_mcp.add_argument("--timeout", type=_duration, default=600.0, help="sandbox lifetime")
+    p_mcp.add_argument("--http", action="store_true", help="streamable HTTP at /mcp")
+    p_mcp.add_argument("--host", default="127.0.0.1")
+    p_mcp.add_argument("--port", type=int, default=8765)
     return parser
 
 
@@ -225,6 +255,62 @@ def _cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ._serve import default_data_dir, serve
+
+    return serve(
+        data_dir=args.data_dir or default_data_dir(),
+        host=args.host,
+        port=args.port,
+        retention_s=args.retention,
+        max_upload_bytes=args.max_upload,
+        log_level=args.log_level,
+    )
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from ._serve import default_data_dir
+    from ._store import Store
+
+    data_dir = args.data_dir or default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+    store = Store.in_dir(data_dir)
+    try:
+        if args.keys_cmd == "create":
+            key, token = store.create_key(
+                args.name,
+                max_sandboxes=args.max_sandboxes,
+                max_memory_bytes=args.max_memory,
+                max_lifetime_s=args.max_lifetime,
+            )
+            print(f"created key {key.id} ({key.name}); it is shown only now:")
+            print(token)
+        elif args.keys_cmd == "list":
+            for key in store.list_keys():
+                print(
+                    f"{key.id}  {key.name}  max_sandboxes={key.max_sandboxes} "
+                    f"max_memory={key.max_memory_bytes} max_lifetime={key.max_lifetime_s}"
+                )
+        elif not store.revoke_key(args.id):
+            print(f"corral: no active key {args.id!r}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        store.close()
+
+
+def _cmd_mcp(args: argparse.Namespace) -> int:
+    from ._mcp import main as mcp_main
+
+    return mcp_main(
+        policy=_policy_arg(args.policy),
+        timeout_s=args.timeout,
+        http=args.http,
+        host=args.host,
+        port=args.port,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -233,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runtime": _cmd_runtime,
         "doctor": _cmd_doctor,
         "policy": _cmd_policy,
+        "serve": _cmd_serve,
+        "keys": _cmd_keys,
+        "mcp": _cmd_mcp,
     }
     try:
         return handlers[args.cmd](args)

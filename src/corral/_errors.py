@@ -10,7 +10,8 @@ broken infrastructure::
     ├── HostToolMissing        a system tool (bwrap, libseccomp) is absent; says how to install it
     ├── SandboxError           the sandbox could not be set up or broke underneath the caller
     │   └── SandboxBroken      it died or its machinery failed while in use
-    └── SandboxClosed          the caller closed it and then used it again
+    ├── SandboxClosed          the caller closed it and then used it again
+    └── RemoteError            corral serve refused a request: ``.status``, ``.code`` (auth, quota)
 """
 
 from __future__ import annotations
@@ -57,3 +58,13 @@ class SandboxBroken(SandboxError):
 
 class SandboxClosed(CorralError):
     """The sandbox was closed by its owner and cannot be used any more."""
+
+
+class RemoteError(CorralError):
+    """``corral serve`` refused a request; ``status`` is the HTTP status, ``code``
+    the stable error code (``unauthorized``, ``quota_exceeded``, ``not_found``…)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        super().__init__(f"{message} ({code}, HTTP {status})")

@@ -915,7 +915,10 @@ class AsyncSandbox:
         env: Mapping[str, str] | None = None,
         runtime: str | None = _runtime.DEFAULT,
         on_network_request: Approval | None = None,
+        on_network_event: Callable[[NetworkEvent], None] | None = None,
     ) -> None:
+        """``on_network_request(host, port)`` approves hosts the rules do not
+        name; ``on_network_event`` sees every decision of the proxy as it happens."""
         if policy is None:
             policy = Policy.preset("default")
         elif isinstance(policy, str):
@@ -930,6 +933,8 @@ class AsyncSandbox:
         self.network = Network(self)
         self.runtime = runtime
         self._approve = on_network_request
+        self._on_network_event = on_network_event
+        self._own_workdir = False  # set by corral serve for its own workspace directories
         self._runtime_bound = False
         self._interpreter = CodeInterpreter(self)
         self._timeout_s = timeout_s
@@ -975,6 +980,8 @@ class AsyncSandbox:
             extra_files=_agent_files(),
             stdin_pipe=True,
             approve=self._approve,
+            on_network_event=self._on_network_event,
+            own_workdir=self._own_workdir,
         )
         try:
             proc = self._box.proc

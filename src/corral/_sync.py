@@ -323,20 +323,38 @@ class Sandbox:
         runtime: str | None = DEFAULT_RUNTIME,
         on_network_request: Approval | None = None,
     ) -> None:
-        self._async = AsyncSandbox(
-            policy,
-            timeout_s=timeout_s,
-            workdir=workdir,
-            env=env,
-            runtime=runtime,
-            on_network_request=on_network_request,
+        self._attach(
+            AsyncSandbox(
+                policy,
+                timeout_s=timeout_s,
+                workdir=workdir,
+                env=env,
+                runtime=runtime,
+                on_network_request=on_network_request,
+            )
         )
-        self.id = self._async.id
-        self.policy = self._async.policy
+
+    @classmethod
+    def _around(cls, inner: AsyncSandbox) -> Sandbox:
+        """The facade of any sandbox with ``AsyncSandbox``'s interface (the remote one)."""
+        sandbox = cls.__new__(cls)
+        sandbox._attach(inner)
+        return sandbox
+
+    def _attach(self, inner: AsyncSandbox) -> None:
+        self._async = inner
         self.commands = SyncCommands(self._async)
         self.files = SyncFiles(self._async)
         self.pty = SyncPty(self._async)
         self.network = self._async.network  # events() and update() do not block
+
+    @property
+    def id(self) -> str:
+        return self._async.id
+
+    @property
+    def policy(self) -> Policy:
+        return self._async.policy
 
     def start(self) -> None:
         _call(self._async.start())

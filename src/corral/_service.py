@@ -1,0 +1,646 @@
+"""The sandboxes of ``corral serve``: who owns which, how long they live, why they ended.
+
+``Service`` is the HTTP API's engine, free of HTTP: it keeps the live
+``AsyncSandbox`` objects of this process, records every sandbox in the
+``Store``, enforces the per-key quotas, and ends sandboxes for an explicit
+reason. Nothing ends silently: every end is one of ``END_REASONS``, written to
+the database with the time and (for limits) which limit, and stays readable for
+the retention period, with the workspace still downloadable.
+
+Boxes die with the process that started them (``setpriv --pdeathsig``), so a
+server killed with ``kill -9`` cannot re-adopt them: at the next start every
+sandbox the database still calls running is ended with reason
+``server_restarted``, its half-written uploads are removed, and its workspace
+stays downloadable until its retention ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import _cgroups, _runtime
+from ._errors import CorralError, SandboxClosed
+from ._interpreter import CodeContext
+from ._policy import Policy
+from ._proxy import NetworkEvent
+from ._sandbox import AsyncSandbox, CommandHandle, EntryInfo, PathOutsideWorkspace
+from ._store import ApiKey, SandboxRow, Store
+
+EndReason = Literal[
+    "closed",  # the client closed it
+    "timeout",  # its lifetime ran out
+    "idle",  # nothing used it for idle_timeout_s
+    "limit",  # a limit killed it (``limit_hit`` says which)
+    "crashed",  # the box ended underneath us
+    "start_failed",  # it never started (the error said why)
+    "server_shutdown",  # the server stopped cleanly
+    "server_restarted",  # the server was killed; found at the next start
+]
+END_REASONS: tuple[str, ...] = EndReason.__args__  # type: ignore[attr-defined]
+
+_UPLOAD_PREFIX = ".corral-upload-"  # the agent's temp names: never a finished file
+_DISK_CHECK_S = 2.0
+_APPROVAL_TIMEOUT_S = 30.0
+
+
+class ServiceError(CorralError):
+    """A refusal of the service, with an HTTP status and a stable code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    data_dir: Path
+    retention_s: float = 7 * 24 * 3600.0  # ended sandboxes: record and workspace
+    default_timeout_s: float = 300.0
+    max_timeout_s: float = 24 * 3600.0
+    max_sandboxes: int = 200  # the whole server
+    max_upload_bytes: int = 1 << 30
+    reap_interval_s: float = 0.5
+
+
+@dataclass
+class OutputLog:
+    """A background command's output events (bounded by the policy's output_bytes)
+    and its exit, for any number of followers, each from its own offset."""
+
+    cap: int | None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    kept: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
+
+    def add(self, event: dict[str, Any], size: int = 0) -> None:
+        if size and self.cap is not None and self.kept + size > self.cap:
+            return  # beyond the cap the handle only counts (``truncated``)
+        self.kept += size
+        self.events.append(event)
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def follow(self, offset: int) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            while offset < len(self.events):
+                offset += 1
+                yield self.events[offset - 1]
+            if self.done:
+                return
+            await self.changed.wait()
+
+
+@dataclass
+class Approval:
+    id: str
+    host: str
+    port: int
+    time: float
+    answer: asyncio.Future[bool]
+
+
+@dataclass
+class Live:
+    """A running sandbox of this process, and what the API keeps beside it."""
+
+    sandbox: AsyncSandbox
+    key: ApiKey
+    expires_at: float | None
+    idle_timeout_s: float | None
+    workspace: Path
+    last_used: float = field(default_factory=time.monotonic)
+    busy: int = 0
+    commands: dict[int, tuple[CommandHandle, OutputLog]] = field(default_factory=dict)
+    contexts: dict[str, CodeContext] = field(default_factory=dict)
+    approvals: dict[str, Approval] = field(default_factory=dict)
+    approvals_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    next_disk_check: float = 0.0
+
+    def commands_running(self) -> bool:
+        return any(not log.done for _, log in self.commands.values())
+
+
+class Service:
+    def __init__(self, store: Store, config: ServiceConfig, metrics: Metrics | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.instance = os.urandom(8).hex()
+        self.live: dict[str, Live] = {}
+        self.workspaces = config.data_dir / "workspaces"
+        self._create_lock = asyncio.Lock()
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- life of the service -------------------------------------------------------
+
+    async def start(self) -> None:
+        _prepare_data_dir(self.config.data_dir, self.workspaces)
+        # boxes of a killed server died with it (pdeathsig); their cgroups stay
+        _cgroups.sweep_orphans()
+        for row in self.store.list_sandboxes(state="running", limit=1_000_000):
+            self.store.end_sandbox(
+                row.id,
+                reason="server_restarted",
+                detail="the server that ran it stopped without closing it",
+                limit_hit=None,
+                retain_until=time.time() + self.config.retention_s,
+            )
+            self._seal_workspace(self.workspaces / row.id)
+            self.store.audit(
+                "sandbox.end", key_id=row.key_id, sandbox_id=row.id, reason="server_restarted"
+            )
+            self.metrics.ended("server_restarted")
+        self._purge_expired()
+        self._reaper = asyncio.ensure_future(self._reap())
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await asyncio.gather(
+            *(self.end(sid, "server_shutdown") for sid in list(self.live)),
+            return_exceptions=True,
+        )
+
+    # -- sandboxes -----------------------------------------------------------------
+
+    def resolve_policy(self, spec: str | Mapping[str, Any] | None) -> Policy:
+        """A preset name or a policy object. Host binds are refused: a remote
+        client naming host paths would read (or write) the server's files."""
+        if spec is None:
+            return Policy.preset("default")
+        policy = Policy.preset(spec) if isinstance(spec, str) else Policy.from_dict(spec)
+        for name in ("read_only", "writable"):
+            if getattr(policy.filesystem, name):
+                raise ServiceError(
+                    403,
+                    "policy_forbidden",
+                    f"filesystem.{name}: binding host paths is not allowed through the API",
+                )
+        return policy
+
+    async def create(
+        self,
+        key: ApiKey,
+        *,
+        policy: Policy,
+        runtime: str | None,
+        timeout_s: float | None,
+        idle_timeout_s: float | None,
+        metadata: Mapping[str, str],
+        env: Mapping[str, str],
+        network_approval: bool,
+    ) -> SandboxRow:
+        if timeout_s is None:
+            timeout_s = self.config.default_timeout_s
+        if not 0 < timeout_s <= self.config.max_timeout_s:
+            raise ServiceError(
+                400,
+                "invalid_request",
+                f"timeout_s: must be > 0 and at most {self.config.max_timeout_s:g}",
+            )
+        if key.max_lifetime_s is not None and timeout_s > key.max_lifetime_s:
+            raise ServiceError(
+                403,
+                "quota_forbidden",
+                f"timeout_s: this key allows sandboxes of at most {key.max_lifetime_s:g} s",
+            )
+        if idle_timeout_s is not None and idle_timeout_s <= 0:
+            raise ServiceError(400, "invalid_request", "idle_timeout_s: must be > 0")
+        if runtime is not None and _runtime.find(runtime) is None:
+            raise ServiceError(400, "invalid_request", f"runtime: no runtime named {runtime!r}")
+        if env:
+            policy = policy.with_env(env)
+        memory = policy.limits.memory_bytes
+        if key.max_memory_bytes is not None and (memory is None or memory > key.max_memory_bytes):
+            raise ServiceError(
+                403,
+                "quota_forbidden",
+                f"limits.memory_bytes: this key allows at most {key.max_memory_bytes} bytes "
+                "per sandbox (and needs a limit)",
+            )
+        async with self._create_lock:  # quota check and insert as one step
+            if len(self.live) >= self.config.max_sandboxes:
+                raise ServiceError(429, "server_full", "the server runs its maximum of sandboxes")
+            count, memory_used = self.store.running_usage(key.id)
+            if key.max_sandboxes is not None and count >= key.max_sandboxes:
+                raise ServiceError(
+                    429,
+                    "quota_exceeded",
+                    f"this key may run {key.max_sandboxes} sandboxes at once; close one first",
+                )
+            if key.max_memory_bytes is not None and memory_used + (memory or 0) > (
+                key.max_memory_bytes
+            ):
+                raise ServiceError(
+                    429,
+                    "quota_exceeded",
+                    f"this key's running sandboxes may use {key.max_memory_bytes} bytes of "
+                    f"memory in total; {memory_used} are in use",
+                )
+            sandbox = AsyncSandbox(policy, timeout_s=None, runtime=runtime)
+            workspace = self.workspaces / sandbox.id
+            workspace.mkdir(mode=0o700)
+            now = time.time()
+            self.store.insert_sandbox(
+                id=sandbox.id,
+                key_id=key.id,
+                policy=policy.to_dict(),
+                metadata=dict(metadata),
+                runtime=runtime,
+                memory_bytes=memory,
+                created_at=now,
+                expires_at=now + timeout_s,
+                idle_timeout_s=idle_timeout_s,
+                instance=self.instance,
+            )
+        live = Live(sandbox, key, now + timeout_s, idle_timeout_s, workspace)
+        sandbox._workdir = workspace
+        sandbox._own_workdir = True
+        sandbox._on_network_event = lambda event: self._network_event(live, event)
+        if network_approval:
+            sandbox._approve = lambda host, port: self._ask(live, host, port)
+        try:
+            await sandbox.start()
+        except BaseException as exc:
+            await sandbox.close()
+            self._finish(sandbox.id, key.id, "start_failed", _public(str(exc)), None)
+            raise
+        self.live[sandbox.id] = live
+        self.metrics.created()
+        self.store.audit(
+            "sandbox.create",
+            key_id=key.id,
+            sandbox_id=sandbox.id,
+            policy=policy.name,
+            metadata=dict(metadata),
+            timeout_s=timeout_s,
+        )
+        row = self.store.get_sandbox(sandbox.id)
+        assert row is not None
+        return row
+
+    def row(self, key: ApiKey, sandbox_id: str) -> SandboxRow:
+        """The key's sandbox; another key's is as absent as a missing one (404)."""
+        row = self.store.get_sandbox(sandbox_id)
+        if row is None or row.key_id != key.id:
+            raise ServiceError(404, "not_found", f"no sandbox {sandbox_id!r}")
+        return row
+
+    def get_live(self, key: ApiKey, sandbox_id: str) -> Live:
+        row = self.row(key, sandbox_id)
+        live = self.live.get(sandbox_id)
+        if live is None or row.state != "running":
+            raise ServiceError(
+                409,
+                "sandbox_ended",
+                f"sandbox {sandbox_id} has ended ({row.end_reason or 'unknown'}"
+                + (f": {row.limit_hit}" if row.limit_hit else "")
+                + ")",
+            )
+        return live
+
+    @contextlib.asynccontextmanager
+    async def using(self, key: ApiKey, sandbox_id: str) -> AsyncIterator[Live]:
+        """A live sandbox for one request: not idle while in use."""
+        live = self.get_live(key, sandbox_id)
+        live.busy += 1
+        try:
+            yield live
+        except SandboxClosed:
+            raise self._ended_error(sandbox_id) from None
+        finally:
+            live.busy -= 1
+            live.last_used = time.monotonic()
+
+    def _ended_error(self, sandbox_id: str) -> ServiceError:
+        row = self.store.get_sandbox(sandbox_id)
+        reason = row.end_reason if row is not None else None
+        return ServiceError(409, "sandbox_ended", f"sandbox {sandbox_id} has ended ({reason})")
+
+    def extend(self, key: ApiKey, sandbox_id: str, timeout_s: float) -> SandboxRow:
+        live = self.get_live(key, sandbox_id)
+        if not 0 < timeout_s <= self.config.max_timeout_s:
+            raise ServiceError(
+                400,
+                "invalid_request",
+                f"timeout_s: must be > 0 and at most {self.config.max_timeout_s:g}",
+            )
+        row = self.row(key, sandbox_id)
+        expires_at = time.time() + timeout_s
+        if key.max_lifetime_s is not None and expires_at - row.created_at > key.max_lifetime_s:
+            raise ServiceError(
+                403,
+                "quota_forbidden",
+                f"timeout_s: this key allows sandboxes of at most {key.max_lifetime_s:g} s",
+            )
+        live.expires_at = expires_at
+        self.store.set_expiry(sandbox_id, expires_at)
+        return self.row(key, sandbox_id)
+
+    async def end(
+        self,
+        sandbox_id: str,
+        reason: EndReason,
+        *,
+        detail: str | None = None,
+        limit: str | None = None,
+    ) -> None:
+        live = self.live.pop(sandbox_id, None)
+        if live is None:
+            return
+        for approval in live.approvals.values():
+            if not approval.answer.done():
+                approval.answer.set_result(False)
+        for _, log in live.commands.values():
+            log.done = True
+            log.changed.set()
+        await live.sandbox.close()
+        self._finish(sandbox_id, live.key.id, reason, detail, limit)
+        self._seal_workspace(live.workspace)
+
+    def _finish(
+        self, sandbox_id: str, key_id: str, reason: EndReason, detail: str | None, limit: str | None
+    ) -> None:
+        if self.store.end_sandbox(
+            sandbox_id,
+            reason=reason,
+            detail=detail,
+            limit_hit=limit,
+            retain_until=time.time() + self.config.retention_s,
+        ):
+            self.store.audit(
+                "sandbox.end", key_id=key_id, sandbox_id=sandbox_id, reason=reason, limit=limit
+            )
+            self.metrics.ended(reason)
+            if limit is not None:
+                self.metrics.limit_hit(limit)
+
+    def _seal_workspace(self, workspace: Path) -> None:
+        """An ended box's workspace: half-written uploads removed, the top
+        directory taken back from the box's uid (which another box may get)."""
+        with contextlib.suppress(FileNotFoundError):
+            for temp in _upload_temps(workspace):
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            if os.geteuid() == 0:
+                os.chown(workspace, 0, 0)
+            os.chmod(workspace, 0o700)
+
+    # -- the reaper ----------------------------------------------------------------
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reap_interval_s)
+            try:
+                await self._reap_once()
+            except Exception as exc:  # the reaper must outlive any one sandbox's trouble
+                self.store.audit(
+                    "server.reaper_error", key_id=None, sandbox_id=None, error=str(exc)
+                )
+
+    async def _reap_once(self) -> None:
+        now, mono = time.time(), time.monotonic()
+        for sandbox_id, live in list(self.live.items()):
+            sb = live.sandbox
+            if not sb.is_running():
+                if sb._oom_kills() > 0:
+                    await self.end(sandbox_id, "limit", limit="memory", detail="out of memory")
+                else:
+                    failure = sb._connection.failure if sb._connection is not None else None
+                    await self.end(sandbox_id, "crashed", detail=_public(str(failure or "")))
+            elif live.expires_at is not None and now >= live.expires_at:
+                await self.end(sandbox_id, "timeout")
+            elif (
+                live.idle_timeout_s is not None
+                and live.busy == 0
+                and not live.commands_running()
+                and mono - live.last_used >= live.idle_timeout_s
+            ):
+                await self.end(sandbox_id, "idle")
+            elif mono >= live.next_disk_check:
+                live.next_disk_check = mono + _DISK_CHECK_S
+                limit = sb.policy.limits.disk_bytes
+                if limit is not None and _usage(live.workspace, limit) > limit:
+                    # the host workspace has no total bound of its own (per-file
+                    # only): a box that fills the host's disk is ended here
+                    await self.end(sandbox_id, "limit", limit="disk", detail="workspace full")
+        self._purge_expired()
+
+    def _purge_expired(self) -> None:
+        for row in self.store.due_for_purge(time.time()):
+            shutil.rmtree(self.workspaces / row.id, ignore_errors=True)
+            self.store.mark_purged(row.id)
+
+    # -- network -------------------------------------------------------------------
+
+    def _network_event(self, live: Live, event: NetworkEvent) -> None:
+        self.metrics.proxy_decision(event.allowed)
+        self.store.audit(
+            "network.decision",
+            key_id=live.key.id,
+            sandbox_id=live.sandbox.id,
+            host=event.host,
+            port=event.port,
+            allowed=event.allowed,
+            rule=event.rule,
+            reason=event.reason,
+        )
+
+    async def _ask(self, live: Live, host: str, port: int) -> bool:
+        """A host the rules do not name: ask the client over the API, deny on silence."""
+        approval = Approval(
+            os.urandom(6).hex(), host, port, time.time(), asyncio.get_running_loop().create_future()
+        )
+        live.approvals[approval.id] = approval
+        live.approvals_changed.set()
+        live.approvals_changed = asyncio.Event()
+        try:
+            return await asyncio.wait_for(asyncio.shield(approval.answer), _APPROVAL_TIMEOUT_S)
+        except TimeoutError:
+            return False
+        finally:
+            live.approvals.pop(approval.id, None)
+
+    async def pending_approvals(self, live: Live, wait_s: float) -> list[Approval]:
+        if not live.approvals and wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.approvals_changed.wait(), wait_s)
+        return [a for a in live.approvals.values() if not a.answer.done()]
+
+    # -- files of ended sandboxes ----------------------------------------------------
+
+    def ended_workspace(self, key: ApiKey, sandbox_id: str) -> Path:
+        row = self.row(key, sandbox_id)
+        if row.purged:
+            raise ServiceError(410, "purged", f"sandbox {sandbox_id}'s workspace was purged")
+        return self.workspaces / sandbox_id
+
+
+def _public(message: str) -> str:
+    """An error message fit for a client: no host paths of the server."""
+    return message.replace(str(Path.home()), "~")[:2000]
+
+
+def _prepare_data_dir(data_dir: Path, workspaces: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+    workspaces.mkdir(exist_ok=True, mode=0o711)
+    # traversable, not listable: a box's uid reaches only its own workspace
+    os.chmod(workspaces, 0o711)  # noqa: S103
+    if os.geteuid() == 0:
+        # as root every box runs as its own uid, which must reach its workspace
+        for parent in [workspaces, *workspaces.parents]:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                raise CorralError(
+                    f"the data directory must be reachable by the boxes' unprivileged uids, "
+                    f"but {parent} is not searchable by others (mode "
+                    f"{stat.S_IMODE(os.stat(parent).st_mode):o}); use a --data-dir such as "
+                    "/var/lib/corral/server"
+                )
+
+
+def _upload_temps(root: Path) -> Iterator[str]:
+    for dirpath, _dirs, files in os.walk(root):  # os.walk never follows symlinks
+        for name in files:
+            if name.startswith(_UPLOAD_PREFIX):
+                yield os.path.join(dirpath, name)
+
+
+def _usage(root: Path, stop_at: int) -> int:
+    """Bytes of disk under ``root`` (allocated blocks, links not followed), stopping
+    once past ``stop_at``."""
+    total = 0
+    stack = [str(root)]
+    while stack and total <= stop_at:
+        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                total += st.st_blocks * 512
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+    return total
+
+
+# -- reading an ended sandbox's workspace from the host ------------------------------
+
+
+def open_beneath(root: Path, relative: str) -> int:
+    """An fd of ``relative`` under ``root``, never leaving it: each component is
+    opened with O_NOFOLLOW from its parent's fd, so a symlink the box left behind
+    (``secret -> /etc/shadow``) cannot make the server read a host file."""
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise PathOutsideWorkspace(f"{relative!r} is outside the workspace")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            try:
+                new = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise PathOutsideWorkspace(f"{relative!r} is a symbolic link") from None
+                raise
+            os.close(fd)
+            fd = new
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def entry_of(fd: int, name: str, path: str) -> EntryInfo:
+    st = os.fstat(fd)
+    return _entry(st, name, path)
+
+
+def _entry(st: os.stat_result, name: str, path: str) -> EntryInfo:
+    kind: Literal["file", "dir", "symlink", "other"] = (
+        "file"
+        if stat.S_ISREG(st.st_mode)
+        else "dir"
+        if stat.S_ISDIR(st.st_mode)
+        else "symlink"
+        if stat.S_ISLNK(st.st_mode)
+        else "other"
+    )
+    return EntryInfo(name, path, kind, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime)
+
+
+def list_beneath(root: Path, relative: str) -> list[EntryInfo]:
+    fd = open_beneath(root, relative)
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", relative)
+        base = "/".join(p for p in relative.split("/") if p not in ("", "."))
+        out = []
+        for name in sorted(os.listdir(fd)):
+            if name.startswith(_UPLOAD_PREFIX):
+                continue
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            out.append(_entry(st, name, f"{base}/{name}" if base else name))
+        return out
+    finally:
+        os.close(fd)
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry: two servers in one
+    process, as in tests, do not collide)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.sandboxes = Gauge(
+            "corral_sandboxes", "Sandboxes by state", ["state"], registry=self.registry
+        )
+        self.creations = Counter(
+            "corral_sandbox_creations", "Sandboxes created", registry=self.registry
+        )
+        self.ends = Counter(
+            "corral_sandbox_ends", "Sandboxes ended, by reason", ["reason"], registry=self.registry
+        )
+        self.run_code = Histogram(
+            "corral_run_code_seconds",
+            "run_code latency as the server sees it",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.limits = Counter(
+            "corral_limit_hits", "Limits hit, by kind", ["kind"], registry=self.registry
+        )
+        self.proxy = Counter(
+            "corral_proxy_decisions", "Proxy decisions", ["decision"], registry=self.registry
+        )
+        self.live_count: Callable[[], int] = lambda: 0
+
+    def created(self) -> None:
+        self.creations.inc()
+
+    def ended(self, reason: str) -> None:
+        self.ends.labels(reason).inc()
+
+    def limit_hit(self, kind: str) -> None:
+        self.limits.labels(kind).inc()
+
+    def proxy_decision(self, allowed: bool) -> None:
+        self.proxy.labels("allowed" if allowed else "denied").inc()
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        self.sandboxes.labels("running").set(self.live_count())
+        return generate_latest(self.registry)
