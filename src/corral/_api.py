@@ -274,7 +274,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
                     )
                 )
                 record(execution, asyncio.get_running_loop().time() - started)
-                return execution
+                return _json(execution)
 
         async def events() -> AsyncIterator[dict[str, Any]]:
             async with service.using(key, sandbox_id) as live:
@@ -376,7 +376,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
                     )
                 )
                 record(result)
-                return result
+                return _json(result)
 
         async def events() -> AsyncIterator[dict[str, Any]]:
             async with service.using(key, sandbox_id) as live:
@@ -653,6 +653,11 @@ async def _finish_background(
     finally:
         output.done = True
         output.changed.set()
+
+
+def _json(data: dict[str, Any]) -> Response:
+    """A reply already made of JSON types: serialized once, without FastAPI's walk."""
+    return Response(json.dumps(data, separators=(",", ":")), media_type="application/json")
 
 
 def _chunk(stream: str, data: bytes) -> dict[str, Any]:

@@ -301,8 +301,10 @@ class Service:
         return row
 
     def get_live(self, key: ApiKey, sandbox_id: str) -> Live:
-        row = self.row(key, sandbox_id)
         live = self.live.get(sandbox_id)
+        if live is not None and live.key.id == key.id:
+            return live  # the hot path: no database read
+        row = self.row(key, sandbox_id)
         if live is None or row.state != "running":
             raise ServiceError(
                 409,

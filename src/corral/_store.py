@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -76,6 +78,9 @@ audit_table = sa.Table(
 )
 
 
+_AUTH_CACHE_S = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     id: str
@@ -118,12 +123,25 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         _meta.create_all(self.engine)
+        self._auth_cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._audit_queue: list[dict[str, Any]] = []
+        self._audit_writing = False
+        self._stopping = False
+        self._audit_ready = threading.Condition()
+        self._audit_writer = threading.Thread(
+            target=self._write_audit, name="corral-audit", daemon=True
+        )
+        self._audit_writer.start()
 
     @classmethod
     def in_dir(cls, data_dir: Path) -> Store:
         return cls(f"sqlite:///{data_dir / 'corral.db'}")
 
     def close(self) -> None:
+        with self._audit_ready:
+            self._stopping = True
+            self._audit_ready.notify_all()
+        self._audit_writer.join()
         self.engine.dispose()
 
     @contextmanager
@@ -160,6 +178,20 @@ class Store:
         return key, f"crl_{key_id}_{secret}"
 
     def authenticate(self, token: str) -> ApiKey | None:
+        """The key of ``token``, or None. Answers are cached for ``_AUTH_CACHE_S``
+        (keyed by the token's hash): a revocation takes effect within that."""
+        digest = _sha256(token)
+        now = time.monotonic()
+        cached = self._auth_cache.get(digest)
+        if cached is not None and now - cached[0] < _AUTH_CACHE_S:
+            return cached[1]
+        key = self._authenticate(token)
+        if len(self._auth_cache) > 10_000:  # a flood of bad tokens must not grow it forever
+            self._auth_cache.clear()
+        self._auth_cache[digest] = (now, key)
+        return key
+
+    def _authenticate(self, token: str) -> ApiKey | None:
         parts = token.split("_", 2)
         if len(parts) != 3 or parts[0] != "crl" or len(token) > 200:
             return None
@@ -188,6 +220,7 @@ class Store:
                 .where(keys_table.c.id == key_id, keys_table.c.revoked_at.is_(None))
                 .values(revoked_at=time.time())
             )
+        self._auth_cache.clear()
         return done.rowcount > 0
 
     # -- sandboxes -------------------------------------------------------------------
@@ -292,16 +325,44 @@ class Store:
     def audit(
         self, action: str, *, key_id: str | None, sandbox_id: str | None, **detail: Any
     ) -> None:
-        with self._tx() as conn:
-            conn.execute(
-                audit_table.insert().values(
-                    time=time.time(),
-                    key_id=key_id,
-                    sandbox_id=sandbox_id,
-                    action=action,
-                    detail=detail,
-                )
-            )
+        """Queue an entry; a writer thread commits the queue in batches. A request
+        does not wait for the disk (a ``kill -9`` loses at most the entries of the
+        last moment, never a sandbox's state, which is written synchronously)."""
+        entry = {
+            "time": time.time(),
+            "key_id": key_id,
+            "sandbox_id": sandbox_id,
+            "action": action,
+            "detail": detail,
+        }
+        with self._audit_ready:
+            self._audit_queue.append(entry)
+            self._audit_ready.notify()
+
+    def flush(self) -> None:
+        """Wait until every queued audit entry is committed."""
+        with self._audit_ready:
+            while self._audit_queue or self._audit_writing:
+                self._audit_ready.wait(0.05)
+
+    def _write_audit(self) -> None:
+        while True:
+            with self._audit_ready:
+                while not self._audit_queue and not self._stopping:
+                    self._audit_ready.wait()
+                if not self._audit_queue and self._stopping:
+                    return
+                batch, self._audit_queue = self._audit_queue, []
+                self._audit_writing = True
+            try:
+                with self._tx() as conn:
+                    conn.execute(audit_table.insert(), batch)
+            except Exception:  # the log must not take the server down; say so
+                logging.getLogger("corral.serve").exception("lost %d audit entries", len(batch))
+            finally:
+                with self._audit_ready:
+                    self._audit_writing = False
+                    self._audit_ready.notify_all()
 
     def audit_log(
         self,
@@ -313,6 +374,7 @@ class Store:
         after_seq: int = 0,
     ) -> list[dict[str, Any]]:
         """Oldest first from ``after_seq``."""
+        self.flush()
         t = audit_table
         query = (
             t.select()
