@@ -368,8 +368,9 @@ def test_every_end_has_a_reason(client: Client) -> None:
 
     timed = client.sandbox(timeout_s=1)
     timed.start()
-    info = _ended(client, timed.id)
-    assert info.end_reason == "timeout"
+    with pytest.raises(corral.SandboxBroken, match="timeout"):  # a call in flight says why
+        timed.commands.run("sleep 30")
+    assert _ended(client, timed.id).end_reason == "timeout"
     with pytest.raises(corral.SandboxBroken, match="timeout"):
         timed.commands.run("true")
     timed.close()

@@ -370,8 +370,9 @@ class Service:
         for _, log in live.commands.values():
             log.done = True
             log.changed.set()
-        await live.sandbox.close()
+        # recorded first: calls cut short by the close read this reason
         self._finish(sandbox_id, live.key.id, reason, detail, limit)
+        await live.sandbox.close()
         self._seal_workspace(live.workspace)
 
     def _finish(
