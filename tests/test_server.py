@@ -18,8 +18,15 @@ import pytest
 
 import corral
 from corral import AsyncClient, Client, RemoteError
-from corral._client import RemoteCommandHandle, RemoteCommands, RemoteFiles, RemoteNetwork
-from corral._sandbox import CommandHandle, Commands, Files, Network
+from corral._client import (
+    RemoteCommandHandle,
+    RemoteCommands,
+    RemoteFiles,
+    RemoteNetwork,
+    RemotePty,
+    RemotePtyHandle,
+)
+from corral._sandbox import CommandHandle, Commands, Files, Network, Pty, PtyHandle
 
 from .server_helpers import CORRAL, ServerProcess
 
@@ -164,6 +171,25 @@ async def test_the_async_client_streams(server: ServerProcess, key: str) -> None
         assert (await handle.wait()).stdout == b"bg\n"
 
 
+def test_a_terminal_through_the_client(client: Client) -> None:
+    with client.sandbox(runtime=None) as sb:
+        term = sb.pty.create(100, 30, command=["/bin/sh"])
+        term.send("stty size; echo marker-$((6*7)); exit 5\n")
+        seen = b""
+        while b"marker-42" not in seen:
+            chunk = term.read(timeout_s=10)
+            assert chunk, seen
+            seen += chunk
+        assert b"30 100" in seen
+        assert term.wait().exit_code == 5
+        quiet = sb.pty.create(command=["/bin/sh", "-c", "sleep 30"])
+        with pytest.raises(TimeoutError):
+            quiet.read(timeout_s=0.3)
+        quiet.resize(120, 40)
+        quiet.kill()
+        assert quiet.wait().signal == 9
+
+
 def test_the_remote_sandbox_has_the_local_interface() -> None:
     """Code moves between local and remote by changing one line: every public
     method of the local API exists remotely with the same parameters."""
@@ -173,6 +199,8 @@ def test_the_remote_sandbox_has_the_local_interface() -> None:
         (Files, RemoteFiles),
         (Network, RemoteNetwork),
         (CommandHandle, RemoteCommandHandle),
+        (Pty, RemotePty),
+        (PtyHandle, RemotePtyHandle),
     ]
     for local, remote in pairs:
         for name, member in inspect.getmembers(local):

@@ -42,7 +42,7 @@ from ._errors import (
     SandboxClosed,
     UnsupportedPolicy,
 )
-from ._sandbox import CommandHandle, PathOutsideWorkspace
+from ._sandbox import CommandHandle, PathOutsideWorkspace, PtyHandle
 from ._service import Live, OutputLog, Service, ServiceError, entry_of, list_beneath, open_beneath
 from ._store import ApiKey, SandboxRow
 
@@ -108,6 +108,19 @@ class RunCommand(_Body):
 
 class Kill(_Body):
     signal: int = Field(int(_signal.SIGKILL), ge=1, le=64)
+
+
+class NewPty(_Body):
+    cols: int = Field(80, ge=1, le=1000)
+    rows: int = Field(24, ge=1, le=1000)
+    command: str | list[str] = ["/bin/sh", "-i"]
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+
+
+class Size(_Body):
+    cols: int = Field(ge=1, le=1000)
+    rows: int = Field(ge=1, le=1000)
 
 
 class PathBody(_Body):
@@ -413,6 +426,61 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
 
         return _ndjson(events())
 
+    # -- terminals: the PtyHandle calls, one request each --------------------------
+
+    @app.post("/v1/sandboxes/{sandbox_id}/pty", status_code=201, tags=["terminals"])
+    async def create_pty(sandbox_id: str, body: NewPty, key: Key) -> dict[str, Any]:
+        async with service.using(key, sandbox_id) as live:
+            argv = body.command if isinstance(body.command, str) else list(body.command)
+            handle = await live.sandbox.pty.create(
+                body.cols, body.rows, command=argv, env=body.env, cwd=body.cwd
+            )
+            assert handle.pid is not None
+            live.terminals[handle.pid] = handle
+            service.store.audit(
+                "pty.create", key_id=key.id, sandbox_id=sandbox_id, command=str(argv)[:2000]
+            )
+            return {"pid": handle.pid}
+
+    @app.post("/v1/sandboxes/{sandbox_id}/pty/{pid}/input", tags=["terminals"])
+    async def pty_input(sandbox_id: str, pid: int, request: Request, key: Key) -> dict[str, Any]:
+        async with service.using(key, sandbox_id) as live:
+            data = await request.body()
+            await _terminal(live, pid).send(data)
+            return {"sent": len(data)}
+
+    @app.get("/v1/sandboxes/{sandbox_id}/pty/{pid}/output", tags=["terminals"])
+    async def pty_output(
+        sandbox_id: str, pid: int, key: Key, timeout_s: Annotated[float, Query(ge=0, le=60)] = 30
+    ) -> dict[str, Any]:
+        """The next output (b"" with ``eof`` once it ended); ``timed_out`` when
+        nothing came within ``timeout_s`` (ask again: nothing is lost)."""
+        async with service.using(key, sandbox_id) as live:
+            try:
+                data = await _terminal(live, pid).read(timeout_s)
+            except TimeoutError:
+                return {"data": "", "eof": False, "timed_out": True}
+            return {"data": s.b64(data), "eof": not data, "timed_out": False}
+
+    @app.post("/v1/sandboxes/{sandbox_id}/pty/{pid}/resize", tags=["terminals"])
+    async def pty_resize(sandbox_id: str, pid: int, body: Size, key: Key) -> dict[str, Any]:
+        async with service.using(key, sandbox_id) as live:
+            await _terminal(live, pid).resize(body.cols, body.rows)
+            return {"cols": body.cols, "rows": body.rows}
+
+    @app.post("/v1/sandboxes/{sandbox_id}/pty/{pid}/kill", tags=["terminals"])
+    async def pty_kill(sandbox_id: str, pid: int, key: Key) -> dict[str, Any]:
+        async with service.using(key, sandbox_id) as live:
+            await _terminal(live, pid).kill()
+            return {"killed": True}
+
+    @app.post("/v1/sandboxes/{sandbox_id}/pty/{pid}/wait", tags=["terminals"])
+    async def pty_wait(sandbox_id: str, pid: int, key: Key) -> Response:
+        async with service.using(key, sandbox_id) as live:
+            result = await _terminal(live, pid).wait()
+            live.terminals.pop(pid, None)
+            return _json(s.command_result_to_dict(result))
+
     @app.get("/v1/sandboxes/{sandbox_id}/commands", tags=["commands"])
     async def list_commands(sandbox_id: str, key: Key) -> dict[str, Any]:
         async with service.using(key, sandbox_id) as live:
@@ -632,6 +700,13 @@ def _command(live: Live, pid: int) -> tuple[CommandHandle, OutputLog]:
     if found is None:
         raise ServiceError(404, "not_found", f"no background command with pid {pid}")
     return found
+
+
+def _terminal(live: Live, pid: int) -> PtyHandle:
+    handle = live.terminals.get(pid)
+    if handle is None:
+        raise ServiceError(404, "not_found", f"no terminal with pid {pid}")
+    return handle
 
 
 def _keep(live: Live, pid: int, handle: CommandHandle, output: OutputLog) -> None:

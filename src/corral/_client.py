@@ -7,7 +7,7 @@ moves between local and remote by changing one line. Streaming callbacks work
 remotely: output and rich results arrive as NDJSON events as they happen.
 
 Differences that cannot be hidden, and how they show:
-- terminals (``pty``) are local only (``SandboxError``);
+- a terminal's ``read`` is one long-polling request per call;
 - ``network.events()``, ``network.update()``, ``set_timeout()`` and
   ``is_running()`` are synchronous in the local API, so remotely they make a
   short blocking request;
@@ -427,7 +427,7 @@ class RemoteSandbox:
         self.info: SandboxInfo | None = None
         self.commands = RemoteCommands(self)
         self.files = RemoteFiles(self)
-        self.pty = RemotePty()
+        self.pty = RemotePty(self)
         self.network = RemoteNetwork(self)
         self._timeout_s = timeout_s
         self._idle_timeout_s = idle_timeout_s
@@ -614,9 +614,75 @@ def _code_body(
     }
 
 
+class RemotePtyHandle:
+    """A terminal on the server: each call is one request (``read`` long-polls)."""
+
+    def __init__(self, sandbox: RemoteSandbox, pid: int) -> None:
+        self._sb = sandbox
+        self._pid = pid
+        self._url = sandbox._url(f"/pty/{pid}")
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    async def send(self, data: bytes | str) -> None:
+        payload = data.encode() if isinstance(data, str) else data
+        await self._sb._client._json("POST", f"{self._url}/input", content=payload)
+
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        """See ``PtyHandle.read``: the next output, b"" at the end, TimeoutError."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            wait = 30.0 if deadline is None else max(0.0, min(30.0, deadline - loop.time()))
+            reply = await self._sb._client._json(
+                "GET", f"{self._url}/output", params={"timeout_s": wait}
+            )
+            if not reply.get("timed_out"):
+                return s.unb64(reply.get("data"))
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError("no terminal output within the timeout")
+
+    async def resize(self, cols: int, rows: int) -> None:
+        if not (1 <= cols <= 1000 and 1 <= rows <= 1000):
+            raise ValueError("cols and rows must be between 1 and 1000")
+        await self._sb._client._json(
+            "POST", f"{self._url}/resize", json={"cols": cols, "rows": rows}
+        )
+
+    async def kill(self) -> None:
+        await self._sb._client._json("POST", f"{self._url}/kill")
+
+    async def wait(self) -> CommandResult:
+        return s.command_result_from_dict(await self._sb._client._json("POST", f"{self._url}/wait"))
+
+
 class RemotePty:
-    async def create(self, *args: Any, **kwargs: Any) -> Any:
-        raise SandboxError("terminals (pty) are not available through corral serve yet")
+    def __init__(self, sandbox: RemoteSandbox) -> None:
+        self._sb = sandbox
+
+    async def create(
+        self,
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        command: str | Sequence[str] = ("/bin/sh", "-i"),
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> RemotePtyHandle:
+        """A terminal running ``command`` (an interactive shell by default)."""
+        if not (1 <= cols <= 1000 and 1 <= rows <= 1000):
+            raise ValueError("cols and rows must be between 1 and 1000")
+        body = {
+            "cols": cols,
+            "rows": rows,
+            "command": command if isinstance(command, str) else list(command),
+            "env": dict(env) if env is not None else None,
+            "cwd": cwd,
+        }
+        reply = await self._sb._client._json("POST", self._sb._url("/pty"), json=body)
+        return RemotePtyHandle(self._sb, int(reply["pid"]))
 
 
 class RemoteNetwork:

@@ -33,7 +33,7 @@ from ._errors import CorralError, SandboxClosed
 from ._interpreter import CodeContext
 from ._policy import Policy
 from ._proxy import NetworkEvent
-from ._sandbox import AsyncSandbox, CommandHandle, EntryInfo, PathOutsideWorkspace
+from ._sandbox import AsyncSandbox, CommandHandle, EntryInfo, PathOutsideWorkspace, PtyHandle
 from ._store import ApiKey, SandboxRow, Store
 
 EndReason = Literal[
@@ -123,6 +123,7 @@ class Live:
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0
     commands: dict[int, tuple[CommandHandle, OutputLog]] = field(default_factory=dict)
+    terminals: dict[int, PtyHandle] = field(default_factory=dict)
     contexts: dict[str, CodeContext] = field(default_factory=dict)
     approvals: dict[str, Approval] = field(default_factory=dict)
     approvals_changed: asyncio.Event = field(default_factory=asyncio.Event)
