@@ -488,7 +488,41 @@ class _Hello(BaseHTTPRequestHandler):
         pass
 
 
-def test_network_events_and_approvals_over_the_api(client: Client) -> None:
+def test_rules_that_reach_the_servers_own_network_are_refused(client: Client) -> None:
+    """The proxy connects from the server's namespace: an address rule to
+    loopback would let a box talk to corral serve itself (or anything local)."""
+    for rule in ("127.0.0.1", "127.0.0.1:8000", "10.0.0.0/8", "0.0.0.0/0", "169.254.169.254"):
+        policy = corral.Policy.preset("default").with_network(mode="allowlist", allow=[rule])
+        with pytest.raises(RemoteError) as refused:
+            client.sandbox(policy).start()
+        assert (refused.value.status, refused.value.code) == (403, "policy_forbidden")
+        assert "network.allow" in str(refused.value)
+    with pytest.raises(RemoteError, match="network.mode"):
+        client.sandbox(corral.Policy.preset("default").with_network(mode="open")).start()
+    allowlist = corral.Policy.preset("default").with_network(mode="allowlist", allow=["a.test"])
+    with client.sandbox(allowlist, runtime=None) as sb:
+        with pytest.raises(RemoteError) as live:
+            sb.network.update(allow=["a.test", "127.0.0.0/8"])
+        assert live.value.code == "policy_forbidden"
+        sb.network.update(allow=["a.test", "b.test"])  # names stay behind the SSRF guard
+    unbounded = corral.Policy.preset("default").with_limits(output_bytes=None)
+    with pytest.raises(RemoteError, match="output_bytes"):
+        client.sandbox(unbounded).start()
+
+
+@pytest.fixture(scope="module")
+def trusting_server() -> Iterator[ServerProcess]:
+    proc = ServerProcess(None, "--allow-private-network")
+    proc.data_dir.mkdir(mode=0o711)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.cleanup()
+
+
+def test_network_events_and_approvals_over_the_api(trusting_server: ServerProcess) -> None:
+    client = Client(trusting_server.url, api_key=trusting_server.key("net"))
     web = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     port = web.server_address[1]
@@ -527,11 +561,12 @@ def test_network_events_and_approvals_over_the_api(client: Client) -> None:
             sb.network.update(deny=["good.test"])
             assert "good.test" in sb.policy.network.deny
             box_id = sb.id
+        logged = client.audit(sandbox_id=box_id, action="network.decision")
+        assert {(e["detail"]["host"], e["detail"]["allowed"]) for e in logged} == decisions
     finally:
         web.shutdown()
         web.server_close()
-    logged = client.audit(sandbox_id=box_id, action="network.decision")
-    assert {(e["detail"]["host"], e["detail"]["allowed"]) for e in logged} == decisions
+        client.close()
 
 
 # -- many at once ------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import os
 import posixpath
 import secrets
 import signal as _signal
-import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -43,12 +42,21 @@ from ._errors import (
     UnsupportedPolicy,
 )
 from ._sandbox import CommandHandle, PathOutsideWorkspace, PtyHandle
-from ._service import Live, OutputLog, Service, ServiceError, entry_of, list_beneath, open_beneath
+from ._service import (
+    Live,
+    OutputLog,
+    Service,
+    ServiceError,
+    list_beneath,
+    open_file_beneath,
+    stat_beneath,
+)
 from ._store import ApiKey, SandboxRow
 
 log = logging.getLogger("corral.serve")
 NDJSON = "application/x-ndjson"
 _MAX_FINISHED_COMMANDS = 100  # background commands whose output is kept after they end
+_MAX_FINISHED_BYTES = 64 << 20  # and their output in total, per sandbox
 
 
 # -- request bodies -------------------------------------------------------------------
@@ -355,7 +363,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
 
         if body.background:
             async with service.using(key, sandbox_id) as live:
-                output = OutputLog(cap=live.sandbox.policy.limits.output_bytes)
+                output = OutputLog()
                 handle = await live.sandbox.commands.run(
                     argv,
                     background=True,
@@ -363,13 +371,14 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
                     env=body.env,
                     cwd=body.cwd,
                     stdin=stdin if stdin is not None else (True if body.stdin_open else None),
-                    on_stdout=lambda d: output.add(_chunk("stdout", d), len(d)),
-                    on_stderr=lambda d: output.add(_chunk("stderr", d), len(d)),
+                    on_stdout=lambda d: output.on_output("stdout", len(d)),
+                    on_stderr=lambda d: output.on_output("stderr", len(d)),
                 )
                 if handle.pid is None:  # could not start: already a result
                     result = s.command_result_to_dict(await handle.wait())
                     record(result)
                     return JSONResponse({"pid": None, "result": result}, status_code=201)
+                output.attach(handle)
                 _keep(live, handle.pid, handle, output)
                 service.store.audit(
                     "command.start",
@@ -488,12 +497,12 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
             return {"processes": [s.process_to_dict(p) for p in processes]}
 
     @app.get("/v1/sandboxes/{sandbox_id}/commands/{pid}/events", tags=["commands"])
-    async def command_events(
-        sandbox_id: str, pid: int, key: Key, offset: Annotated[int, Query(ge=0)] = 0
-    ) -> StreamingResponse:
+    async def command_events(sandbox_id: str, pid: int, key: Key) -> StreamingResponse:
+        """A background command's output from its start, then its exit (whose
+        result carries no output: it came as events)."""
         live = service.get_live(key, sandbox_id)
         _, output = _command(live, pid)
-        return _ndjson(output.follow(offset))
+        return _ndjson(output.follow())
 
     @app.post("/v1/sandboxes/{sandbox_id}/commands/{pid}/stdin", tags=["commands"])
     async def send_stdin(sandbox_id: str, pid: int, request: Request, key: Key) -> dict[str, Any]:
@@ -550,7 +559,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     async def download(sandbox_id: str, key: Key, path: str) -> StreamingResponse:
         row = service.row(key, sandbox_id)
         if row.state != "running":
-            return _download_ended(service, key, sandbox_id, path)
+            return await _download_ended(service, key, sandbox_id, path)
         async with service.using(key, sandbox_id) as live:
             reader = await live.sandbox.files.open_read(path)
 
@@ -570,7 +579,8 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         row = service.row(key, sandbox_id)
         if row.state != "running":
             root = service.ended_workspace(key, sandbox_id)
-            entries = list_beneath(root, _workspace_relative(service, key, sandbox_id, path))
+            relative = _workspace_relative(service, key, sandbox_id, path)
+            entries = await asyncio.to_thread(list_beneath, root, relative)
         else:
             async with service.using(key, sandbox_id) as live:
                 entries = await live.sandbox.files.list(path)
@@ -582,12 +592,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         if row.state != "running":
             root = service.ended_workspace(key, sandbox_id)
             relative = _workspace_relative(service, key, sandbox_id, path)
-            fd = open_beneath(root, relative)
-            try:
-                name = relative.rstrip("/").rsplit("/", 1)[-1] or "."
-                return s.entry_to_dict(entry_of(fd, name, relative))
-            finally:
-                os.close(fd)
+            return s.entry_to_dict(await asyncio.to_thread(stat_beneath, root, relative))
         async with service.using(key, sandbox_id) as live:
             return s.entry_to_dict(await live.sandbox.files.stat(path))
 
@@ -619,6 +624,10 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     @app.put("/v1/sandboxes/{sandbox_id}/network/rules", tags=["network"])
     async def update_rules(sandbox_id: str, body: Rules, key: Key) -> dict[str, Any]:
         live = service.get_live(key, sandbox_id)
+        if body.allow is not None:
+            service.check_rules(body.allow)
+        if live.sandbox.policy.network.mode != "allowlist":
+            raise ServiceError(409, "not_allowlist", "network.mode is not 'allowlist'")
         live.sandbox.network.update(allow=body.allow, deny=body.deny)
         net = live.sandbox.policy.network
         service.store.audit(
@@ -710,10 +719,16 @@ def _terminal(live: Live, pid: int) -> PtyHandle:
 
 
 def _keep(live: Live, pid: int, handle: CommandHandle, output: OutputLog) -> None:
+    """Register a background command; finished ones are forgotten oldest first
+    beyond ``_MAX_FINISHED_COMMANDS`` or ``_MAX_FINISHED_BYTES`` of output."""
     live.commands[pid] = (handle, output)
-    finished = [p for p, (_, o) in live.commands.items() if o.done]
-    for old in finished[: max(0, len(finished) - _MAX_FINISHED_COMMANDS)]:
+    finished = [(p, o.kept) for p, (_, o) in live.commands.items() if o.done]
+    count, size = len(finished), sum(kept for _, kept in finished)
+    for old, kept in finished:
+        if count <= _MAX_FINISHED_COMMANDS and size <= _MAX_FINISHED_BYTES:
+            break
         del live.commands[old]
+        count, size = count - 1, size - kept
 
 
 async def _finish_background(
@@ -722,12 +737,13 @@ async def _finish_background(
     try:
         result = s.command_result_to_dict(await handle.wait())
         record(result)
-        output.add({"type": "exit", "result": result})
+        # the output went out as events: the exit does not carry it twice
+        output.finish("exit", {"result": {**result, "stdout": "", "stderr": ""}})
     except CorralError as exc:
-        output.add({"type": "error", "error": {"code": "sandbox_ended", "message": str(exc)}})
+        output.finish("error", {"error": {"code": "sandbox_ended", "message": str(exc)}})
     finally:
-        output.done = True
-        output.changed.set()
+        if not output.done:  # cancelled: followers must not wait forever
+            output.finish("error", {"error": {"code": "sandbox_ended", "message": "cancelled"}})
 
 
 def _json(data: dict[str, Any]) -> Response:
@@ -767,15 +783,14 @@ def _workspace_relative(service: Service, key: ApiKey, sandbox_id: str, path: st
     return posixpath.relpath(full, workspace)
 
 
-def _download_ended(service: Service, key: ApiKey, sandbox_id: str, path: str) -> StreamingResponse:
+async def _download_ended(
+    service: Service, key: ApiKey, sandbox_id: str, path: str
+) -> StreamingResponse:
     root = service.ended_workspace(key, sandbox_id)
-    fd = open_beneath(root, _workspace_relative(service, key, sandbox_id, path))
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise IsADirectoryError(21, "not a regular file", path)
+    relative = _workspace_relative(service, key, sandbox_id, path)
+    fd, size = await asyncio.to_thread(open_file_beneath, root, relative)
 
-    def chunks() -> Iterator[bytes]:
+    def chunks() -> Iterator[bytes]:  # Starlette runs a sync iterator in its thread pool
         try:
             while data := os.read(fd, 1 << 20):
                 yield data
@@ -783,9 +798,7 @@ def _download_ended(service: Service, key: ApiKey, sandbox_id: str, path: str) -
             os.close(fd)
 
     return StreamingResponse(
-        chunks(),
-        media_type="application/octet-stream",
-        headers={"X-Corral-Size": str(st.st_size)},
+        chunks(), media_type="application/octet-stream", headers={"X-Corral-Size": str(size)}
     )
 
 

@@ -111,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
         "--retention", type=_duration, default=7 * 86400.0, help="keep ended sandboxes (7d)"
     )
     p_serve.add_argument("--max-upload", type=_size, default=1 << 30, help="per file (1G)")
+    p_serve.add_argument(
+        "--allow-private-network",
+        action="store_true",
+        help="let API policies allow loopback/private addresses and network mode open",
+    )
     p_serve.add_argument("--log-level", default="info")
 
     p_keys = sub.add_parser("keys", help="API keys of corral serve")
@@ -264,6 +269,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         retention_s=args.retention,
         max_upload_bytes=args.max_upload,
+        allow_private_network=args.allow_private_network,
         log_level=args.log_level,
     )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -754,7 +755,10 @@ class RemoteCommandHandle:
                         except Exception as exc:  # reported by wait(), as locally
                             self._callback_error = exc
                 elif kind == "exit":
-                    self._result.set_result(s.command_result_from_dict(event["result"]))
+                    result = s.command_result_from_dict(event["result"])
+                    self._result.set_result(
+                        dataclasses.replace(result, stdout=self.stdout, stderr=self.stderr)
+                    )
                     return
             raise SandboxBroken("the server ended the command's stream without its exit")
         except BaseException as exc:

@@ -194,6 +194,46 @@ class Rules:
         return Decision(True, "", "public address")
 
 
+_HAZARD_NETWORKS = (
+    tuple(
+        ipaddress.ip_network(n)
+        for n in (
+            "0.0.0.0/8",
+            "10.0.0.0/8",
+            "100.64.0.0/10",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "172.16.0.0/12",
+            "192.0.0.0/24",
+            "192.168.0.0/16",
+            "198.18.0.0/15",
+            "224.0.0.0/3",
+            "::/127",
+            "::ffff:0:0/96",
+            "fc00::/7",
+            "fe80::/10",
+            "ff00::/8",
+        )
+    )
+    + METADATA
+)
+
+
+def unsafe_allow_rule(text: str) -> str:
+    """Why an allow rule would open the SSRF guard (an address rule that covers
+    loopback, private, link-local, metadata or this host's addresses), or ""."""
+    network = parse_rule(text, allow=True).network
+    if network is None:
+        return ""  # a name: its addresses still pass the guard
+    for hazard in _HAZARD_NETWORKS:
+        if hazard.version == network.version and network.overlaps(hazard):
+            return f"it covers {hazard}"
+    for address in host_addresses():
+        if address.version == network.version and address in network:
+            return "it covers this host's own address"
+    return ""
+
+
 def address_hazard(address: IPAddress) -> str:
     """Why connecting to ``address`` would reach something it must not, or ""."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

@@ -166,7 +166,9 @@ class _Process:
         # a bounded queue: when its reader lags, the pump waits, credit stops,
         # and the command inside the box blocks on its output
         self.sink = sink
-        self.chunks: dict[Stream, list[bytes]] = {"stdout": [], "stderr": []}
+        # one growing buffer per stream: no per-chunk overhead when a program
+        # writes a byte at a time
+        self.chunks: dict[Stream, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         self.kept = 0
         self.truncated = False
         self.limit_hit: LimitKind | None = None
@@ -204,21 +206,22 @@ class _Process:
                     await self.sink.put(CommandOutput(name, data))
 
     def _take(self, name: Stream, data: bytes) -> None:
-        callback = self.callbacks[name]
-        if callback is not None and self.callback_error is None:
-            try:
-                callback(data)
-            except Exception as exc:  # reported by wait(); the output keeps flowing
-                self.callback_error = exc
+        kept = data
         if self.output_cap is not None and self.kept + len(data) > self.output_cap:
-            data = data[: max(0, self.output_cap - self.kept)]
+            kept = data[: max(0, self.output_cap - self.kept)]
             if not self.truncated:
                 self.truncated = True
                 if self.kill_at_cap:
                     self.limit_hit = "output"
                     self.sandbox._spawn(self.signal(_signal.SIGKILL))
-        self.chunks[name].append(data)
-        self.kept += len(data)
+        self.chunks[name] += kept
+        self.kept += len(kept)
+        callback = self.callbacks[name]  # called after the chunk is kept
+        if callback is not None and self.callback_error is None:
+            try:
+                callback(data)
+            except Exception as exc:  # reported by wait(); the output keeps flowing
+                self.callback_error = exc
 
     async def signal(self, signum: int) -> None:
         with contextlib.suppress(OSError, CorralError):
@@ -275,8 +278,8 @@ class _Process:
         self.result = CommandResult(
             exit_code=code,
             signal=sig,
-            stdout=b"".join(self.chunks["stdout"]),
-            stderr=b"".join(self.chunks["stderr"]),
+            stdout=bytes(self.chunks["stdout"]),
+            stderr=bytes(self.chunks["stderr"]),
             limit_hit=limit,
             truncated=self.truncated,
             duration_s=time.monotonic() - self.started,
@@ -307,14 +310,18 @@ class CommandHandle:
     def pid(self) -> int | None:
         return self._process.pid
 
+    def _buffers(self) -> Mapping[Stream, bytearray]:
+        """The live output buffers (for corral serve's followers: no copy)."""
+        return self._process.chunks
+
     @property
     def stdout(self) -> bytes:
         """Output so far (up to the policy's output cap)."""
-        return b"".join(self._process.chunks["stdout"])
+        return bytes(self._process.chunks["stdout"])
 
     @property
     def stderr(self) -> bytes:
-        return b"".join(self._process.chunks["stderr"])
+        return bytes(self._process.chunks["stderr"])
 
     async def wait(self) -> CommandResult:
         return await self._process.wait()
@@ -452,15 +459,13 @@ class Commands:
             self._sb._forget(ident)
             code = reply.get("exit_code")
             message = reply.get("message")
-            process.chunks["stderr"].append(
-                f"{message}\n".encode() if isinstance(message, str) else b""
-            )
+            process.chunks["stderr"] += f"{message}\n".encode() if isinstance(message, str) else b""
             process.exit.set_result((code if isinstance(code, int) else 127, None))
             process.result = CommandResult(
                 exit_code=code if isinstance(code, int) else 127,
                 signal=None,
                 stdout=b"",
-                stderr=b"".join(process.chunks["stderr"]),
+                stderr=bytes(process.chunks["stderr"]),
                 limit_hit=None,
                 truncated=False,
                 duration_s=time.monotonic() - process.started,

@@ -44,6 +44,7 @@ def serve(
     port: int,
     retention_s: float,
     max_upload_bytes: int,
+    allow_private_network: bool = False,
     log_level: str = "info",
 ) -> int:
     import uvicorn
@@ -69,7 +70,10 @@ def serve(
     service = Service(
         store,
         ServiceConfig(
-            data_dir=data_dir, retention_s=retention_s, max_upload_bytes=max_upload_bytes
+            data_dir=data_dir,
+            retention_s=retention_s,
+            max_upload_bytes=max_upload_bytes,
+            allow_private_network=allow_private_network,
         ),
     )
     app = create_app(service)

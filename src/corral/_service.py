@@ -23,17 +23,19 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from . import _cgroups, _runtime
-from ._errors import CorralError, SandboxClosed
+from ._errors import CorralError, PolicyError, SandboxClosed
 from ._interpreter import CodeContext
+from ._netrules import unsafe_allow_rule
 from ._policy import Policy
 from ._proxy import NetworkEvent
 from ._sandbox import AsyncSandbox, CommandHandle, EntryInfo, PathOutsideWorkspace, PtyHandle
+from ._serial import b64
 from ._store import ApiKey, SandboxRow, Store
 
 EndReason = Literal[
@@ -50,6 +52,7 @@ END_REASONS: tuple[str, ...] = EndReason.__args__  # type: ignore[attr-defined]
 
 _UPLOAD_PREFIX = ".corral-upload-"  # the agent's temp names: never a finished file
 _DISK_CHECK_S = 2.0
+_MAX_LISTING = 10_000  # entries in one listing of an ended workspace
 _APPROVAL_TIMEOUT_S = 30.0
 
 
@@ -70,36 +73,92 @@ class ServiceConfig:
     max_timeout_s: float = 24 * 3600.0
     max_sandboxes: int = 200  # the whole server
     max_upload_bytes: int = 1 << 30
+    max_output_bytes: int = 64 << 20  # a command's kept output: it lives in the server's memory
+    allow_private_network: bool = False  # address rules to private ranges, and mode open
     reap_interval_s: float = 0.5
 
 
-@dataclass
 class OutputLog:
-    """A background command's output events (bounded by the policy's output_bytes)
-    and its exit, for any number of followers, each from its own offset."""
+    """A background command's output for any number of followers, in order.
 
-    cap: int | None
-    events: list[dict[str, Any]] = field(default_factory=list)
-    kept: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    done: bool = False
+    The bytes live once, in the handle's own buffers (bounded by the policy's
+    output_bytes); the log keeps only segments ``[stream, start, end]``, a new
+    one when the stream switches, so a program writing a byte at a time costs
+    no per-chunk memory.
+    """
 
-    def add(self, event: dict[str, Any], size: int = 0) -> None:
-        if size and self.cap is not None and self.kept + size > self.cap:
-            return  # beyond the cap the handle only counts (``truncated``)
-        self.kept += size
-        self.events.append(event)
+    def __init__(self) -> None:
+        self.buffers: Mapping[Any, bytearray] | None = None
+        self.segments: list[list[Any]] = []
+        self.end: tuple[str, dict[str, Any]] | None = None
+        self.changed = asyncio.Event()
+        self.done = False
+        self._early: list[tuple[str, int]] = []  # output before the handle was known
+
+    @property
+    def kept(self) -> int:
+        return sum(len(b) for b in self.buffers.values()) if self.buffers is not None else 0
+
+    def attach(self, handle: CommandHandle) -> None:
+        buffers: Mapping[Any, bytearray] = handle._buffers()
+        self.buffers = buffers
+        for stream, size in self._early:
+            self._extend(stream, min(self._stream_end(stream) + size, len(buffers[stream])))
+        self._early = []
+        self._wake()
+
+    def on_output(self, stream: str, size: int) -> None:
+        """The handle kept more of ``stream`` (its callback runs after it kept it)."""
+        if self.buffers is None:
+            self._early.append((stream, size))
+            return
+        self._extend(stream, len(self.buffers[stream]))
+        self._wake()
+
+    def _extend(self, stream: str, size: int) -> None:
+        last = self.segments[-1] if self.segments else None
+        if last is not None and last[0] == stream:
+            last[2] = size
+        elif size > self._stream_end(stream):
+            self.segments.append([stream, self._stream_end(stream), size])
+
+    def _stream_end(self, stream: str) -> int:
+        for segment in reversed(self.segments):
+            if segment[0] == stream:
+                return int(segment[2])
+        return 0
+
+    def finish(self, kind: str, body: dict[str, Any]) -> None:
+        self.end = (kind, body)
+        self.done = True
+        self._wake()
+
+    def _wake(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
 
-    async def follow(self, offset: int) -> AsyncIterator[dict[str, Any]]:
+    async def follow(self) -> AsyncIterator[dict[str, Any]]:
+        index, pos = 0, None
         while True:
-            while offset < len(self.events):
-                offset += 1
-                yield self.events[offset - 1]
-            if self.done:
+            changed = self.changed
+            while index < len(self.segments):
+                stream, start, end = self.segments[index]
+                at = start if pos is None else pos
+                while at < end:  # at most 1 MiB an event
+                    upto = min(end, at + (1 << 20))
+                    assert self.buffers is not None
+                    yield {"type": stream, "data": b64(bytes(self.buffers[stream][at:upto]))}
+                    at = upto
+                pos = at
+                if index + 1 < len(self.segments):
+                    index, pos = index + 1, None
+                elif self.segments[index][2] == pos:
+                    break
+            if self.done and (not self.segments or self.segments[-1][2] == pos):
+                if self.end is not None:
+                    yield {"type": self.end[0], **self.end[1]}
                 return
-            await self.changed.wait()
+            await changed.wait()
 
 
 @dataclass
@@ -191,7 +250,42 @@ class Service:
                     "policy_forbidden",
                     f"filesystem.{name}: binding host paths is not allowed through the API",
                 )
+        if policy.network.mode == "open" and not self.config.allow_private_network:
+            # slirp4netns NATs to the host's LAN and metadata endpoints
+            raise ServiceError(
+                403,
+                "policy_forbidden",
+                "network.mode: 'open' reaches the server's LAN; this server does not allow it "
+                "(corral serve --allow-private-network)",
+            )
+        self.check_rules(policy.network.allow)
+        output = policy.limits.output_bytes
+        if output is None or output > self.config.max_output_bytes:
+            # kept output lives in the server's memory until the call returns
+            raise ServiceError(
+                403,
+                "policy_forbidden",
+                f"limits.output_bytes: at most {self.config.max_output_bytes} on this server",
+            )
         return policy
+
+    def check_rules(self, allow: Sequence[str]) -> None:
+        """The proxy runs in the server's network namespace: an address rule to
+        loopback or private ranges would let a box reach the server itself."""
+        if self.config.allow_private_network:
+            return
+        for rule in allow:
+            try:
+                why = unsafe_allow_rule(rule)
+            except ValueError as exc:
+                raise PolicyError("network.allow", str(exc)) from None
+            if why:
+                raise ServiceError(
+                    403,
+                    "policy_forbidden",
+                    f"network.allow: {rule!r} is refused on this server: {why} "
+                    "(corral serve --allow-private-network)",
+                )
 
     async def create(
         self,
@@ -369,8 +463,8 @@ class Service:
             if not approval.answer.done():
                 approval.answer.set_result(False)
         for _, log in live.commands.values():
-            log.done = True
-            log.changed.set()
+            if not log.done:
+                log.finish("error", {"error": {"code": "sandbox_ended", "message": reason}})
         # recorded first: calls cut short by the close read this reason
         self._finish(sandbox_id, live.key.id, reason, detail, limit)
         await live.sandbox.close()
@@ -541,33 +635,93 @@ def _usage(root: Path, stop_at: int) -> int:
 # -- reading an ended sandbox's workspace from the host ------------------------------
 
 
-def open_beneath(root: Path, relative: str) -> int:
-    """An fd of ``relative`` under ``root``, never leaving it: each component is
-    opened with O_NOFOLLOW from its parent's fd, so a symlink the box left behind
-    (``secret -> /etc/shadow``) cannot make the server read a host file."""
+def _walk(root: Path, relative: str) -> tuple[int, str | None]:
+    """The directory fd holding ``relative``'s last component, and that name
+    (None for the root itself), never leaving ``root``: each directory is opened
+    with O_NOFOLLOW|O_DIRECTORY from its parent's fd, so a symlink the box left
+    (``secret -> /etc/shadow``) is refused, not followed, and a FIFO or socket
+    on the way fails at once (ENOTDIR) instead of blocking the server."""
     parts = [p for p in relative.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
         raise PathOutsideWorkspace(f"{relative!r} is outside the workspace")
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, flags)
     try:
-        for part in parts:
-            try:
-                new = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise PathOutsideWorkspace(f"{relative!r} is a symbolic link") from None
-                raise
+        for part in parts[:-1]:
+            new = os.open(part, flags, dir_fd=fd)
             os.close(fd)
             fd = new
-    except BaseException:
+    except OSError as exc:
         os.close(fd)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise PathOutsideWorkspace(f"{relative!r} goes through a non-directory") from None
         raise
-    return fd
+    return fd, parts[-1] if parts else None
 
 
-def entry_of(fd: int, name: str, path: str) -> EntryInfo:
+def stat_beneath(root: Path, relative: str) -> EntryInfo:
+    parent, name = _walk(root, relative)
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False) if name else os.fstat(parent)
+    finally:
+        os.close(parent)
+    return _entry(st, name or ".", relative)
+
+
+def list_beneath(root: Path, relative: str) -> list[EntryInfo]:
+    parent, name = _walk(root, relative)
+    try:
+        if name is None:
+            fd = os.dup(parent)
+        else:
+            try:
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(name, flags, dir_fd=parent)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise NotADirectoryError(errno.ENOTDIR, "not a directory") from None
+                raise
+    finally:
+        os.close(parent)
+    try:
+        base = "/".join(p for p in relative.split("/") if p not in ("", "."))
+        out = []
+        for entry in sorted(os.listdir(fd))[:_MAX_LISTING]:
+            if entry.startswith(_UPLOAD_PREFIX):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+                out.append(_entry(st, entry, f"{base}/{entry}" if base else entry))
+        return out
+    finally:
+        os.close(fd)
+
+
+def open_file_beneath(root: Path, relative: str) -> tuple[int, int]:
+    """A regular file's fd and size. O_NONBLOCK: a FIFO opens at once and is
+    then refused, like every other non-regular file (sockets fail with ENXIO)."""
+    parent, name = _walk(root, relative)
+    try:
+        if name is None:
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PathOutsideWorkspace(f"{relative!r} is a symbolic link") from None
+            if exc.errno == errno.ENXIO:
+                raise PermissionError(errno.EACCES, "not a regular file") from None
+            raise
+    finally:
+        os.close(parent)
     st = os.fstat(fd)
-    return _entry(st, name, path)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        raise PermissionError(errno.EACCES, "not a regular file")
+    return fd, st.st_size
 
 
 def _entry(st: os.stat_result, name: str, path: str) -> EntryInfo:
@@ -581,23 +735,6 @@ def _entry(st: os.stat_result, name: str, path: str) -> EntryInfo:
         else "other"
     )
     return EntryInfo(name, path, kind, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime)
-
-
-def list_beneath(root: Path, relative: str) -> list[EntryInfo]:
-    fd = open_beneath(root, relative)
-    try:
-        if not stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", relative)
-        base = "/".join(p for p in relative.split("/") if p not in ("", "."))
-        out = []
-        for name in sorted(os.listdir(fd)):
-            if name.startswith(_UPLOAD_PREFIX):
-                continue
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            out.append(_entry(st, name, f"{base}/{name}" if base else name))
-        return out
-    finally:
-        os.close(fd)
 
 
 class Metrics:
