@@ -341,9 +341,26 @@ def test_paths_out_of_the_workspace_are_refused_running_and_ended(client: Client
         with pytest.raises(PermissionError, match="outside the workspace"):  # as locally
             sb.files.read("secret")
         box_id = sb.id
-    for path in ("secret", "d/root/etc/shadow", "../data/corral.db"):
+    for path in ("secret", "d/root/etc/shadow", "../data/corral.db", "d/root"):
         with pytest.raises((corral.PathOutsideWorkspace, FileNotFoundError)):
             client.download(box_id, path)
+
+
+def test_special_files_left_by_a_box_cannot_stall_the_server(
+    client: Client, server: ServerProcess
+) -> None:
+    with client.sandbox(runtime=None) as sb:
+        sb.commands.run(
+            "mkfifo pipe && mkdir d && mkfifo d/pipe && "
+            "python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"sock\")'"
+        )
+        box_id = sb.id
+    for path in ("pipe", "sock", "pipe/x"):
+        with pytest.raises((PermissionError, corral.PathOutsideWorkspace)):
+            client.download(box_id, path)
+    listing = client._async._sync_json("GET", f"/v1/sandboxes/{box_id}/files", params={"path": "d"})
+    assert [(e["name"], e["type"]) for e in listing["entries"]] == [("pipe", "other")]
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
 
 
 def test_request_and_upload_size_limits(server: ServerProcess, key: str) -> None:
@@ -353,6 +370,22 @@ def test_request_and_upload_size_limits(server: ServerProcess, key: str) -> None
     )
     assert reply.status_code == 413
     assert reply.json()["error"]["code"] == "too_large"
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit still holds
+        yield b'{"metadata": {"a": "'
+        for _ in range(3):
+            yield b"x" * (1 << 20)
+        yield b'"}}'
+
+    reply = httpx.post(f"{server.url}/v1/sandboxes", content=chunked(), headers=headers)
+    assert (reply.status_code, reply.json()["error"]["code"]) == (413, "too_large")
+    for bad in ({"timeout_s": float("nan")}, {"idle_timeout_s": 1e400}, {"runtime": "../etc"}):
+        reply = httpx.post(
+            f"{server.url}/v1/sandboxes",
+            content=json.dumps(bad).replace("Infinity", "1e400"),
+            headers={**headers, "content-type": "application/json"},
+        )
+        assert reply.status_code in (400, 422), (bad, reply.text)
 
 
 def test_errors_are_json_with_a_stable_code_and_no_host_paths(
@@ -583,8 +616,7 @@ async def test_fifty_concurrent_sandboxes_run_code(server: ServerProcess, key: s
 
         texts = await asyncio.gather(*(one(i) for i in range(50)))
         assert texts == [str(sum(range(i))) for i in range(50)]
-        health = (await client._http.get("/health")).json()
-        assert health["sandboxes"] == 0
+        assert await client.list(state="running") == []
 
 
 def test_openapi_document_is_checked_in(server: ServerProcess) -> None:

@@ -13,7 +13,6 @@ The routes are thin: ``_service.Service`` does the work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
@@ -41,7 +40,7 @@ from ._errors import (
     SandboxClosed,
     UnsupportedPolicy,
 )
-from ._sandbox import CommandHandle, PathOutsideWorkspace, PtyHandle
+from ._sandbox import CommandExit, CommandHandle, PathOutsideWorkspace, PtyHandle
 from ._service import (
     Live,
     OutputLog,
@@ -63,7 +62,7 @@ _MAX_FINISHED_BYTES = 64 << 20  # and their output in total, per sandbox
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class CreateSandbox(_Body):
@@ -109,7 +108,9 @@ class RunCommand(_Body):
     timeout_s: float | None = Field(None, gt=0)
     env: dict[str, str] | None = None
     cwd: str | None = None
-    stdin: str | None = Field(None, description="base64 bytes fed to stdin, then closed")
+    stdin: str | None = Field(
+        None, description="base64 bytes fed to stdin (then closed, unless background)"
+    )
     stdin_open: bool = Field(False, description="background: keep stdin open for /stdin")
     stream: bool = Field(False, description="foreground: NDJSON output events, then exit")
 
@@ -190,7 +191,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
 
     @app.get("/health", tags=["server"])
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "sandboxes": len(service.live)}
+        return {"status": "ok", "version": __version__}
 
     @app.get("/metrics", tags=["server"], response_class=Response)
     async def metrics(key: Key) -> Response:
@@ -401,37 +402,19 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
                 return _json(result)
 
         async def events() -> AsyncIterator[dict[str, Any]]:
+            # commands.stream is bounded: a slow HTTP reader holds the command
+            # back instead of filling the server's memory; a client that goes
+            # away closes this generator, which kills the command
             async with service.using(key, sandbox_id) as live:
-                queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-                task = asyncio.ensure_future(
-                    live.sandbox.commands.run(
-                        argv,
-                        timeout_s=body.timeout_s,
-                        env=body.env,
-                        cwd=body.cwd,
-                        stdin=stdin,
-                        on_stdout=lambda d: queue.put_nowait(_chunk("stdout", d)),
-                        on_stderr=lambda d: queue.put_nowait(_chunk("stderr", d)),
-                    )
-                )
-                try:
-                    while True:
-                        getter = asyncio.ensure_future(queue.get())
-                        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                        if getter.done():
-                            yield getter.result()
-                            continue
-                        getter.cancel()
-                        while not queue.empty():
-                            yield queue.get_nowait()
-                        result = s.command_result_to_dict(task.result())
+                async for event in live.sandbox.commands.stream(
+                    argv, timeout_s=body.timeout_s, env=body.env, cwd=body.cwd, stdin=stdin
+                ):
+                    if isinstance(event, CommandExit):
+                        result = s.command_result_to_dict(event.result)
                         record(result)
                         yield {"type": "exit", "result": result}
-                        return
-                finally:
-                    task.cancel()  # the client went away: the command must not run on unseen
-                    with contextlib.suppress(BaseException):
-                        await task
+                    else:
+                        yield _chunk(event.stream, event.data)
 
         return _ndjson(events())
 
@@ -812,6 +795,10 @@ _OS_ERRORS = {
     errno.ENOTEMPTY: (409, "directory_not_empty"),
     errno.ENOSPC: (507, "no_space"),
     errno.EFBIG: (413, "too_large"),
+    errno.ENAMETOOLONG: (400, "invalid_path"),
+    errno.EINVAL: (400, "invalid_request"),
+    errno.ENXIO: (403, "permission_denied"),
+    errno.ELOOP: (400, "invalid_path"),
 }
 
 
@@ -890,19 +877,31 @@ class _BodyLimit:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await _too_large(send, self.max_bytes)
                 return
+        # read (at most max_bytes of) the body first, then hand it on: an
+        # oversized chunked body gets its 413 like one with a Content-Length
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> MutableMapping[str, Any]:
-            nonlocal seen
+        while True:
             message = await receive()
+            if message["type"] != "http.request":
+                break
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise ServiceError(
-                    413, "too_large", f"request bodies are limited to {self.max_bytes} bytes"
-                )
-            return message
+                await _too_large(send, self.max_bytes)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        await self.app(scope, limited, send)
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 async def _too_large(

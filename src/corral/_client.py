@@ -26,6 +26,7 @@ import errno
 import json
 import os
 import signal as _signal
+import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -143,7 +144,7 @@ def _raise_code(status: int, code: str, message: str, fieldname: object = None) 
         raise kind(number, message)
     if code == "sandbox_ended":
         raise SandboxBroken(message)
-    if code in ("invalid_request", "too_large"):
+    if code in ("invalid_request", "invalid_path", "too_large"):
         raise _InvalidRequest(status, code, message)
     raise RemoteError(status, code, message)
 
@@ -178,8 +179,20 @@ class AsyncClient:
         # closes the connection, which ends the call
         timeout = httpx.Timeout(connect=10.0, read=None, write=None, pool=None)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        # TCP keepalive: with no read timeout, a server that vanished without a
+        # FIN (a cut network) must still end the call, within about a minute
+        keepalive = [
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+        ]
         self._http = httpx.AsyncClient(
-            base_url=self.url, headers=headers, timeout=timeout, limits=limits
+            base_url=self.url,
+            headers=headers,
+            timeout=timeout,
+            limits=limits,
+            transport=httpx.AsyncHTTPTransport(socket_options=keepalive, limits=limits),
         )
         # for the few calls the local API makes synchronous (network.events()…)
         self._sync_http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
@@ -448,6 +461,8 @@ class RemoteSandbox:
     async def start(self) -> None:
         if self.info is not None or self._closed:
             raise SandboxError("a sandbox can be started once")
+        if self._timeout_s is None:
+            raise ValueError("timeout_s: a remote sandbox always has a finite lifetime")
         body = {
             "policy": self._spec,
             "runtime": self.runtime,
@@ -483,7 +498,7 @@ class RemoteSandbox:
             return False
         try:
             info = self._client._sync_json("GET", self._url(""))
-        except CorralError:
+        except SandboxBroken:  # the server is out of reach
             return False
         return bool(info.get("state") == "running")
 
@@ -876,13 +891,16 @@ class RemoteCommands:
         timeout_s: float | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        stdin: bytes | str | None = None,
     ) -> AsyncGenerator[CommandEvent, None]:
         """See ``Commands.stream``: leaving the loop early kills the command."""
+        data = stdin.encode() if isinstance(stdin, str) else stdin
         body = {
             "command": command if isinstance(command, str) else list(command),
             "timeout_s": timeout_s,
             "env": dict(env) if env is not None else None,
             "cwd": cwd,
+            "stdin": s.b64(data) if data is not None else None,
             "stream": True,
         }
         async for event in self._events(body):

@@ -564,18 +564,19 @@ class Commands:
         timeout_s: float | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        stdin: bytes | str | None = None,
     ) -> AsyncGenerator[CommandEvent, None]:
         """Output chunks as they happen, then one ``CommandExit``.
 
         Bounded: while the consumer lags, the command waits on its output.
-        Leaving the loop early kills the command.
+        Leaving the loop early kills the command. ``stdin`` is fed, then closed.
         """
         sink: asyncio.Queue[CommandEvent] = asyncio.Queue(maxsize=_STREAM_QUEUE)
-        process, _, _ = await self._start(
+        process, writer, _ = await self._start(
             command,
             env=env,
             cwd=cwd,
-            stdin=False,
+            stdin=stdin is not None,
             timeout_s=self._sb._timeout(timeout_s),
             output_cap=self._sb.policy.limits.output_bytes,
             kill_at_cap=True,
@@ -586,6 +587,11 @@ class Commands:
         if process.result is not None:  # could not be started
             yield CommandExit(process.result)
             return
+        feeder = (
+            asyncio.ensure_future(_feed(writer, stdin))
+            if writer is not None and stdin is not None
+            else None
+        )
         waiter = asyncio.ensure_future(process.wait())
         try:
             while True:
@@ -603,6 +609,8 @@ class Commands:
                 if isinstance(event, CommandExit):
                     return
         finally:
+            if feeder is not None:
+                feeder.cancel()
             if not waiter.done():
                 await process.signal(_signal.SIGKILL)
                 while not waiter.done():  # let the pumps finish into the sink

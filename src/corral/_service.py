@@ -52,6 +52,7 @@ END_REASONS: tuple[str, ...] = EndReason.__args__  # type: ignore[attr-defined]
 
 _UPLOAD_PREFIX = ".corral-upload-"  # the agent's temp names: never a finished file
 _DISK_CHECK_S = 2.0
+_MAX_FILES = 200_000  # entries in one workspace: inodes are a host resource too
 _MAX_LISTING = 10_000  # entries in one listing of an ended workspace
 _APPROVAL_TIMEOUT_S = 30.0
 
@@ -201,6 +202,7 @@ class Service:
         self.live: dict[str, Live] = {}
         self.workspaces = config.data_dir / "workspaces"
         self._create_lock = asyncio.Lock()
+        self._starting = 0
         self._reaper: asyncio.Task[None] | None = None
 
     # -- life of the service -------------------------------------------------------
@@ -313,9 +315,13 @@ class Service:
                 "quota_forbidden",
                 f"timeout_s: this key allows sandboxes of at most {key.max_lifetime_s:g} s",
             )
-        if idle_timeout_s is not None and idle_timeout_s <= 0:
+        if idle_timeout_s is not None and not 0 < idle_timeout_s < float("inf"):
             raise ServiceError(400, "invalid_request", "idle_timeout_s: must be > 0")
-        if runtime is not None and _runtime.find(runtime) is None:
+        try:
+            missing = runtime is not None and _runtime.find(runtime) is None
+        except CorralError as exc:  # a malformed name
+            raise ServiceError(400, "invalid_request", f"runtime: {exc}") from None
+        if missing:
             raise ServiceError(400, "invalid_request", f"runtime: no runtime named {runtime!r}")
         if env:
             policy = policy.with_env(env)
@@ -328,7 +334,7 @@ class Service:
                 "per sandbox (and needs a limit)",
             )
         async with self._create_lock:  # quota check and insert as one step
-            if len(self.live) >= self.config.max_sandboxes:
+            if len(self.live) + self._starting >= self.config.max_sandboxes:
                 raise ServiceError(429, "server_full", "the server runs its maximum of sandboxes")
             count, memory_used = self.store.running_usage(key.id)
             if key.max_sandboxes is not None and count >= key.max_sandboxes:
@@ -362,6 +368,7 @@ class Service:
                 idle_timeout_s=idle_timeout_s,
                 instance=self.instance,
             )
+            self._starting += 1  # a slot, held while the box starts
         live = Live(sandbox, key, now + timeout_s, idle_timeout_s, workspace)
         sandbox._workdir = workspace
         sandbox._own_workdir = True
@@ -371,10 +378,15 @@ class Service:
         try:
             await sandbox.start()
         except BaseException as exc:
-            await sandbox.close()
             self._finish(sandbox.id, key.id, "start_failed", _public(str(exc)), None)
+            try:
+                await sandbox.close()
+            finally:
+                self._starting -= 1
+                self._seal_workspace(workspace)
             raise
         self.live[sandbox.id] = live
+        self._starting -= 1
         self.metrics.created()
         self.store.audit(
             "sandbox.create",
@@ -467,8 +479,10 @@ class Service:
                 log.finish("error", {"error": {"code": "sandbox_ended", "message": reason}})
         # recorded first: calls cut short by the close read this reason
         self._finish(sandbox_id, live.key.id, reason, detail, limit)
-        await live.sandbox.close()
-        self._seal_workspace(live.workspace)
+        try:
+            await live.sandbox.close()
+        finally:
+            await asyncio.to_thread(self._seal_workspace, live.workspace)
 
     def _finish(
         self, sandbox_id: str, key_id: str, reason: EndReason, detail: str | None, limit: str | None
@@ -532,11 +546,18 @@ class Service:
             elif mono >= live.next_disk_check:
                 live.next_disk_check = mono + _DISK_CHECK_S
                 limit = sb.policy.limits.disk_bytes
-                if limit is not None and _usage(live.workspace, limit) > limit:
-                    # the host workspace has no total bound of its own (per-file
-                    # only): a box that fills the host's disk is ended here
+                size, files = await asyncio.to_thread(
+                    _usage, live.workspace, limit if limit is not None else 1 << 62, _MAX_FILES
+                )
+                # the host workspace has no total bound of its own (per-file
+                # only): a box that fills the host's disk, or its inodes, ends here
+                if limit is not None and size > limit:
                     await self.end(sandbox_id, "limit", limit="disk", detail="workspace full")
-        self._purge_expired()
+                elif files > _MAX_FILES:
+                    await self.end(
+                        sandbox_id, "limit", limit="disk", detail=f"over {_MAX_FILES} files"
+                    )
+        await asyncio.to_thread(self._purge_expired)
 
     def _purge_expired(self) -> None:
         for row in self.store.due_for_purge(time.time()):
@@ -617,19 +638,26 @@ def _upload_temps(root: Path) -> Iterator[str]:
                 yield os.path.join(dirpath, name)
 
 
-def _usage(root: Path, stop_at: int) -> int:
-    """Bytes of disk under ``root`` (allocated blocks, links not followed), stopping
-    once past ``stop_at``."""
-    total = 0
+def _usage(root: Path, stop_at: int, max_files: int) -> tuple[int, int]:
+    """Bytes of disk (allocated blocks, links not followed) and entries under
+    ``root``, stopping once past ``stop_at`` bytes or ``max_files`` entries."""
+    total = files = 0
     stack = [str(root)]
-    while stack and total <= stop_at:
-        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
-            for entry in entries:
+    while stack and total <= stop_at and files <= max_files:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            files += 1
+            try:
                 st = entry.stat(follow_symlinks=False)
-                total += st.st_blocks * 512
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-    return total
+            except OSError:  # removed meanwhile: the rest of the directory still counts
+                continue
+            total += st.st_blocks * 512
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(entry.path)
+    return total, files
 
 
 # -- reading an ended sandbox's workspace from the host ------------------------------

@@ -241,9 +241,12 @@ class SyncCommands:
         timeout_s: float | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        stdin: bytes | str | None = None,
     ) -> Iterator[CommandEvent]:
         """Output chunks as they happen, then one ``CommandExit``."""
-        events = self._sb.commands.stream(command, timeout_s=timeout_s, env=env, cwd=cwd)
+        events = self._sb.commands.stream(
+            command, timeout_s=timeout_s, env=env, cwd=cwd, stdin=stdin
+        )
         try:
             while True:
                 try:
