@@ -425,3 +425,30 @@ def test_sync_reader_iteration_keeps_buffered_bytes() -> None:
             head = reader.read(10)
             rest = b"".join(reader)
         assert len(head) + len(rest) == 1 << 20
+
+
+async def test_each_command_has_its_own_cpu_budget_and_the_agent_none() -> None:
+    """RLIMIT_CPU on the agent would end a long-lived box once the agent itself
+    had relayed enough output; each command gets the budget instead."""
+    policy = Policy.preset("default").with_limits(cpu_time_s=2.0)
+    async with AsyncSandbox(policy, runtime=None) as sb:
+        find_agent = (
+            "import os\n"
+            "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+            "    argv = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0')\n"
+            "    if b'/run/corral/agent.py' in argv:\n"
+            "        print(open(f'/proc/{pid}/limits').read())\n"
+        )
+        agent = await sb.commands.run(["python3", "-c", find_agent])
+        agent_line = next(ln for ln in agent.stdout.splitlines() if b"Max cpu time" in ln)
+        assert agent_line.split()[3:5] == [b"unlimited", b"unlimited"], agent.stdout
+        own = await sb.commands.run("grep 'Max cpu time' /proc/self/limits")
+        assert own.stdout.split()[3:5] == [b"2", b"3"], own.stdout
+        spin = await sb.commands.run(["python3", "-c", "while True: pass"], timeout_s=20)
+        assert spin.signal == signal.SIGXCPU
+        terminal = await sb.pty.create(command=["grep", "Max cpu time", "/proc/self/limits"])
+        out = b""
+        while chunk := await terminal.read(timeout_s=10):
+            out += chunk
+        assert out.split()[3:5] == [b"2", b"3"], out
+        assert sb.is_running()

@@ -18,7 +18,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
+import resource
 import selectors
 import signal
 import stat
@@ -75,8 +77,9 @@ class Upload:
 
 
 class Agent:
-    def __init__(self, workspace: str) -> None:
+    def __init__(self, workspace: str, cpu_time_s: int = 0) -> None:
         self.workspace = os.path.realpath(workspace)
+        self.cpu_time_s = cpu_time_s
         self.sel = selectors.DefaultSelector()
         self.decoder = w.Decoder()
         self.rbuf = bytearray(4 << 20)
@@ -281,7 +284,7 @@ class Agent:
                         cwd=cwd,
                         env=env,
                         start_new_session=True,
-                        preexec_fn=_take_tty,
+                        preexec_fn=functools.partial(_terminal_child, self.cpu_time_s),
                     )
                 finally:
                     os.close(slave)
@@ -294,6 +297,7 @@ class Agent:
                     cwd=cwd,
                     env=env,
                     start_new_session=True,
+                    preexec_fn=functools.partial(_limit_cpu, self.cpu_time_s),
                 )
         except OSError as exc:  # shell semantics: 127 not found, 126 cannot run
             if master is not None:
@@ -566,6 +570,18 @@ def _winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
+def _limit_cpu(seconds: int) -> None:
+    # in the child, before exec: each command its own CPU budget; soft
+    # SIGXCPU, hard SIGKILL a second later (a busy loop burns CPU forever)
+    if seconds:
+        resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 1))
+
+
+def _terminal_child(cpu_seconds: int) -> None:
+    _take_tty()
+    _limit_cpu(cpu_seconds)
+
+
 def _take_tty() -> None:
     # the agent is single-threaded, so a pre-exec hook is safe here
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -590,7 +606,7 @@ def _no_dumps() -> None:
 def main() -> None:
     _no_dumps()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    Agent(sys.argv[1]).run()
+    Agent(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0).run()
 
 
 if __name__ == "__main__":

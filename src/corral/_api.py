@@ -56,6 +56,8 @@ log = logging.getLogger("corral.serve")
 NDJSON = "application/x-ndjson"
 _MAX_FINISHED_COMMANDS = 100  # background commands whose output is kept after they end
 _MAX_FINISHED_BYTES = 64 << 20  # and their output in total, per sandbox
+_MAX_BACKGROUND = 64  # running background commands per sandbox (each holds its output here)
+_MAX_TERMINALS = 16  # open terminals per sandbox (each holds a read buffer here)
 
 
 # -- request bodies -------------------------------------------------------------------
@@ -364,6 +366,13 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
 
         if body.background:
             async with service.using(key, sandbox_id) as live:
+                if sum(not o.done for _, o in live.commands.values()) >= _MAX_BACKGROUND:
+                    raise ServiceError(
+                        429,
+                        "too_many",
+                        f"a sandbox runs at most {_MAX_BACKGROUND} background "
+                        "commands started through the API",
+                    )
                 output = OutputLog()
                 handle = await live.sandbox.commands.run(
                     argv,
@@ -423,6 +432,13 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     @app.post("/v1/sandboxes/{sandbox_id}/pty", status_code=201, tags=["terminals"])
     async def create_pty(sandbox_id: str, body: NewPty, key: Key) -> dict[str, Any]:
         async with service.using(key, sandbox_id) as live:
+            for pid, old in list(live.terminals.items()):
+                if old._process.exit.done():  # ended and never waited for
+                    del live.terminals[pid]
+            if len(live.terminals) >= _MAX_TERMINALS:
+                raise ServiceError(
+                    429, "too_many", f"a sandbox has at most {_MAX_TERMINALS} open terminals"
+                )
             argv = body.command if isinstance(body.command, str) else list(body.command)
             handle = await live.sandbox.pty.create(
                 body.cols, body.rows, command=argv, env=body.env, cwd=body.cwd

@@ -129,8 +129,13 @@ def make_plans(
     *,
     workspace_source: str | None,
     extra_files: tuple[_mounts.File, ...] = (),
+    per_command_cpu: bool = False,
 ) -> Plans:
-    """Every plan for one box, and the list of controls this host weakens."""
+    """Every plan for one box, and the list of controls this host weakens.
+
+    ``per_command_cpu``: the box's first program (a long-lived box's agent)
+    applies RLIMIT_CPU to each command it starts, so the agent's own CPU over
+    a long life does not end the box."""
     limits = policy.limits
     for section in ("read_only", "writable"):
         for i, bind in enumerate(getattr(policy.filesystem, section)):
@@ -201,7 +206,11 @@ def make_plans(
         ),
         namespaces=_namespaces.plan_namespaces(policy.network, policy.identity),
         capabilities=_capabilities.plan_capabilities(policy.identity),
-        rlimits=_rlimits.plan_rlimits(limits, cgroups=usable),
+        rlimits=tuple(
+            r
+            for r in _rlimits.plan_rlimits(limits, cgroups=usable)
+            if not (per_command_cpu and r.resource == "RLIMIT_CPU")
+        ),
         seccomp=seccomp,
         cgroups=cgroup_writes,
         cgroup_controllers=usable,
@@ -437,6 +446,7 @@ class Box:
         approve: Approval | None = None,
         on_network_event: Callable[[NetworkEvent], None] | None = None,
         own_workdir: bool = False,
+        per_command_cpu: bool = False,
     ) -> Box:
         """``own_workdir``: ``workdir`` is a fresh directory of corral's own (a
         server's workspace), to be owned by the box's host uid, so it can be
@@ -454,7 +464,13 @@ class Box:
                 raise FileNotFoundError(errno.ENOENT, "workdir is not a directory", str(workdir))
             workspace_source = str(path)
         box = cls(
-            policy, make_plans(policy, workspace_source=workspace_source, extra_files=extra_files)
+            policy,
+            make_plans(
+                policy,
+                workspace_source=workspace_source,
+                extra_files=extra_files,
+                per_command_cpu=per_command_cpu,
+            ),
         )
         box.approve = approve
         box.on_network_event = on_network_event

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import io
+import math
 import os
 import posixpath
 import secrets
@@ -128,6 +129,11 @@ def _agent_files() -> tuple[File, ...]:
         File(f"{AGENT_DIR}/kernel_driver.py", (here / "_kernel_driver.py").read_bytes(), 0o444),
         File(f"{AGENT_DIR}/js_kernel.js", (here / "_js_kernel.js").read_bytes(), 0o444),
     )
+
+
+def _cpu_seconds(cpu_time_s: float | None) -> int:
+    """RLIMIT_CPU's whole seconds, as the planner rounds them; 0 for none."""
+    return 0 if cpu_time_s is None else math.ceil(cpu_time_s)
 
 
 def _argv(command: str | Sequence[str]) -> list[str]:
@@ -978,6 +984,9 @@ class AsyncSandbox:
             "-S",
             f"{AGENT_DIR}/agent.py",
             self.policy.filesystem.workspace,
+            # the agent gives each command its own CPU budget (RLIMIT_CPU), rather
+            # than having one itself: its own CPU over a long life must not end the box
+            str(_cpu_seconds(self.policy.limits.cpu_time_s)),
         ]
         box_policy = self.policy
         runtime = _runtime.find(self.runtime) if self.runtime is not None else None
@@ -995,6 +1004,7 @@ class AsyncSandbox:
             approve=self._approve,
             on_network_event=self._on_network_event,
             own_workdir=self._own_workdir,
+            per_command_cpu=True,
         )
         try:
             proc = self._box.proc
