@@ -214,3 +214,21 @@ async def test_displays_order_errors_files_and_streaming() -> None:
         kinds = [k for _, k in stamps]
         assert kinds == ["stdout", "stdout", "done"]
         assert stamps[1][0] - stamps[0][0] > 0.8
+
+
+async def test_a_cells_output_is_bounded_by_the_policy() -> None:
+    """A cell printing without end must not fill the host's memory before its
+    timeout: beyond output_bytes its output is dropped, and it says so."""
+    policy = Policy.preset("default").with_limits(output_bytes=1 << 20)
+    async with AsyncSandbox(policy) as sb:
+        seen: list[str] = []
+        execution = await sb.run_code(
+            "for i in range(20_000):\n    print('x' * 1000)\n'still here'",
+            on_stdout=seen.append,
+        )
+        kept = sum(len(t) for t in execution.logs.stdout)
+        assert 0 < kept <= 1 << 20
+        assert sum(len(t) for t in seen) == kept
+        assert "output beyond 1048576 bytes was dropped" in "".join(execution.logs.stderr)
+        assert execution.error is None
+        assert (await sb.run_code("1 + 1")).text == "2"  # the next cell is whole again

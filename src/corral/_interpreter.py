@@ -153,6 +153,10 @@ def _result(data: object, main: bool) -> Result:
     return Result(**fields, extra=extra)
 
 
+def _size(result: Result) -> int:
+    return sum(len(getattr(result, name) or "") for name in result.formats if name != "json")
+
+
 class CodeInterpreter:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sb = sandbox
@@ -341,12 +345,32 @@ class CodeInterpreter:
         error: ExecutionError | None = None
         count: int | None = None
         restarted = False
+        # the cell's output is kept (and passed on) up to the policy's output_bytes:
+        # a cell printing forever must not fill the host's memory until its timeout
+        cap = self._sb.policy.limits.output_bytes
+        kept = 0
+
+        def room(size: int) -> int:
+            """How much of ``size`` more may be kept (all of it, or what is left)."""
+            nonlocal kept
+            if cap is None or kept + size <= cap:
+                kept += size
+                return size
+            left = max(0, cap - kept)
+            if kept <= cap:
+                stderr.append(f"[corral] output beyond {cap} bytes was dropped\n")
+            kept = cap + 1
+            return left
+
         try:
             while True:
                 event = await self._next_event(queue)
                 kind = event.get("event")
                 if kind == "stream":
                     text = str(event.get("text", ""))
+                    text = text[: room(len(text))]
+                    if not text:
+                        continue
                     if event.get("name") == "stderr":
                         stderr.append(text)
                         _call(on_stderr, text)
@@ -355,6 +379,9 @@ class CodeInterpreter:
                         _call(on_stdout, text)
                 elif kind == "result":
                     result = _result(event.get("data"), bool(event.get("main")))
+                    size = _size(result)
+                    if room(size) < size:
+                        continue
                     results.append(result)
                     _call(on_result, result)
                 elif kind == "error":
