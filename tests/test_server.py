@@ -481,6 +481,7 @@ def test_metrics_and_the_audit_log(client: Client, server: ServerProcess, key: s
         "corral_sandbox_creations_total",
         "corral_run_code_seconds_bucket",
         'corral_sandbox_ends_total{reason="closed"}',
+        'corral_sandboxes{state="ended"}',
     ):
         assert name in text
 

@@ -187,7 +187,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         lifespan=lifespan,
     )
     app.state.service = service
-    service.metrics.live_count = lambda: len(service.live)
+    service.metrics.counts = service.store.count_by_state
     app.add_middleware(_BodyLimit, max_bytes=max_request_bytes)
     _errors(app)
 

@@ -794,7 +794,7 @@ class Metrics:
         self.proxy = Counter(
             "corral_proxy_decisions", "Proxy decisions", ["decision"], registry=self.registry
         )
-        self.live_count: Callable[[], int] = lambda: 0
+        self.counts: Callable[[], Mapping[str, int]] = dict
 
     def created(self) -> None:
         self.creations.inc()
@@ -811,5 +811,7 @@ class Metrics:
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
-        self.sandboxes.labels("running").set(self.live_count())
+        counts = self.counts()
+        for state in ("running", "ended"):
+            self.sandboxes.labels(state).set(counts.get(state, 0))
         return generate_latest(self.registry)

@@ -270,6 +270,15 @@ class Store:
             ).one()
         return int(row[0]), int(row[1])
 
+    def count_by_state(self) -> dict[str, int]:
+        """Sandboxes by state (``ended`` counts those still retained)."""
+        t = sandboxes_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.state, sa.func.count()).where(~t.c.purged).group_by(t.c.state)
+            ).fetchall()
+        return {str(state): int(n) for state, n in rows}
+
     def set_expiry(self, sandbox_id: str, expires_at: float | None) -> None:
         with self._tx() as conn:
             conn.execute(
