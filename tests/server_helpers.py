@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -31,6 +33,7 @@ class ServerProcess:
             parent = Path(tempfile.mkdtemp(prefix="corral-test-serve-"))
             parent.chmod(0o755)
             data_dir = parent / "data"
+            data_dir.mkdir(mode=0o711)
         self.data_dir = data_dir
         self.extra = extra
         self.port = free_port()
@@ -94,3 +97,14 @@ class ServerProcess:
         if self.proc is not None:
             self.stop()
         shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+
+
+@contextmanager
+def serving(*extra: str) -> Iterator[ServerProcess]:
+    """A started server in a fresh data directory, removed afterwards."""
+    proc = ServerProcess(None, *extra)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.cleanup()

@@ -28,20 +28,15 @@ from corral._client import (
 )
 from corral._sandbox import CommandHandle, Commands, Files, Network, Pty, PtyHandle
 
-from .server_helpers import CORRAL, ServerProcess
+from .server_helpers import CORRAL, ServerProcess, serving
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the server tests run as root here")
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    proc = ServerProcess()
-    proc.data_dir.mkdir(mode=0o711)
-    proc.start()
-    try:
+    with serving() as proc:
         yield proc
-    finally:
-        proc.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -546,13 +541,8 @@ def test_rules_that_reach_the_servers_own_network_are_refused(client: Client) ->
 
 @pytest.fixture(scope="module")
 def trusting_server() -> Iterator[ServerProcess]:
-    proc = ServerProcess(None, "--allow-private-network")
-    proc.data_dir.mkdir(mode=0o711)
-    proc.start()
-    try:
+    with serving("--allow-private-network") as proc:
         yield proc
-    finally:
-        proc.cleanup()
 
 
 def test_network_events_and_approvals_over_the_api(trusting_server: ServerProcess) -> None:

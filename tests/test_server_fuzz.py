@@ -32,7 +32,6 @@ schema = schemathesis.openapi.from_path(Path(__file__).parent.parent / "docs" / 
 @pytest.fixture(scope="module")
 def fuzz_server() -> Iterator[tuple[ServerProcess, str, str]]:
     server = ServerProcess()
-    server.data_dir.mkdir(mode=0o711)
     # quotas keep the fuzzer from starting hundreds of boxes
     key = server.key("fuzz", "--max-sandboxes", "4", "--max-lifetime", "120")
     server.start()

@@ -52,7 +52,6 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def server() -> Iterator[ServerProcess]:
     proc = ServerProcess()
-    proc.data_dir.mkdir(mode=0o711)
     try:
         yield proc
     finally:
@@ -159,7 +158,6 @@ def test_a_clean_shutdown_ends_sandboxes_with_its_own_reason(server: ServerProce
 
 def test_workspaces_are_purged_when_their_retention_ends(tmp_path: Path) -> None:
     server = ServerProcess(None, "--retention", "2s")
-    server.data_dir.mkdir(mode=0o711)
     try:
         key = server.key("short")
         server.start()

@@ -80,6 +80,10 @@ class Upload:
 class Agent:
     def __init__(self, workspace: str, cpu_time_s: int = 0) -> None:
         self.workspace = os.path.realpath(workspace)
+        # a host hard limit below the policy's (systemd's LimitCPU=) wins: stricter
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        if cpu_time_s and hard != resource.RLIM_INFINITY and cpu_time_s + 1 > hard:
+            cpu_time_s = max(1, hard - 1)
         self.cpu_time_s = cpu_time_s
         self.sel = selectors.DefaultSelector()
         self.decoder = w.Decoder()
@@ -260,6 +264,33 @@ class Agent:
             raise CallError(errno.EACCES, f"{raw!r} is outside the workspace")
         return full
 
+    def limit_session(self, pid: int) -> None:
+        """Give the new command (and whatever it forked already) the CPU budget.
+
+        Set from here, after a vfork spawn, not in a pre-exec hook: that would
+        cost a full fork of the agent (about 2.5 ms a command here). By the time
+        the spawn returns, a shell may have forked: every process of the
+        command's session is limited, again until a pass finds none new. (A
+        process that leaves the session within microseconds escapes it, and
+        gains nothing: any command may start another with a fresh budget; the
+        cgroup bounds the rate, the box's lifetime the total.)"""
+        limit = (self.cpu_time_s, self.cpu_time_s + 1)
+        done: set[int] = set()
+        for _ in range(5):
+            fresh = [p for p in _session_members(pid) if p not in done] if done else [pid]
+            if not fresh:
+                return
+            for member in fresh:
+                done.add(member)
+                try:
+                    resource.prlimit(member, resource.RLIMIT_CPU, limit)
+                except ProcessLookupError:
+                    continue
+                except OSError:  # cannot limit it: it must not run unlimited
+                    with contextlib.suppress(OSError):
+                        os.killpg(pid, signal.SIGKILL)
+                    return
+
     def op_exec(self, ident: int, body: dict[str, object]) -> dict[str, object]:
         argv = body["argv"]
         env = body["env"]
@@ -299,17 +330,12 @@ class Agent:
                     env=env,
                     start_new_session=True,
                 )
-                # set from here, not in a pre-exec hook: that would cost a full
-                # fork of the agent (about 2.5 ms a command here) instead of vfork.
-                # A child that forks within the microseconds before this leaves
-                # those children unlimited, which gains it nothing: any command
-                # may start a new one with a fresh budget; the cgroup bounds the
-                # rate and the box's lifetime the total.
                 if self.cpu_time_s:
-                    with contextlib.suppress(ProcessLookupError):
-                        resource.prlimit(
-                            popen.pid, resource.RLIMIT_CPU, (self.cpu_time_s, self.cpu_time_s + 1)
-                        )
+                    self.limit_session(popen.pid)
+        except subprocess.SubprocessError as exc:  # the terminal's pre-exec hook failed
+            if master is not None:
+                os.close(master)
+            return {"pid": None, "exit_code": 126, "message": f"{argv[0]}: {exc}"}
         except OSError as exc:  # shell semantics: 127 not found, 126 cannot run
             if master is not None:
                 os.close(master)
@@ -579,6 +605,16 @@ def _detach(stream: object) -> int:
 
 def _winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _session_members(sid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry)) == sid:
+                    out.append(int(entry))
+    return out
 
 
 def _limit_cpu(seconds: int) -> None:

@@ -435,6 +435,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
             for pid, old in list(live.terminals.items()):
                 if old._process.exit.done():  # ended and never waited for
                     del live.terminals[pid]
+                    live.terminal_locks.pop(pid, None)
             if len(live.terminals) >= _MAX_TERMINALS:
                 raise ServiceError(
                     429, "too_many", f"a sandbox has at most {_MAX_TERMINALS} open terminals"
@@ -464,8 +465,11 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         """The next output (b"" with ``eof`` once it ended); ``timed_out`` when
         nothing came within ``timeout_s`` (ask again: nothing is lost)."""
         async with service.using(key, sandbox_id) as live:
+            terminal = _terminal(live, pid)
+            lock = live.terminal_locks.setdefault(pid, asyncio.Lock())
             try:
-                data = await _terminal(live, pid).read(timeout_s)
+                async with lock:  # one reader at a time: a retry must not break the handle
+                    data = await terminal.read(timeout_s)
             except TimeoutError:
                 return {"data": "", "eof": False, "timed_out": True}
             return {"data": s.b64(data), "eof": not data, "timed_out": False}
@@ -487,6 +491,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         async with service.using(key, sandbox_id) as live:
             result = await _terminal(live, pid).wait()
             live.terminals.pop(pid, None)
+            live.terminal_locks.pop(pid, None)
             return _json(s.command_result_to_dict(result))
 
     @app.get("/v1/sandboxes/{sandbox_id}/commands", tags=["commands"])

@@ -449,7 +449,7 @@ class RemoteSandbox:
         self._metadata = dict(metadata or {})
         self._approve = on_network_request
         self._closed = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -742,6 +742,8 @@ class RemoteCommandHandle:
         self._callback_error: BaseException | None = None
         self._result: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
         self._follower = asyncio.ensure_future(self._follow())
+        sandbox._tasks.add(self._follower)  # cancelled when the sandbox closes
+        self._follower.add_done_callback(sandbox._tasks.discard)
 
     @property
     def pid(self) -> int | None:

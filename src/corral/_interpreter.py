@@ -154,7 +154,19 @@ def _result(data: object, main: bool) -> Result:
 
 
 def _size(result: Result) -> int:
-    return sum(len(getattr(result, name) or "") for name in result.formats if name != "json")
+    """Bytes a result holds: its texts encoded, its binaries, its JSON serialized."""
+    size = 0
+    for name in result.formats:
+        value = getattr(result, name)
+        if isinstance(value, bytes):
+            size += len(value)
+        elif isinstance(value, str):
+            size += len(value.encode(errors="replace"))
+        else:
+            size += len(json.dumps(value, default=str))
+    if result.extra:
+        size += len(json.dumps(result.extra, default=str))
+    return size
 
 
 class CodeInterpreter:
@@ -358,7 +370,9 @@ class CodeInterpreter:
                 return size
             left = max(0, cap - kept)
             if kept <= cap:
-                stderr.append(f"[corral] output beyond {cap} bytes was dropped\n")
+                notice = f"[corral] output beyond {cap} bytes was dropped\n"
+                stderr.append(notice)
+                _call(on_stderr, notice)
             kept = cap + 1
             return left
 
@@ -368,7 +382,10 @@ class CodeInterpreter:
                 kind = event.get("event")
                 if kind == "stream":
                     text = str(event.get("text", ""))
-                    text = text[: room(len(text))]
+                    data = text.encode(errors="replace")
+                    allowed = room(len(data))
+                    if allowed < len(data):  # cut at a byte count, on a character boundary
+                        text = data[:allowed].decode(errors="ignore")
                     if not text:
                         continue
                     if event.get("name") == "stderr":

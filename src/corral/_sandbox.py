@@ -132,8 +132,11 @@ def _agent_files() -> tuple[File, ...]:
 
 
 def _cpu_seconds(cpu_time_s: float | None) -> int:
-    """RLIMIT_CPU's whole seconds, as the planner rounds them; 0 for none."""
-    return 0 if cpu_time_s is None else math.ceil(cpu_time_s)
+    """RLIMIT_CPU's whole seconds, as the planner rounds them; 0 for none (and
+    for a budget beyond 2**40 s, which is none in practice and no rlimit value)."""
+    if cpu_time_s is None or cpu_time_s >= 2**40:
+        return 0
+    return math.ceil(cpu_time_s)
 
 
 def _argv(command: str | Sequence[str]) -> list[str]:

@@ -151,6 +151,8 @@ class OutputLog:
                     yield {"type": stream, "data": b64(bytes(self.buffers[stream][at:upto]))}
                     at = upto
                 pos = at
+                if pos < self.segments[index][2]:
+                    continue  # it grew while we were yielding: take the rest first
                 if index + 1 < len(self.segments):
                     index, pos = index + 1, None
                 elif self.segments[index][2] == pos:
@@ -184,6 +186,7 @@ class Live:
     busy: int = 0
     commands: dict[int, tuple[CommandHandle, OutputLog]] = field(default_factory=dict)
     terminals: dict[int, PtyHandle] = field(default_factory=dict)
+    terminal_locks: dict[int, asyncio.Lock] = field(default_factory=dict)
     contexts: dict[str, CodeContext] = field(default_factory=dict)
     approvals: dict[str, Approval] = field(default_factory=dict)
     approvals_changed: asyncio.Event = field(default_factory=asyncio.Event)

@@ -421,6 +421,12 @@ class Sandbox:
         _call(self._async.prewarm(language))
 
     def set_timeout(self, timeout_s: float | None) -> None:
+        if not isinstance(self._async, AsyncSandbox):
+            # a remote sandbox makes a blocking request: from this thread, so
+            # the portal's loop (every other sandbox's) does not stall on it
+            self._async.set_timeout(timeout_s)
+            return
+
         async def set_it() -> None:
             self._async.set_timeout(timeout_s)
 
