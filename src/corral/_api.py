@@ -366,7 +366,8 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
 
         if body.background:
             async with service.using(key, sandbox_id) as live:
-                if sum(not o.done for _, o in live.commands.values()) >= _MAX_BACKGROUND:
+                running = sum(not o.done for _, o in live.commands.values())
+                if running + live.starting >= _MAX_BACKGROUND:
                     raise ServiceError(
                         429,
                         "too_many",
@@ -374,16 +375,20 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
                         "commands started through the API",
                     )
                 output = OutputLog()
-                handle = await live.sandbox.commands.run(
-                    argv,
-                    background=True,
-                    timeout_s=body.timeout_s,
-                    env=body.env,
-                    cwd=body.cwd,
-                    stdin=stdin if stdin is not None else (True if body.stdin_open else None),
-                    on_stdout=lambda d: output.on_output("stdout", len(d)),
-                    on_stderr=lambda d: output.on_output("stderr", len(d)),
-                )
+                live.starting += 1  # counted while it starts: concurrent requests see it
+                try:
+                    handle = await live.sandbox.commands.run(
+                        argv,
+                        background=True,
+                        timeout_s=body.timeout_s,
+                        env=body.env,
+                        cwd=body.cwd,
+                        stdin=stdin if stdin is not None else (True if body.stdin_open else None),
+                        on_stdout=lambda d: output.on_output("stdout", len(d)),
+                        on_stderr=lambda d: output.on_output("stderr", len(d)),
+                    )
+                finally:
+                    live.starting -= 1
                 if handle.pid is None:  # could not start: already a result
                     result = s.command_result_to_dict(await handle.wait())
                     record(result)
@@ -436,14 +441,18 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
                 if old._process.exit.done():  # ended and never waited for
                     del live.terminals[pid]
                     live.terminal_locks.pop(pid, None)
-            if len(live.terminals) >= _MAX_TERMINALS:
+            if len(live.terminals) + live.starting >= _MAX_TERMINALS:
                 raise ServiceError(
                     429, "too_many", f"a sandbox has at most {_MAX_TERMINALS} open terminals"
                 )
             argv = body.command if isinstance(body.command, str) else list(body.command)
-            handle = await live.sandbox.pty.create(
-                body.cols, body.rows, command=argv, env=body.env, cwd=body.cwd
-            )
+            live.starting += 1
+            try:
+                handle = await live.sandbox.pty.create(
+                    body.cols, body.rows, command=argv, env=body.env, cwd=body.cwd
+                )
+            finally:
+                live.starting -= 1
             assert handle.pid is not None
             live.terminals[handle.pid] = handle
             service.store.audit(

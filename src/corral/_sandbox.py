@@ -556,7 +556,13 @@ class Commands:
         data = stdin if isinstance(stdin, bytes | str) else None
         if background:
             if writer is not None and data is not None:
-                await writer.write(data.encode() if isinstance(data, str) else data)
+                try:
+                    await writer.write(data.encode() if isinstance(data, str) else data)
+                except BaseException:
+                    # cancelled while the command was not reading: nobody would
+                    # hold a handle to it, so it must not run on unseen
+                    self._sb._spawn(process.signal(_signal.SIGKILL))
+                    raise
             return CommandHandle(process, writer)
         if writer is not None and data is not None:
             feeder = asyncio.ensure_future(_feed(writer, data))

@@ -187,6 +187,7 @@ class Live:
     commands: dict[int, tuple[CommandHandle, OutputLog]] = field(default_factory=dict)
     terminals: dict[int, PtyHandle] = field(default_factory=dict)
     terminal_locks: dict[int, asyncio.Lock] = field(default_factory=dict)
+    starting: int = 0  # background commands and terminals being started (counted in caps)
     contexts: dict[str, CodeContext] = field(default_factory=dict)
     approvals: dict[str, Approval] = field(default_factory=dict)
     approvals_changed: asyncio.Event = field(default_factory=asyncio.Event)
