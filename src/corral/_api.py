@@ -13,11 +13,9 @@ The routes are thin: ``_service.Service`` does the work.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
-import posixpath
 import secrets
 import signal as _signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
@@ -40,7 +38,13 @@ from ._errors import (
     SandboxClosed,
     UnsupportedPolicy,
 )
-from ._sandbox import CommandExit, CommandHandle, PathOutsideWorkspace, PtyHandle
+from ._sandbox import (
+    CommandExit,
+    CommandHandle,
+    PathOutsideWorkspace,
+    PtyHandle,
+    workspace_relative,
+)
 from ._service import (
     Live,
     OutputLog,
@@ -788,12 +792,7 @@ def _workspace_relative(service: Service, key: ApiKey, sandbox_id: str, path: st
     relative to the workspace directory on the host."""
     row = service.row(key, sandbox_id)
     workspace = str(row.policy.get("filesystem", {}).get("workspace", "/workspace"))
-    if not path or "\0" in path or len(path) > 4096:
-        raise PathOutsideWorkspace(f"{path!r} is not a valid path")
-    full = posixpath.normpath(posixpath.join(workspace, path))
-    if full != workspace and not full.startswith(workspace + "/"):
-        raise PathOutsideWorkspace(f"{path!r} is outside the workspace {workspace}")
-    return posixpath.relpath(full, workspace)
+    return workspace_relative(workspace, path)
 
 
 async def _download_ended(
@@ -815,23 +814,6 @@ async def _download_ended(
     )
 
 
-_OS_ERRORS = {
-    errno.ENOENT: (404, "file_not_found"),
-    errno.EISDIR: (400, "is_a_directory"),
-    errno.ENOTDIR: (400, "not_a_directory"),
-    errno.EEXIST: (409, "file_exists"),
-    errno.EACCES: (403, "permission_denied"),
-    errno.EPERM: (403, "permission_denied"),
-    errno.ENOTEMPTY: (409, "directory_not_empty"),
-    errno.ENOSPC: (507, "no_space"),
-    errno.EFBIG: (413, "too_large"),
-    errno.ENAMETOOLONG: (400, "invalid_path"),
-    errno.EINVAL: (400, "invalid_request"),
-    errno.ENXIO: (403, "permission_denied"),
-    errno.ELOOP: (400, "invalid_path"),
-}
-
-
 def _describe(exc: BaseException) -> tuple[int, str, str]:
     """Status, stable code and a client-safe message for an exception."""
     if isinstance(exc, ServiceError):
@@ -842,9 +824,9 @@ def _describe(exc: BaseException) -> tuple[int, str, str]:
         return 400, "unsupported_policy", str(exc)
     if isinstance(exc, PathOutsideWorkspace):
         return 400, "path_outside_workspace", str(exc)
-    if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
+    if isinstance(exc, OSError) and exc.errno in s.OS_ERRORS:
         # strerror only: the filename of a host-side error would be a host path
-        status, code = _OS_ERRORS[exc.errno]
+        status, code = s.OS_ERRORS[exc.errno]
         return status, code, exc.strerror or code.replace("_", " ")
     if isinstance(exc, SandboxClosed | SandboxBroken):
         return 409, "sandbox_ended", str(exc)

@@ -22,7 +22,6 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import signal as _signal
@@ -119,15 +118,10 @@ def _raise_for(status: int, body: bytes) -> None:
     _raise_code(status, code, message, error.get("field"))
 
 
-_OS_ERRORS: dict[str, tuple[int, type[OSError]]] = {
-    "file_not_found": (errno.ENOENT, FileNotFoundError),
-    "is_a_directory": (errno.EISDIR, IsADirectoryError),
-    "not_a_directory": (errno.ENOTDIR, NotADirectoryError),
-    "file_exists": (errno.EEXIST, FileExistsError),
-    "permission_denied": (errno.EACCES, PermissionError),
-    "directory_not_empty": (errno.ENOTEMPTY, OSError),
-    "no_space": (errno.ENOSPC, OSError),
-}
+# the OSError each code stands for (OSError(errno, ...) picks the subclass)
+_OS_ERRNOS: dict[str, int] = {}
+for _number, (_, _code) in s.OS_ERRORS.items():
+    _OS_ERRNOS.setdefault(_code, _number)
 
 
 def _raise_code(status: int, code: str, message: str, fieldname: object = None) -> None:
@@ -139,13 +133,12 @@ def _raise_code(status: int, code: str, message: str, fieldname: object = None) 
         raise UnsupportedPolicy(name, reason)
     if code == "path_outside_workspace":
         raise PathOutsideWorkspace(message)
-    if code in _OS_ERRORS:
-        number, kind = _OS_ERRORS[code]
-        raise kind(number, message)
-    if code == "sandbox_ended":
-        raise SandboxBroken(message)
     if code in ("invalid_request", "invalid_path", "too_large"):
         raise _InvalidRequest(status, code, message)
+    if code in _OS_ERRNOS:
+        raise OSError(_OS_ERRNOS[code], message)
+    if code == "sandbox_ended":
+        raise SandboxBroken(message)
     raise RemoteError(status, code, message)
 
 

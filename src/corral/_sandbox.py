@@ -1288,11 +1288,15 @@ class AsyncSandbox:
         return env
 
     def _relative(self, path: str) -> str:
-        """The workspace-relative form of ``path``; refuses any way out of it."""
-        if not isinstance(path, str) or not path or "\0" in path or len(path) > 4096:
-            raise PathOutsideWorkspace(f"{path!r} is not a valid path")
-        workspace = self.policy.filesystem.workspace
-        full = posixpath.normpath(posixpath.join(workspace, path))
-        if full != workspace and not full.startswith(workspace + "/"):
-            raise PathOutsideWorkspace(f"{path!r} is outside the workspace {workspace}")
-        return posixpath.relpath(full, workspace)
+        return workspace_relative(self.policy.filesystem.workspace, path)
+
+
+def workspace_relative(workspace: str, path: str) -> str:
+    """The workspace-relative form of ``path`` (relative, or absolute inside
+    ``workspace``); refuses any way out of it."""
+    if not isinstance(path, str) or not path or "\0" in path or len(path) > 4096:
+        raise PathOutsideWorkspace(f"{path!r} is not a valid path")
+    full = posixpath.normpath(posixpath.join(workspace, path))
+    if full != workspace and not full.startswith(workspace + "/"):
+        raise PathOutsideWorkspace(f"{path!r} is outside the workspace {workspace}")
+    return posixpath.relpath(full, workspace)
