@@ -614,3 +614,18 @@ def test_openapi_document_is_checked_in(server: ServerProcess) -> None:
     served = httpx.get(f"{server.url}/openapi.json").json()
     checked_in = json.loads((Path(__file__).parent.parent / "docs" / "openapi.json").read_text())
     assert served == checked_in, "regenerate with: python -m corral._api > docs/openapi.json"
+
+
+def test_infrastructure_errors_reach_clients_without_host_paths() -> None:
+    from corral._service import public_message
+
+    raw = (
+        "bwrap could not set up the box: bwrap: Can't find source path "
+        "/var/lib/corral/server/workspaces/0123abcd: No such file or directory; "
+        "cannot remove cgroup /sys/fs/cgroup/memory/corral/box-12-34"
+    )
+    message = public_message(raw)
+    assert "/var/lib" not in message
+    assert "/sys/fs" not in message
+    assert message.count("<host path>") == 2
+    assert public_message("sandbox 1 has ended (timeout)") == "sandbox 1 has ended (timeout)"

@@ -52,6 +52,7 @@ from ._service import (
     ServiceError,
     list_beneath,
     open_file_beneath,
+    public_message,
     stat_beneath,
 )
 from ._store import ApiKey, SandboxRow
@@ -832,8 +833,8 @@ def _describe(exc: BaseException) -> tuple[int, str, str]:
         return 409, "sandbox_ended", str(exc)
     if isinstance(exc, ValueError):
         return 400, "invalid_request", str(exc)
-    if isinstance(exc, CorralError):
-        return 500, "sandbox_error", str(exc)
+    if isinstance(exc, CorralError):  # the box's machinery: its message names host paths
+        return 500, "sandbox_error", public_message(str(exc))
     incident = secrets.token_hex(4)
     log.error("internal error %s", incident, exc_info=exc)
     return 500, "internal", f"internal error (incident {incident} in the server log)"

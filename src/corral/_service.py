@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import shutil
 import stat
 import time
@@ -382,7 +383,7 @@ class Service:
         try:
             await sandbox.start()
         except BaseException as exc:
-            self._finish(sandbox.id, key.id, "start_failed", _public(str(exc)), None)
+            self._finish(sandbox.id, key.id, "start_failed", public_message(str(exc)), None)
             try:
                 await sandbox.close()
             finally:
@@ -537,7 +538,7 @@ class Service:
                     await self.end(sandbox_id, "limit", limit="memory", detail="out of memory")
                 else:
                     failure = sb._connection.failure if sb._connection is not None else None
-                    await self.end(sandbox_id, "crashed", detail=_public(str(failure or "")))
+                    await self.end(sandbox_id, "crashed", detail=public_message(str(failure or "")))
             elif live.expires_at is not None and now >= live.expires_at:
                 await self.end(sandbox_id, "timeout")
             elif (
@@ -613,9 +614,13 @@ class Service:
         return self.workspaces / sandbox_id
 
 
-def _public(message: str) -> str:
-    """An error message fit for a client: no host paths of the server."""
-    return message.replace(str(Path.home()), "~")[:2000]
+_HOST_PATH = re.compile(r"(?<![\w.])/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def public_message(message: str) -> str:
+    """An infrastructure error fit for a client: host paths of the server
+    (bwrap's, the cgroup tree's, the data directory's) become ``<host path>``."""
+    return _HOST_PATH.sub("<host path>", message)[:2000]
 
 
 def _prepare_data_dir(data_dir: Path, workspaces: Path) -> None:
