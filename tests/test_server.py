@@ -629,3 +629,39 @@ def test_infrastructure_errors_reach_clients_without_host_paths() -> None:
     assert "/sys/fs" not in message
     assert message.count("<host path>") == 2
     assert public_message("sandbox 1 has ended (timeout)") == "sandbox 1 has ended (timeout)"
+
+
+def test_leaving_a_remote_stream_early_kills_the_command(client: Client) -> None:
+    with client.sandbox(runtime=None) as sb:
+        events = sb.commands.stream("echo start; sleep 300")
+        first = next(iter(events))
+        assert isinstance(first, corral.CommandOutput)
+        events.close()  # the HTTP response is dropped: the server must end the command
+        deadline = time.monotonic() + 10
+        while any("sleep" in " ".join(p.argv) for p in sb.commands.list()):
+            assert time.monotonic() < deadline, sb.commands.list()
+            time.sleep(0.1)
+        assert not [
+            line
+            for line in sb.commands.run("ps -eo args").stdout_text.splitlines()
+            if line.startswith("sleep 300")
+        ]
+
+
+def test_revoked_keys_and_other_keys_audit(server: ServerProcess, client: Client) -> None:
+    token = server.key("short-lived")
+    with Client(server.url, api_key=token) as doomed:
+        sb = doomed.sandbox(runtime=None)
+        sb.start()
+        sb.close()
+        # the audit log of one key is invisible to another
+        assert doomed.audit(sandbox_id=sb.id)
+        assert client.audit(sandbox_id=sb.id) == []
+        key_id = token.split("_")[1]
+        subprocess.run(
+            [*CORRAL, "keys", "revoke", key_id, "--data-dir", str(server.data_dir)], check=True
+        )
+        time.sleep(2.5)  # answers are cached for 2 s
+        with pytest.raises(RemoteError) as revoked:
+            doomed.list()
+        assert revoked.value.status == 401

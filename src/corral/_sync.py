@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal as _signal
 import threading
-from collections.abc import Awaitable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Generator, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
 
@@ -242,7 +242,7 @@ class SyncCommands:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdin: bytes | str | None = None,
-    ) -> Iterator[CommandEvent]:
+    ) -> Generator[CommandEvent, None, None]:
         """Output chunks as they happen, then one ``CommandExit``."""
         events = self._sb.commands.stream(
             command, timeout_s=timeout_s, env=env, cwd=cwd, stdin=stdin
