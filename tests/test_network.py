@@ -242,6 +242,7 @@ print(repr(out))
 """
     p = policy(servers, ["pypi.test", "127.0.0.1"]).with_limits(open_files=4096, wall_time_s=60)
     result = corral.run(["/usr/bin/python3", "-c", code], policy=p)
+    assert result.stdout, result  # a box that died says how (limit, signal, stderr)
     out = eval(result.stdout_text)
     assert out["garbage"] == "HTTP/1.1 400 Bad Request"
     assert out["huge"] == "HTTP/1.1 431 Request Header Fields Too Large"
