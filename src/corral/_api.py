@@ -18,9 +18,16 @@ import logging
 import os
 import secrets
 import signal as _signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,7 +49,6 @@ from ._sandbox import (
     CommandExit,
     CommandHandle,
     PathOutsideWorkspace,
-    PtyHandle,
     workspace_relative,
 )
 from ._service import (
@@ -59,6 +65,8 @@ from ._store import ApiKey, SandboxRow
 
 log = logging.getLogger("corral.serve")
 NDJSON = "application/x-ndjson"
+K = TypeVar("K")
+V = TypeVar("V")
 _MAX_FINISHED_COMMANDS = 100  # background commands whose output is kept after they end
 _MAX_FINISHED_BYTES = 64 << 20  # and their output in total, per sandbox
 _MAX_BACKGROUND = 64  # running background commands per sandbox (each holds its output here)
@@ -275,7 +283,11 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     @app.post("/v1/sandboxes/{sandbox_id}/code", tags=["code"])
     async def run_code(sandbox_id: str, body: RunCode, key: Key) -> Any:
         live = service.get_live(key, sandbox_id)
-        context = _context(live, body.context_id)
+        context = (
+            _find(live.contexts, body.context_id, "code context")
+            if body.context_id is not None
+            else None
+        )
 
         def record(execution: dict[str, Any], seconds: float) -> None:
             service.metrics.run_code.observe(seconds)
@@ -328,16 +340,14 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     @app.post("/v1/sandboxes/{sandbox_id}/contexts/{context_id}/restart", tags=["code"])
     async def restart_context(sandbox_id: str, context_id: str, key: Key) -> dict[str, Any]:
         async with service.using(key, sandbox_id) as live:
-            context = _context(live, context_id)
-            assert context is not None
+            context = _find(live.contexts, context_id, "code context")
             await live.sandbox.restart_code_context(context)
             return s.context_to_dict(context)
 
     @app.delete("/v1/sandboxes/{sandbox_id}/contexts/{context_id}", tags=["code"])
     async def remove_context(sandbox_id: str, context_id: str, key: Key) -> dict[str, Any]:
         async with service.using(key, sandbox_id) as live:
-            context = _context(live, context_id)
-            assert context is not None
+            context = _find(live.contexts, context_id, "code context")
             await live.sandbox.remove_code_context(context)
             del live.contexts[context_id]
             return {"removed": context_id}
@@ -469,7 +479,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     async def pty_input(sandbox_id: str, pid: int, request: Request, key: Key) -> dict[str, Any]:
         async with service.using(key, sandbox_id) as live:
             data = await request.body()
-            await _terminal(live, pid).send(data)
+            await _find(live.terminals, pid, "terminal with pid").send(data)
             return {"sent": len(data)}
 
     @app.get("/v1/sandboxes/{sandbox_id}/pty/{pid}/output", tags=["terminals"])
@@ -479,7 +489,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         """The next output (b"" with ``eof`` once it ended); ``timed_out`` when
         nothing came within ``timeout_s`` (ask again: nothing is lost)."""
         async with service.using(key, sandbox_id) as live:
-            terminal = _terminal(live, pid)
+            terminal = _find(live.terminals, pid, "terminal with pid")
             lock = live.terminal_locks.setdefault(pid, asyncio.Lock())
             try:
                 async with lock:  # one reader at a time: a retry must not break the handle
@@ -491,19 +501,19 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     @app.post("/v1/sandboxes/{sandbox_id}/pty/{pid}/resize", tags=["terminals"])
     async def pty_resize(sandbox_id: str, pid: int, body: Size, key: Key) -> dict[str, Any]:
         async with service.using(key, sandbox_id) as live:
-            await _terminal(live, pid).resize(body.cols, body.rows)
+            await _find(live.terminals, pid, "terminal with pid").resize(body.cols, body.rows)
             return {"cols": body.cols, "rows": body.rows}
 
     @app.post("/v1/sandboxes/{sandbox_id}/pty/{pid}/kill", tags=["terminals"])
     async def pty_kill(sandbox_id: str, pid: int, key: Key) -> dict[str, Any]:
         async with service.using(key, sandbox_id) as live:
-            await _terminal(live, pid).kill()
+            await _find(live.terminals, pid, "terminal with pid").kill()
             return {"killed": True}
 
     @app.post("/v1/sandboxes/{sandbox_id}/pty/{pid}/wait", tags=["terminals"])
     async def pty_wait(sandbox_id: str, pid: int, key: Key) -> Response:
         async with service.using(key, sandbox_id) as live:
-            result = await _terminal(live, pid).wait()
+            result = await _find(live.terminals, pid, "terminal with pid").wait()
             live.terminals.pop(pid, None)
             live.terminal_locks.pop(pid, None)
             return _json(s.command_result_to_dict(result))
@@ -519,13 +529,13 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         """A background command's output from its start, then its exit (whose
         result carries no output: it came as events)."""
         live = service.get_live(key, sandbox_id)
-        _, output = _command(live, pid)
+        _, output = _find(live.commands, pid, "background command with pid")
         return _ndjson(output.follow())
 
     @app.post("/v1/sandboxes/{sandbox_id}/commands/{pid}/stdin", tags=["commands"])
     async def send_stdin(sandbox_id: str, pid: int, request: Request, key: Key) -> dict[str, Any]:
         async with service.using(key, sandbox_id) as live:
-            handle, _ = _command(live, pid)
+            handle, _ = _find(live.commands, pid, "background command with pid")
             data = await request.body()
             await handle.send_stdin(data)
             return {"sent": len(data)}
@@ -533,7 +543,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     @app.post("/v1/sandboxes/{sandbox_id}/commands/{pid}/stdin/close", tags=["commands"])
     async def close_stdin(sandbox_id: str, pid: int, key: Key) -> dict[str, Any]:
         async with service.using(key, sandbox_id) as live:
-            handle, _ = _command(live, pid)
+            handle, _ = _find(live.commands, pid, "background command with pid")
             await handle.close_stdin()
             return {"closed": True}
 
@@ -713,27 +723,12 @@ def _info(service: Service, row: SandboxRow) -> dict[str, Any]:
     }
 
 
-def _context(live: Live, context_id: str | None) -> Any:
-    if context_id is None:
-        return None
-    context = live.contexts.get(context_id)
-    if context is None:
-        raise ServiceError(404, "not_found", f"no code context {context_id!r}")
-    return context
-
-
-def _command(live: Live, pid: int) -> tuple[CommandHandle, OutputLog]:
-    found = live.commands.get(pid)
+def _find(items: Mapping[K, V], key: K, what: str) -> V:
+    """A context, background command or terminal of the sandbox, or 404."""
+    found = items.get(key)
     if found is None:
-        raise ServiceError(404, "not_found", f"no background command with pid {pid}")
+        raise ServiceError(404, "not_found", f"no {what} {key!r}")
     return found
-
-
-def _terminal(live: Live, pid: int) -> PtyHandle:
-    handle = live.terminals.get(pid)
-    if handle is None:
-        raise ServiceError(404, "not_found", f"no terminal with pid {pid}")
-    return handle
 
 
 def _keep(live: Live, pid: int, handle: CommandHandle, output: OutputLog) -> None:
