@@ -69,7 +69,8 @@ async def test_fresh_workspace_stops_at_its_bound_and_stays_a_host_dir(
     sb._own_workdir = True  # as corral serve does
     await sb.start()
     try:
-        assert not any("disk_bytes" in note for note in sb._box.plans.degraded)  # type: ignore[union-attr]
+        assert sb._box is not None
+        assert not any("disk_bytes" in note for note in sb._box.plans.degraded)
         # several files, each under file_size_bytes: only a total bound stops this
         result = await sb.commands.run(
             "for i in 1 2 3 4 5 6; do dd if=/dev/zero of=f$i bs=1M count=40 2>>err || break; done; "
@@ -81,7 +82,10 @@ async def test_fresh_workspace_stops_at_its_bound_and_stays_a_host_dir(
         assert share // 2 < written <= share
         # the host reads the live workspace at its usual path
         assert (fresh_workspace / "f1").stat().st_size == 40 * MIB
-        assert sb._box.workdir is not None and sb._box.workdir.disk_limit_hit()  # type: ignore[union-attr]
+        box = sb._box
+        assert box is not None
+        assert box.workdir is not None
+        assert box.workdir.disk_limit_hit()
     finally:
         await sb.close()
     # after the box: a plain host directory holding what the box wrote
@@ -105,9 +109,7 @@ async def test_a_planted_symlink_is_copied_as_a_link(fresh_workspace: Path) -> N
 
 def test_a_handed_in_workdir_says_it_is_bounded_per_file_only(tmp_path: Path) -> None:
     result = corral.run(["true"], policy=_disk_policy(96), workdir=tmp_path)
-    assert any(
-        "disk_bytes" in note and "not bounded in total" in note for note in result.degraded
-    )
+    assert any("disk_bytes" in note and "not bounded in total" in note for note in result.degraded)
 
 
 def test_a_killed_owner_leaves_nothing_the_next_corral_does_not_sweep(
@@ -165,16 +167,21 @@ def test_the_box_writes_the_callers_workdir_and_the_caller_keeps_the_files() -> 
             st = path.stat()
             assert (st.st_uid, st.st_gid) == (user.pw_uid, user.pw_gid)
         # a second box (another host uid) changes and removes the first one's files
-        second = corral.run(
-            ["sh", "-c", "echo two >> made; rm sub/f; rmdir sub"], workdir=workdir
-        )
+        second = corral.run(["sh", "-c", "echo two >> made; rm sub/f; rmdir sub"], workdir=workdir)
         assert second.exit_code == 0, second.stderr_text
         assert (workdir / "made").read_text() == "one\ntwo\n"
         assert not (workdir / "sub").exists()
         # and the caller (the owner, unprivileged) reads and removes them
         subprocess.run(
-            ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
-             "sh", "-c", f"cat {workdir}/made >/dev/null && rm {workdir}/made"],
+            [
+                "setpriv",
+                f"--reuid={user.pw_uid}",
+                f"--regid={user.pw_gid}",
+                "--clear-groups",
+                "sh",
+                "-c",
+                f"cat {workdir}/made >/dev/null && rm {workdir}/made",
+            ],
             check=True,
         )
         assert os.listdir(workdir) == []

@@ -156,7 +156,6 @@ def _umount(target: str) -> None:
             raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
-
 # -- one box's workdir -----------------------------------------------------------------
 
 
