@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -429,6 +430,31 @@ async def _mounts(ctx: Context) -> Outcome:
     if bad:
         return Outcome("fail", "unexpected writable: " + ", ".join(sorted(bad)))
     return Outcome("pass", "writable: " + ", ".join(sorted(seen)))
+
+
+@probe(
+    "fs.mountinfo_host_paths",
+    "the mount table names no host-only path",
+    "learning the host's layout (data dir, temp dirs, users' homes) from /proc/*/mountinfo",
+    "tmpfs, generated files and image mounts; host paths bound only at their own path",
+)
+async def _mountinfo(ctx: Context) -> Outcome:
+    result = await ctx.box(["/bin/cat", "/proc/self/mountinfo", "/proc/1/mountinfo"])
+    if result.exit_code != 0:
+        raise ProbeError(f"cat failed: {result.stderr_text.strip()[-200:]}")
+    exact = {os.getcwd(), os.path.expanduser("~"), "/var/lib/corral"} - {"/"}
+    under = {
+        tempfile.gettempdir() + "/",
+        "/var/tmp/",
+        "/run/corral/mnt/",
+        *(p + "/" for p in exact),
+    }
+    # field 4 is the mount's root within its filesystem, field 5 where it is mounted
+    fields = {f for line in result.stdout_text.splitlines() for f in line.split()[3:5]}
+    seen = sorted(f for f in fields if f in exact or any(f.startswith(p) for p in under))
+    if seen:
+        return Outcome("fail", "host paths visible: " + ", ".join(seen))
+    return Outcome("pass", f"{len(result.stdout_text.splitlines())} mount lines, none host-only")
 
 
 @probe(

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from . import _cgroups, _seccomp
+from . import _cgroups, _seccomp, _workdir
 from ._errors import HostToolMissing, SandboxError, UnsupportedPolicy
 from ._identity import HostIdentity, acquire_host_identity, release_host_identity
 from ._netrules import Rules
@@ -130,12 +130,14 @@ def make_plans(
     workspace_source: str | None,
     extra_files: tuple[_mounts.File, ...] = (),
     per_command_cpu: bool = False,
+    fresh_workdir: bool = False,
 ) -> Plans:
     """Every plan for one box, and the list of controls this host weakens.
 
     ``per_command_cpu``: the box's first program (a long-lived box's agent)
     applies RLIMIT_CPU to each command it starts, so the agent's own CPU over
-    a long life does not end the box."""
+    a long life does not end the box. ``fresh_workdir``: ``workspace_source``
+    is an empty directory corral made for this box (see ``_workdir``)."""
     limits = policy.limits
     for section in ("read_only", "writable"):
         for i, bind in enumerate(getattr(policy.filesystem, section)):
@@ -177,10 +179,13 @@ def make_plans(
             "(it is mode 0666 on most hosts; here it is not): run as root, or use 'allowlist'",
         )
     if workspace_source is not None and limits.disk_bytes is not None:
-        degraded.append(
-            "limits.disk_bytes: the host workspace directory is bounded per file "
-            "(limits.file_size_bytes), not in total; /tmp and /dev/shm are bounded"
-        )
+        why = _workdir.image_support() if fresh_workdir else "it holds the caller's files in place"
+        if why is not None:  # else: a bounded image backs it (_workdir.prepare)
+            degraded.append(
+                "limits.disk_bytes: the host workspace directory is not bounded in total "
+                f"({why}), only per file (limits.file_size_bytes); /tmp and /dev/shm are "
+                "bounded; corral serve's reaper ends a box whose workspace outgrows it"
+            )
     cgroup_writes = (
         tuple(
             w
@@ -430,7 +435,9 @@ class Box:
         self.slirp: subprocess.Popen[bytes] | None = None
         self.approve: Approval | None = None
         self.on_network_event: Callable[[NetworkEvent], None] | None = None
-        self.workspace_owned: str | None = None  # a host workdir handed to the box's uid
+        self.workspace_owned: str | None = None  # a fresh host workdir of corral's own
+        self.workdir: _workdir.Workdir | None = None  # the host workdir, prepared as root
+        self.workspace_source: str | None = None
         self.started = 0.0
         self._closed = False
 
@@ -448,9 +455,9 @@ class Box:
         own_workdir: bool = False,
         per_command_cpu: bool = False,
     ) -> Box:
-        """``own_workdir``: ``workdir`` is a fresh directory of corral's own (a
-        server's workspace), to be owned by the box's host uid, so it can be
-        mode 0700: no other user or box reads it."""
+        """``own_workdir``: ``workdir`` is a fresh, empty directory of corral's
+        own (a server's workspace): as root it is backed by a bounded image for
+        the run (``_workdir``), and can be mode 0700 (no other user or box reads it)."""
         if not command:
             raise ValueError("command must not be empty")
         if policy.network.mode == "allowlist":
@@ -470,11 +477,13 @@ class Box:
                 workspace_source=workspace_source,
                 extra_files=extra_files,
                 per_command_cpu=per_command_cpu,
+                fresh_workdir=own_workdir,
             ),
         )
         box.approve = approve
         box.on_network_event = on_network_event
         box.workspace_owned = workspace_source if own_workdir else None
+        box.workspace_source = workspace_source
         try:
             await box._launch(command, stdin_pipe)
         except BaseException:
@@ -486,8 +495,23 @@ class Box:
         plans, fds = self.plans, self.fds
         if os.geteuid() == 0:
             self.identity = acquire_host_identity()
-            if self.workspace_owned is not None:
-                os.chown(self.workspace_owned, self.identity.uid, self.identity.gid)
+            if self.workspace_source is not None:
+                # the box's uid may write the workdir through an idmapped view
+                # of it (and a fresh one is bounded by an image): see _workdir
+                _sweep_once()
+                self.workdir = _workdir.prepare(
+                    self.workspace_source,
+                    uid=self.identity.uid,
+                    gid=self.identity.gid,
+                    fresh=self.workspace_owned is not None,
+                    workspace_bytes=self.policy.workspace_bytes,
+                )
+                self.plans = plans = dataclasses.replace(
+                    plans,
+                    mounts=_mounts.with_workspace_source(
+                        plans.mounts, self.policy.filesystem.workspace, self.workdir.path
+                    ),
+                )
         if plans.cgroups:
             _sweep_once()
             self.cgroup = _cgroups.SandboxCgroup.create(
@@ -589,10 +613,15 @@ class Box:
                 if self.cgroup is not None:
                     self.cgroup.remove()
             finally:
-                if self.identity is not None:
-                    release_host_identity(self.identity)
-                    self.identity = None
-                self.fds.close_all()
+                try:
+                    if self.workdir is not None:
+                        self.workdir.close()
+                        self.workdir = None
+                finally:
+                    if self.identity is not None:
+                        release_host_identity(self.identity)
+                        self.identity = None
+                    self.fds.close_all()
 
 
 async def run_bwrap(
@@ -630,8 +659,11 @@ async def run_bwrap(
 
 @functools.cache
 def _sweep_once() -> None:
-    """Once per process: clear the cgroups of boxes whose owner was killed."""
+    """Once per process: clear the cgroups, workdir mounts and images of boxes
+    whose owner was killed."""
     _cgroups.sweep_orphans()
+    if os.geteuid() == 0:
+        _workdir.sweep_orphans()
 
 
 async def _start_slirp(box_pid: int, fds: _Fds) -> subprocess.Popen[bytes]:

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from . import _cgroups, _seccomp
+from . import _cgroups, _seccomp, _workdir
 from ._bwrap import BWRAP_INSTALL_HINT, find_bwrap
 from ._errors import CorralError
 from ._policy import SyscallPolicy
@@ -126,6 +126,16 @@ def run_checks() -> list[Check]:
                 "sysctl -w dev.tty.legacy_tiocsti=0",
             )
         )
+    image = _workdir.image_support()
+    checks.append(
+        Check(
+            "workspace disk",
+            "ok" if image is None else "warn",
+            "a server's workspaces are per-box ext4 images: a hard bound on disk_bytes"
+            if image is None
+            else f"a host workspace directory is bounded per file only ({image})",
+        )
+    )
     if os.geteuid() == 0:
         checks.append(
             Check(

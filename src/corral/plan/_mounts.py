@@ -216,6 +216,15 @@ def plan_mounts(
     return tuple(ops)
 
 
+def with_workspace_source(
+    ops: tuple[MountOp, ...], target: str, source: str
+) -> tuple[MountOp, ...]:
+    """``ops`` with the workspace bound from ``source`` (the backend's prepared view of it)."""
+    return tuple(
+        Bind(source, target) if isinstance(op, Bind) and op.target == target else op for op in ops
+    )
+
+
 def render(ops: tuple[MountOp, ...]) -> str:
     """One line per operation, stable, for golden files."""
     lines = []
