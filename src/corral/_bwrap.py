@@ -657,13 +657,18 @@ async def run_bwrap(
     return result
 
 
-@functools.cache
-def _sweep_once() -> None:
-    """Once per process: clear the cgroups, workdir mounts and images of boxes
-    whose owner was killed."""
+def sweep_orphans() -> None:
+    """Clear the cgroups, workdir mounts and images of boxes whose owner was
+    killed (a fresh workspace's content is copied out of its image first)."""
     _cgroups.sweep_orphans()
     if os.geteuid() == 0:
         _workdir.sweep_orphans()
+
+
+@functools.cache
+def _sweep_once() -> None:
+    """Once per process, before its first box: :func:`sweep_orphans`."""
+    sweep_orphans()
 
 
 async def _start_slirp(box_pid: int, fds: _Fds) -> subprocess.Popen[bytes]:

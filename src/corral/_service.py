@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import _cgroups, _runtime
+from . import _bwrap, _runtime
 from ._errors import CorralError, PolicyError, SandboxClosed
 from ._interpreter import CodeContext
 from ._netrules import unsafe_allow_rule
@@ -214,8 +214,10 @@ class Service:
 
     async def start(self) -> None:
         _prepare_data_dir(self.config.data_dir, self.workspaces)
-        # boxes of a killed server died with it (pdeathsig); their cgroups stay
-        _cgroups.sweep_orphans()
+        # boxes of a killed server died with it (pdeathsig); their cgroups,
+        # mounts and workspace images stay: undone (and the workspaces' content
+        # copied out) before anything reads a workspace
+        await asyncio.to_thread(_bwrap.sweep_orphans)
         for row in self.store.list_sandboxes(state="running", limit=1_000_000):
             self.store.end_sandbox(
                 row.id,
