@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import ipaddress
 import json
 import os
 import shutil
@@ -278,10 +279,11 @@ def test_rules_unit() -> None:
     assert _netrules.canonical_host("BÜCHER.example") == "xn--bcher-kva.example"
     assert _netrules.canonical_host("0xa9.0xfe.0xa9.0xfe") == "169.254.169.254"
     assert _netrules.canonical_host("2852039166") == "169.254.169.254"
-    assert _netrules.address_hazard(_netrules.parse_address("::ffff:10.0.0.1")) == "private"  # type: ignore[arg-type]
-    assert _netrules.address_hazard(_netrules.parse_address("100.64.1.1")) == "CGNAT"  # type: ignore[arg-type]
-    assert _netrules.address_hazard(_netrules.parse_address("fd00:ec2::254")) == "cloud metadata"  # type: ignore[arg-type]
-    assert _netrules.address_hazard(_netrules.parse_address("93.184.215.14")) == ""  # type: ignore[arg-type]
+    hazard = _netrules.address_hazard
+    assert hazard(ipaddress.ip_address("::ffff:10.0.0.1")) == "private address"
+    assert hazard(ipaddress.ip_address("100.64.1.1")) == "CGNAT address"
+    assert hazard(ipaddress.ip_address("fd00:ec2::254")) == "cloud metadata address"
+    assert hazard(ipaddress.ip_address("93.184.215.14")) == ""
     assert rules.decide_address(_netrules.parse_address("2001:db8::1"), 443).allowed  # type: ignore[arg-type]
 
 
