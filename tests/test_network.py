@@ -17,6 +17,7 @@ import shutil
 import socketserver
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -583,3 +584,116 @@ def test_open_mode_reaches_out_but_not_the_hosts_loopback(servers: Servers) -> N
     assert out["127.0.0.1"] == "ConnectionRefusedError"  # the box's own loopback
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert "slirp4netns" not in ps  # ended with the box
+
+
+# Runs under `unshare --net`: a network namespace with nothing but loopback, in
+# which every IPv6 spelling below is made a local address. Were the SSRF guard
+# broken, the proxy's dial could reach nothing but the counting listener here:
+# no packet can leave the machine, whatever the guard does.
+EMBEDDED_E2E = r"""
+import json, socket, subprocess, sys, threading
+import corral
+from corral import Policy
+
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for prefix in PREFIXES:
+    subprocess.run(["ip", "-6", "route", "add", "local", prefix, "dev", "lo"], check=True)
+reached = {"guarded": 0, "control": 0}
+
+def listen(family, host, label):
+    sock = socket.socket(family)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # 127.0.0.1 too
+    sock.bind((host, 0))
+    sock.listen(64)
+    def serve():
+        while True:
+            conn, _ = sock.accept()
+            reached[label] += 1
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\nreached")
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return sock.getsockname()[1]
+
+port = listen(socket.AF_INET6, "::", "guarded")
+control = listen(socket.AF_INET, "127.0.0.1", "control")
+names = {f"e{i}.test": spelling for i, spelling in enumerate(SPELLINGS)}
+BOX = r'''
+import json, socket, sys
+port, names = int(sys.argv[1]), json.loads(sys.argv[2])
+def ask(raw):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+    s.sendall(raw)
+    reply = b""
+    while chunk := s.recv(4096):
+        reply += chunk
+    return reply.decode(errors="replace")
+out = {}
+for target in [*names, *(f"[{a}]" for a in names.values()), "control.test"]:
+    p = sys.argv[3] if target == "control.test" else port
+    out["CONNECT " + target] = ask(f"CONNECT {target}:{p} HTTP/1.1\r\n\r\n".encode())
+    out["GET " + target] = ask(f"GET http://{target}:{p}/ HTTP/1.1\r\n\r\n".encode())
+print(json.dumps(out))
+'''
+policy = Policy.preset("default").with_network(
+    mode="allowlist",
+    allow=[f"{n}:{port}" for n in names] + [f"control.test:{control}", f"127.0.0.1:{control}"],
+    hosts={**names, "control.test": "127.0.0.1"},
+)
+argv = ["/usr/bin/python3", "-c", BOX, str(port), json.dumps(names), str(control)]
+result = corral.run(argv, policy=policy)
+events = [[e.host, e.address, e.allowed, e.reason] for e in result.network]
+print(json.dumps({"box": result.stdout_text, "err": result.stderr_text, "events": events,
+                  "reached": reached, "names": names}))
+"""
+
+EMBEDDED_SPELLINGS = [
+    "::ffff:127.0.0.1",  # IPv4-mapped: Linux dials 127.0.0.1 itself
+    "64:ff9b::7f00:1",  # NAT64 (RFC 6052)
+    "64:ff9b::a9fe:a9fe",  # NAT64 of the metadata endpoint
+    "64:ff9b:1::7f00:1",  # local-use NAT64 (RFC 8215)
+    "2002:7f00:1::1",  # 6to4
+    "2002:a9fe:a9fe::1",
+    "::7f00:1",  # IPv4-compatible
+    "::ffff:0:7f00:1",  # IPv4-translated (SIIT)
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+    "fec0::1",  # site-local
+]
+
+
+def test_ipv6_spellings_of_internal_addresses_are_refused_before_dialling() -> None:
+    """A name allowed by rule that resolves to an IPv6 address embedding an
+    internal IPv4 (or in an internal IPv6 range) is refused by the SSRF guard,
+    as is the address itself; the proxy never dials it."""
+    prefixes = ["64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "::/96", "::ffff:0:0:0/96"]
+    prefixes += ["2001::/32", "fec0::/10"]
+    script = EMBEDDED_E2E.replace("PREFIXES", repr(prefixes)).replace(
+        "SPELLINGS", repr(EMBEDDED_SPELLINGS)
+    )
+    src = Path(corral.__file__).parent.parent
+    proc = subprocess.run(
+        ["unshare", "--net", "--", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    box = json.loads(out["box"])
+    assert out["reached"] == {"guarded": 0, "control": 2}, out  # the control proves the setup
+    for request, reply in box.items():
+        if request.endswith("control.test"):
+            assert reply.endswith("reached"), (request, reply)
+        else:
+            assert reply.startswith("HTTP/1.1 403"), (request, reply)
+            assert "SSRF guard" in reply or "not on the allowlist" in reply, (request, reply)
+    refused = [e for e in out["events"] if not e[2]]
+    assert len(refused) == 4 * len(EMBEDDED_SPELLINGS), out["events"]
+    by_name = {e[0]: e for e in refused if e[0].endswith(".test")}
+    assert set(by_name) == set(out["names"])
+    for name, (_, address, _, reason) in by_name.items():
+        # a name allowed by rule: only the guard stands between the box and the address
+        assert reason.endswith("(SSRF guard)"), (name, reason)
+        assert ipaddress.ip_address(address) == ipaddress.ip_address(out["names"][name])
