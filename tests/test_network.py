@@ -787,6 +787,9 @@ cases = {
     "http_on_443": ("secure.test:443", [http.format("secure.test").encode()]),
     "ssh_on_443": ("secure.test:443", [b"SSH-2.0-OpenSSH_9.0\r\n"]),
     "socks_ccs_then_other": ("socks secure.test:443", [CCS + other]),
+    # an address allowed by an address rule: no name was checked, none may be sent
+    "address_no_sni": ("127.0.0.1:443", [hello(None)]),
+    "address_with_sni": ("127.0.0.1:443", [ok]),
     # a port the rule names: other protocols pass, TLS and HTTP are still checked
     "named_other_sni": (f"plain.test:{named}", [CCS + other]),
     "named_http_ok": (f"plain.test:{named}", [http.format(f"plain.test:{named}").encode()]),
@@ -850,6 +853,8 @@ TUNNEL_EXPECT = {
     "http_on_443": "not TLS",
     "ssh_on_443": "not TLS",
     "socks_ccs_then_other": "SNI 'other.test' does not match",
+    "address_no_sni": "all",
+    "address_with_sni": "TLS SNI 'secure.test' does not match 127.0.0.1",
     "named_other_sni": "SNI 'other.test' does not match",
     "named_http_ok": "rewritten",
     "named_http_other_host": "the Host header does not match",
