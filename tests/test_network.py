@@ -805,6 +805,7 @@ cases = {
     "named_h2c": (f"plain.test:{named}", [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]),
     "named_binary": (f"plain.test:{named}", [b"\x00\x00\x00\x08\x04\xd2\x16\x2f"]),
     "named_smtp": (f"plain.test:{named}", [b"EHLO box.test\r\n"]),
+    "named_not_tls_0x16": (f"plain.test:{named}", [b"\x16\x00binary"]),
 }
 
 def run(target, chunks):
@@ -863,6 +864,7 @@ TUNNEL_EXPECT = {
     "named_h2c": "h2c",
     "named_binary": "all",
     "named_smtp": "all",
+    "named_not_tls_0x16": "all",
 }
 
 

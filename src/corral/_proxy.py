@@ -7,8 +7,10 @@ per box is its credential — one box cannot use another's rules.
 
 It speaks HTTP CONNECT (for TLS) and plain HTTP forwarding. It resolves names
 itself and connects to the address it checked (no DNS rebinding), refuses
-internal addresses (``_netrules``), checks that a TLS ClientHello's SNI names
-the host that was allowed (no domain fronting), and records every decision.
+internal addresses (``_netrules``), holds a tunnel's opening until it is
+checked — the first TLS ClientHello must name the host that was allowed (no
+domain fronting), other protocols need a rule naming the port, plain HTTP in
+a tunnel is checked like plain HTTP — and records every decision.
 Every read is bounded in size and time, so a slowloris, a huge request line,
 garbage or thousands of connections cost the host bounded resources.
 """
@@ -645,7 +647,12 @@ async def _inspect_tunnel(
       HTTP/1 request in it is held to the plain-HTTP path's checks: its Host
       and target must name ``host``, and it goes up alone (``Connection: close``).
     """
-    if data[0] in _TLS_RECORDS:
+    if data[0] in _TLS_RECORDS and any_protocol:
+        data = await _more(reader, data, 2)
+        tls = data[1] == 3  # every SSL 3/TLS record says 3.x; on a named port, else not TLS
+    else:
+        tls = data[0] in _TLS_RECORDS
+    if tls:
         raw, sni = await _read_client_hello(reader, data)
         # a name was allowed: the ClientHello must name it (domain fronting on a
         # shared front end); an address was allowed: no name was checked, so none
