@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import ipaddress
 import json
 import os
 import shutil
 import socketserver
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -278,10 +280,11 @@ def test_rules_unit() -> None:
     assert _netrules.canonical_host("BÜCHER.example") == "xn--bcher-kva.example"
     assert _netrules.canonical_host("0xa9.0xfe.0xa9.0xfe") == "169.254.169.254"
     assert _netrules.canonical_host("2852039166") == "169.254.169.254"
-    assert _netrules.address_hazard(_netrules.parse_address("::ffff:10.0.0.1")) == "private"  # type: ignore[arg-type]
-    assert _netrules.address_hazard(_netrules.parse_address("100.64.1.1")) == "CGNAT"  # type: ignore[arg-type]
-    assert _netrules.address_hazard(_netrules.parse_address("fd00:ec2::254")) == "cloud metadata"  # type: ignore[arg-type]
-    assert _netrules.address_hazard(_netrules.parse_address("93.184.215.14")) == ""  # type: ignore[arg-type]
+    hazard = _netrules.address_hazard
+    assert hazard(ipaddress.ip_address("::ffff:10.0.0.1")) == "private address"
+    assert hazard(ipaddress.ip_address("100.64.1.1")) == "CGNAT address"
+    assert hazard(ipaddress.ip_address("fd00:ec2::254")) == "cloud metadata address"
+    assert hazard(ipaddress.ip_address("93.184.215.14")) == ""
     assert rules.decide_address(_netrules.parse_address("2001:db8::1"), 443).allowed  # type: ignore[arg-type]
 
 
@@ -581,3 +584,342 @@ def test_open_mode_reaches_out_but_not_the_hosts_loopback(servers: Servers) -> N
     assert out["127.0.0.1"] == "ConnectionRefusedError"  # the box's own loopback
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert "slirp4netns" not in ps  # ended with the box
+
+
+# Runs under `unshare --net`: a network namespace with nothing but loopback, in
+# which every IPv6 spelling below is made a local address. Were the SSRF guard
+# broken, the proxy's dial could reach nothing but the counting listener here:
+# no packet can leave the machine, whatever the guard does.
+EMBEDDED_E2E = r"""
+import json, socket, subprocess, sys, threading
+import corral
+from corral import Policy
+
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for prefix in PREFIXES:
+    subprocess.run(["ip", "-6", "route", "add", "local", prefix, "dev", "lo"], check=True)
+reached = {"guarded": 0, "control": 0}
+
+def listen(family, host, label):
+    sock = socket.socket(family)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # 127.0.0.1 too
+    sock.bind((host, 0))
+    sock.listen(64)
+    def serve():
+        while True:
+            conn, _ = sock.accept()
+            reached[label] += 1
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\nreached")
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return sock.getsockname()[1]
+
+port = listen(socket.AF_INET6, "::", "guarded")
+control = listen(socket.AF_INET, "127.0.0.1", "control")
+names = {f"e{i}.test": spelling for i, spelling in enumerate(SPELLINGS)}
+BOX = r'''
+import json, socket, sys
+port, names = int(sys.argv[1]), json.loads(sys.argv[2])
+def ask(raw):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+    s.sendall(raw)
+    reply = b""
+    while chunk := s.recv(4096):
+        reply += chunk
+    return reply.decode(errors="replace")
+out = {}
+for target in [*names, *(f"[{a}]" for a in names.values()), "control.test"]:
+    p = sys.argv[3] if target == "control.test" else port
+    out["CONNECT " + target] = ask(f"CONNECT {target}:{p} HTTP/1.1\r\n\r\n".encode())
+    out["GET " + target] = ask(f"GET http://{target}:{p}/ HTTP/1.1\r\n\r\n".encode())
+print(json.dumps(out))
+'''
+policy = Policy.preset("default").with_network(
+    mode="allowlist",
+    allow=[f"{n}:{port}" for n in names] + [f"control.test:{control}", f"127.0.0.1:{control}"],
+    hosts={**names, "control.test": "127.0.0.1"},
+)
+argv = ["/usr/bin/python3", "-c", BOX, str(port), json.dumps(names), str(control)]
+result = corral.run(argv, policy=policy)
+events = [[e.host, e.address, e.allowed, e.reason] for e in result.network]
+print(json.dumps({"box": result.stdout_text, "err": result.stderr_text, "events": events,
+                  "reached": reached, "names": names}))
+"""
+
+EMBEDDED_SPELLINGS = [
+    "::ffff:127.0.0.1",  # IPv4-mapped: Linux dials 127.0.0.1 itself
+    "64:ff9b::7f00:1",  # NAT64 (RFC 6052)
+    "64:ff9b::a9fe:a9fe",  # NAT64 of the metadata endpoint
+    "64:ff9b:1::7f00:1",  # local-use NAT64 (RFC 8215)
+    "2002:7f00:1::1",  # 6to4
+    "2002:a9fe:a9fe::1",
+    "::7f00:1",  # IPv4-compatible
+    "::ffff:0:7f00:1",  # IPv4-translated (SIIT)
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+    "fec0::1",  # site-local
+]
+
+
+def test_ipv6_spellings_of_internal_addresses_are_refused_before_dialling() -> None:
+    """A name allowed by rule that resolves to an IPv6 address embedding an
+    internal IPv4 (or in an internal IPv6 range) is refused by the SSRF guard,
+    as is the address itself; the proxy never dials it."""
+    prefixes = ["64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "::/96", "::ffff:0:0:0/96"]
+    prefixes += ["2001::/32", "fec0::/10"]
+    script = EMBEDDED_E2E.replace("PREFIXES", repr(prefixes)).replace(
+        "SPELLINGS", repr(EMBEDDED_SPELLINGS)
+    )
+    src = Path(corral.__file__).parent.parent
+    proc = subprocess.run(
+        ["unshare", "--net", "--", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    box = json.loads(out["box"])
+    assert out["reached"] == {"guarded": 0, "control": 2}, out  # the control proves the setup
+    for request, reply in box.items():
+        if request.endswith("control.test"):
+            assert reply.endswith("reached"), (request, reply)
+        else:
+            assert reply.startswith("HTTP/1.1 403"), (request, reply)
+            assert "SSRF guard" in reply or "not on the allowlist" in reply, (request, reply)
+    refused = [e for e in out["events"] if not e[2]]
+    assert len(refused) == 4 * len(EMBEDDED_SPELLINGS), out["events"]
+    by_name = {e[0]: e for e in refused if e[0].endswith(".test")}
+    assert set(by_name) == set(out["names"])
+    for name, (_, address, _, reason) in by_name.items():
+        # a name allowed by rule: only the guard stands between the box and the address
+        assert reason.endswith("(SSRF guard)"), (name, reason)
+        assert ipaddress.ip_address(address) == ipaddress.ip_address(out["names"][name])
+
+
+# Runs under `unshare --net` (only loopback exists, so the proxy may dial port
+# 443 on 127.0.0.1): raw sinks stand in for the servers and record every byte
+# that reaches them, so "refused" means "nothing went upstream".
+TUNNEL_E2E = r"""
+import json, socket, subprocess, threading
+import corral
+from corral import Policy
+
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+payloads = {}
+
+def sink(port):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    sock.listen(64)
+    payloads[sock.getsockname()[1]] = []
+    def serve():
+        while True:
+            conn, _ = sock.accept()
+            got = payloads[sock.getsockname()[1]]
+            got.append("")
+            index = len(got) - 1
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            got[index] = data.hex()
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return sock.getsockname()[1]
+
+tls_port, named_port = sink(443), sink(0)
+policy = Policy.preset("default").with_network(
+    mode="allowlist",
+    allow=["secure.test", f"plain.test:{named_port}", "127.0.0.1"],
+    hosts={"secure.test": "127.0.0.1", "other.test": "127.0.0.1", "plain.test": "127.0.0.1"},
+)
+result = corral.run(["/usr/bin/python3", "-c", BOX, str(named_port)], policy=policy)
+events = [[e.host, e.allowed, e.reason] for e in result.network]
+print(json.dumps({"box": result.stdout_text, "err": result.stderr_text, "events": events,
+                  "payloads": payloads, "tls_port": tls_port, "named_port": named_port}))
+"""
+
+TUNNEL_BOX = r"""
+import json, socket, ssl, struct, sys, time
+named = int(sys.argv[1])
+
+def hello(name):
+    ctx = ssl.create_default_context()
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=name)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+def record(kind, body):
+    return bytes([kind, 3, 3]) + len(body).to_bytes(2, "big") + body
+
+def fragments(message, size):
+    return b"".join(record(22, message[i : i + size]) for i in range(0, len(message), size))
+
+CCS, ALERT = record(20, b"\x01"), record(21, b"\x01\x00")
+HEARTBEAT, DATA = record(24, b"\x01\x00\x00"), record(23, b"\x00" * 5)
+ok, other = hello("secure.test"), hello("other.test")
+ok_msg, other_msg = ok[5:], other[5:]
+sslv2 = bytes([0x80, 0x2E, 0x01, 0x03, 0x01, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10]) + bytes(37)
+http = "GET /x HTTP/1.1\r\nHost: {}\r\nConnection: keep-alive\r\n\r\n"
+cases = {
+    # port 443, allowed by a rule without a port: TLS only, SNI checked
+    "ok": ("secure.test:443", [ok]),
+    "ccs_then_other": ("secure.test:443", [CCS + other]),
+    "alert_then_other": ("secure.test:443", [ALERT + other]),
+    "heartbeat_then_other": ("secure.test:443", [HEARTBEAT + other]),
+    "data_then_other": ("secure.test:443", [DATA + other]),
+    "all_four_then_other": ("secure.test:443", [CCS + ALERT + HEARTBEAT + DATA + other]),
+    "ccs_then_ok": ("secure.test:443", [CCS + ok]),
+    "fragments_other": ("secure.test:443", [fragments(other_msg, 40)]),
+    "fragments_ok": ("secure.test:443", [fragments(ok_msg, 40)]),
+    "slow_other": ("secure.test:443", [CCS[:2], CCS[2:] + other[:3], other[3:]]),
+    "interleaved": ("secure.test:443", [record(22, ok_msg[:40]) + CCS + record(22, ok_msg[40:])]),
+    "coalesced": ("secure.test:443", [record(22, ok_msg + other_msg)]),
+    "records_cap": ("secure.test:443", [CCS * 100 + ok]),
+    "no_sni": ("secure.test:443", [hello(None)]),
+    "sslv2": ("secure.test:443", [sslv2]),
+    "http_on_443": ("secure.test:443", [http.format("secure.test").encode()]),
+    "ssh_on_443": ("secure.test:443", [b"SSH-2.0-OpenSSH_9.0\r\n"]),
+    "socks_ccs_then_other": ("socks secure.test:443", [CCS + other]),
+    # an address allowed by an address rule: no name was checked, none may be sent
+    "address_no_sni": ("127.0.0.1:443", [hello(None)]),
+    "address_with_sni": ("127.0.0.1:443", [ok]),
+    # a port the rule names: other protocols pass, TLS and HTTP are still checked
+    "named_other_sni": (f"plain.test:{named}", [CCS + other]),
+    "named_http_ok": (f"plain.test:{named}", [http.format(f"plain.test:{named}").encode()]),
+    "named_http_other_host": (f"plain.test:{named}", [http.format("evil.test").encode()]),
+    "named_http_absolute": (
+        f"plain.test:{named}",
+        [b"GET http://evil.test/ HTTP/1.1\r\nHost: plain.test\r\n\r\n"],
+    ),
+    "named_http_split": (
+        f"plain.test:{named}",
+        [b"GE", b"T /x HTTP/1.1\r\nHost: ev", b"il.test\r\n\r\n"],
+    ),
+    "named_h2c": (f"plain.test:{named}", [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]),
+    "named_binary": (f"plain.test:{named}", [b"\x00\x00\x00\x08\x04\xd2\x16\x2f"]),
+    "named_smtp": (f"plain.test:{named}", [b"EHLO box.test\r\n"]),
+    "named_not_tls_0x16": (f"plain.test:{named}", [b"\x16\x00binary"]),
+}
+
+def run(target, chunks):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+    if target.startswith("socks "):
+        host, port = target[6:].rsplit(":", 1)
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"
+        name = bytes([len(host)]) + host.encode()
+        s.sendall(b"\x05\x01\x00\x03" + name + struct.pack(">H", int(port)))
+        reply = s.recv(10)
+    else:
+        s.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+        reply = s.recv(100)
+    for chunk in chunks:
+        s.sendall(chunk)
+        time.sleep(0.05)
+    s.shutdown(socket.SHUT_WR)
+    while s.recv(65536):
+        pass
+    return reply.hex()
+
+out = {}
+for name, (target, chunks) in cases.items():
+    out[name] = [target, run(target, chunks), b"".join(chunks).hex()]
+print(json.dumps(out))
+"""
+
+# the case, and what must reach the server: all of it, nothing, or a rewritten head
+TUNNEL_EXPECT = {
+    "ok": "all",
+    "ccs_then_other": "SNI 'other.test' does not match",
+    "alert_then_other": "SNI 'other.test' does not match",
+    "heartbeat_then_other": "SNI 'other.test' does not match",
+    "data_then_other": "SNI 'other.test' does not match",
+    "all_four_then_other": "SNI 'other.test' does not match",
+    "ccs_then_ok": "all",
+    "fragments_other": "SNI 'other.test' does not match",
+    "fragments_ok": "all",
+    "slow_other": "SNI 'other.test' does not match",
+    "interleaved": "another TLS record inside the ClientHello",
+    "coalesced": "data after the ClientHello",
+    "records_cap": "no ClientHello within the first 64 TLS records",
+    "no_sni": "no SNI does not match",
+    "sslv2": "SSLv2-format ClientHello",
+    "http_on_443": "not TLS",
+    "ssh_on_443": "not TLS",
+    "socks_ccs_then_other": "SNI 'other.test' does not match",
+    "address_no_sni": "all",
+    "address_with_sni": "TLS SNI 'secure.test' does not match 127.0.0.1",
+    "named_other_sni": "SNI 'other.test' does not match",
+    "named_http_ok": "rewritten",
+    "named_http_other_host": "the Host header does not match",
+    "named_http_absolute": "the request target names another host",
+    "named_http_split": "the Host header does not match",
+    "named_h2c": "h2c",
+    "named_binary": "all",
+    "named_smtp": "all",
+    "named_not_tls_0x16": "all",
+}
+
+
+def test_a_tunnel_is_inspected_up_to_its_first_client_hello() -> None:
+    """Whatever precedes or fragments the ClientHello, nothing reaches the server
+    before it is whole and names the allowed host; a tunnel on 443 carries TLS
+    only; on a port a rule names, other protocols pass but TLS and HTTP are
+    checked (the HTTP request goes up alone, with the proxy's Host)."""
+    src = Path(corral.__file__).parent.parent
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "--",
+            sys.executable,
+            "-c",
+            TUNNEL_E2E.replace("BOX", repr(TUNNEL_BOX)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["box"], out["err"]
+    box = json.loads(out["box"])
+    assert list(box) == list(TUNNEL_EXPECT)
+    arrived = {
+        port: [bytes.fromhex(p) for p in payloads] for port, payloads in out["payloads"].items()
+    }
+    by_port: dict[str, list[str]] = {}
+    for name, (target, _, _) in box.items():
+        by_port.setdefault(str(out["named_port"] if "plain" in target else 443), []).append(name)
+    assert {p: len(names) for p, names in by_port.items()} == {
+        p: len(v) for p, v in arrived.items()
+    }  # every case reached its server's accept (the dial precedes the inspection)
+    events = out["events"]
+    assert len(events) == len(TUNNEL_EXPECT)
+    for port, names in by_port.items():
+        for name, payload in zip(names, arrived[port], strict=True):
+            expect = TUNNEL_EXPECT[name]
+            sent = bytes.fromhex(box[name][2])
+            event = events[list(box).index(name)]
+            if expect == "all":
+                assert payload == sent, name
+                assert event[1], (name, event)
+            elif expect == "rewritten":
+                head = payload.decode()
+                assert head.startswith("GET /x HTTP/1.1\r\nHost: plain.test:"), head
+                assert head.endswith("\r\nConnection: close\r\n\r\n"), head
+                assert "keep-alive" not in head, head
+                assert event[1], (name, event)
+            else:
+                assert payload == b"", (name, payload[:80])  # nothing went upstream
+                assert not event[1], (name, event)
+                assert expect in event[2], (name, event)

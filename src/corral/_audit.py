@@ -888,19 +888,25 @@ async def _proxy_unlisted(ctx: Context) -> Outcome:
 @probe(
     "net.proxy_internal",
     "the proxy refuses internal and metadata addresses",
-    "SSRF: reaching 169.254.169.254, the host's loopback or the LAN through the proxy",
-    "the proxy resolves and checks every address itself",
+    "SSRF: reaching 169.254.169.254, the host's loopback or the LAN through the proxy, "
+    "also as IPv6 (NAT64, 6to4, IPv4-mapped, site-local)",
+    "the proxy resolves and checks every address itself, and what an IPv6 one embeds",
     applies=_allowlist,
 )
 async def _proxy_internal(ctx: Context) -> Outcome:
     verdicts = []
-    for target in ("169.254.169.254:80", "2852039166:80", "127.0.0.1:22", "10.0.0.1:80"):
+    ipv6 = ("64:ff9b::a9fe:a9fe", "64:ff9b:1::a9fe:a9fe", "2002:a9fe:a9fe::", "fec0::1")
+    for target in (
+        *("169.254.169.254:80", "2852039166:80", "127.0.0.1:22", "10.0.0.1:80"),
+        *(f"[{address}]:80" for address in (*ipv6, "::ffff:169.254.169.254")),
+    ):
         seen = await ctx.observe(_ASK_PROXY.replace("TARGET", repr(target.encode())))
         # refused by the guard itself, not merely unreachable
         guarded = "SSRF guard" in seen["body"] or "denied by rule" in seen["body"]
         verdicts.append((target, guarded, seen["body"] or seen["status"]))
     bad = [f"{t}: {why}" for t, guarded, why in verdicts if not guarded]
-    return Outcome("fail" if bad else "pass", "; ".join(bad) or "all refused by the SSRF guard")
+    done = f"all {len(verdicts)} refused by the SSRF guard (IPv4 and IPv6 spellings)"
+    return Outcome("fail" if bad else "pass", "; ".join(bad) or done)
 
 
 def _open(policy: Policy) -> str | None:

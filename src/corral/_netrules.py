@@ -10,8 +10,11 @@ Pure functions, no I/O but name resolution in ``check_addresses``' caller.
   (``2852039166``, ``0xa9.0xfe.0xa9.0xfe``) are canonicalized to the address
   they mean before matching, so they cannot slip past an IP rule.
 * Addresses a name resolves to are refused when they are loopback, private,
-  link-local, CGNAT, multicast, unspecified, reserved, a cloud metadata
-  endpoint or one of the host's own — unless an IP/CIDR allow rule names them.
+  link-local, site-local, CGNAT, multicast, unspecified, reserved, a cloud
+  metadata endpoint or one of the host's own — unless an IP/CIDR allow rule
+  names them. An IPv6 address is judged by its own range and by every IPv4
+  address it embeds (IPv4-mapped/-compatible/-translated, NAT64, 6to4,
+  Teredo): ``64:ff9b::a9fe:a9fe`` is the metadata endpoint behind a NAT64.
 """
 
 from __future__ import annotations
@@ -188,46 +191,114 @@ class Rules:
                 )
         hazard = address_hazard(address)
         if hazard:
-            return Decision(False, "", f"{hazard} address (SSRF guard)")
+            return Decision(False, "", f"{hazard} (SSRF guard)")
         if requested_by_address:
             return Decision(False, "", "an address not on the allowlist")
         return Decision(True, "", "public address")
 
 
-_HAZARD_NETWORKS = (
-    tuple(
-        ipaddress.ip_network(n)
-        for n in (
-            "0.0.0.0/8",
-            "10.0.0.0/8",
-            "100.64.0.0/10",
-            "127.0.0.0/8",
-            "169.254.0.0/16",
-            "172.16.0.0/12",
-            "192.0.0.0/24",
-            "192.168.0.0/16",
-            "198.18.0.0/15",
-            "224.0.0.0/3",
-            "::/127",
-            "::ffff:0:0/96",
-            "fc00::/7",
-            "fe80::/10",
-            "ff00::/8",
-        )
+# Internal ranges by name, checked explicitly (Python's is_private/is_reserved
+# tables change between versions). The first match names the hazard.
+_RANGES: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(net), name)
+    for net, name in (
+        ("0.0.0.0/8", "unspecified"),
+        ("10.0.0.0/8", "private"),
+        ("100.64.0.0/10", "CGNAT"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("172.16.0.0/12", "private"),
+        ("192.0.0.0/24", "IETF protocol"),
+        ("192.0.2.0/24", "documentation"),
+        ("192.88.99.0/24", "6to4 relay"),
+        ("192.168.0.0/16", "private"),
+        ("198.18.0.0/15", "benchmarking"),
+        ("198.51.100.0/24", "documentation"),
+        ("203.0.113.0/24", "documentation"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("::/96", "IPv4-compatible"),  # routed by sit0's automatic tunnel, where loaded
+        ("::ffff:0:0/96", "IPv4-mapped"),
+        ("::ffff:0:0:0/96", "IPv4-translated"),  # SIIT, RFC 6145
+        ("64:ff9b:1::/48", "local-use NAT64"),  # RFC 8215: a site's own translator
+        ("100::/64", "discard-only"),
+        ("2001::/23", "IETF protocol"),  # Teredo 2001::/32 included
+        ("2001:db8::/32", "documentation"),
+        ("2002::/16", "6to4"),
+        ("3fff::/20", "documentation"),
+        ("5f00::/16", "SRv6 SID"),
+        ("fc00::/7", "private"),
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "site-local"),  # deprecated (RFC 3879), still routed inside sites
+        ("ff00::/8", "multicast"),
     )
-    + METADATA
 )
+# The NAT64 well-known prefix (RFC 6052): its own range is globally routable
+# (Python counts it reserved, inside ::/8); an address in it is judged only
+# by the IPv4 address it embeds, which is what the translator connects to.
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+_RESERVED_V6 = ipaddress.IPv6Network("::/8")
+
+
+def embedded_ipv4(address: IPAddress) -> tuple[tuple[str, ipaddress.IPv4Address], ...]:
+    """The IPv4 addresses an IPv6 address carries, each with its kind: IPv4-mapped
+    and -compatible, IPv4-translated (SIIT), NAT64 (the well-known prefix, and the
+    local-use prefix 64:ff9b:1::/48 at each RFC 6052 prefix length), 6to4 and
+    Teredo (server and de-obfuscated client). Empty for IPv4 and other IPv6."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return ()
+    value = int(address)
+    low = ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    found: list[tuple[str, ipaddress.IPv4Address]] = []
+    if address.ipv4_mapped is not None:
+        found.append(("IPv4-mapped", address.ipv4_mapped))
+    elif value >> 32 == 0xFFFF0000:
+        found.append(("IPv4-translated", low))
+    elif value >> 32 == 0 and value > 1:
+        found.append(("IPv4-compatible", low))
+    elif address in NAT64:
+        found.append(("NAT64", low))
+    elif address in LOCAL_NAT64:
+        # RFC 6052 section 2.2: behind a /n prefix the IPv4 address starts at bit
+        # n and skips bits 64-71 (the "u" octet); the site picks n, so each is judged
+        bits = f"{value:0128b}"
+        for n in (96, 64, 56, 48):
+            inner = bits[96:] if n == 96 else (bits[n:64] + bits[72:])[:32]
+            found.append((f"local-use NAT64 (/{n})", ipaddress.IPv4Address(int(inner, 2))))
+    if address.sixtofour is not None:
+        found.append(("6to4", address.sixtofour))
+    if address.teredo is not None:
+        found.append(("Teredo server", address.teredo[0]))
+        found.append(("Teredo client", address.teredo[1]))
+    return tuple(found)
 
 
 def unsafe_allow_rule(text: str) -> str:
     """Why an allow rule would open the SSRF guard (an address rule that covers
-    loopback, private, link-local, metadata or this host's addresses), or ""."""
+    an internal or metadata address, directly or as the IPv4 address an IPv6
+    one embeds, or this host's addresses), or ""."""
     network = parse_rule(text, allow=True).network
     if network is None:
         return ""  # a name: its addresses still pass the guard
-    for hazard in _HAZARD_NETWORKS:
-        if hazard.version == network.version and network.overlaps(hazard):
-            return f"it covers {hazard}"
+    if network.num_addresses == 1:
+        hazard = address_hazard(network.network_address)
+        return f"{network.network_address} is internal: {hazard}" if hazard else ""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(NAT64):
+        # judged by the IPv4 block its addresses embed
+        shift = 128 - network.prefixlen
+        v4 = ipaddress.IPv4Network(
+            (int(network.network_address) & 0xFFFFFFFF, max(0, 32 - shift)), strict=False
+        )
+        why = unsafe_allow_rule(str(v4))
+        return f"its NAT64 addresses embed {v4}: {why}" if why else ""
+    for covered, name in (*((m, "cloud metadata") for m in METADATA), *_RANGES):
+        if covered.version == network.version and network.overlaps(covered):
+            return f"it covers {covered} ({name})"
+    if isinstance(network, ipaddress.IPv6Network) and network.overlaps(_RESERVED_V6):
+        return f"it covers {_RESERVED_V6} (reserved)"
     for address in host_addresses():
         if address.version == network.version and address in network:
             return "it covers this host's own address"
@@ -235,19 +306,38 @@ def unsafe_allow_rule(text: str) -> str:
 
 
 def address_hazard(address: IPAddress) -> str:
-    """Why connecting to ``address`` would reach something it must not, or ""."""
+    """Why connecting to ``address`` would reach something it must not, as a phrase
+    ("loopback address", "NAT64 address embedding the cloud metadata address
+    169.254.169.254"), or "". An IPv6 address is judged by its own range and by
+    every IPv4 address it embeds (``embedded_ipv4``)."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address_hazard(address.ipv4_mapped) or ""
+        return address_hazard(address.ipv4_mapped)  # Linux connects to the IPv4 itself
+    # NAT64, 6to4, Teredo, SIIT: a translator or relay connects to the embedded
+    # IPv4, so 64:ff9b::a9fe:a9fe reaches the metadata endpoint (SSRF)
+    for kind, inner in embedded_ipv4(address):
+        hazard = _own_hazard(inner)
+        if hazard:
+            return f"{kind} address embedding the {hazard} address {inner}"
+    hazard = _own_hazard(address)
+    return f"{hazard} address" if hazard else ""
+
+
+def _own_hazard(address: IPAddress) -> str:
     if any(address in net for net in METADATA if net.version == address.version):
         return "cloud metadata"
+    for network, name in _RANGES:
+        if network.version == address.version and address in network:
+            return name
+    if address in NAT64:
+        return ""  # judged by what it embeds (above), not by Python's ::/8 "reserved"
     checks = (
         ("loopback", address.is_loopback),
         ("unspecified", address.is_unspecified),
         ("link-local", address.is_link_local),
         ("multicast", address.is_multicast),
+        ("site-local", isinstance(address, ipaddress.IPv6Address) and address.is_site_local),
         ("private", address.is_private),
         ("reserved", address.is_reserved),
-        ("CGNAT", isinstance(address, ipaddress.IPv4Address) and address in CGNAT),
     )
     for name, hit in checks:
         if hit:

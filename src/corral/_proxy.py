@@ -7,8 +7,10 @@ per box is its credential — one box cannot use another's rules.
 
 It speaks HTTP CONNECT (for TLS) and plain HTTP forwarding. It resolves names
 itself and connects to the address it checked (no DNS rebinding), refuses
-internal addresses (``_netrules``), checks that a TLS ClientHello's SNI names
-the host that was allowed (no domain fronting), and records every decision.
+internal addresses (``_netrules``), holds a tunnel's opening until it is
+checked — the first TLS ClientHello must name the host that was allowed (no
+domain fronting), other protocols need a rule naming the port, plain HTTP in
+a tunnel is checked like plain HTTP — and records every decision.
 Every read is bounded in size and time, so a slowloris, a huge request line,
 garbage or thousands of connections cost the host bounded resources.
 """
@@ -45,6 +47,13 @@ MAX_CONNECTIONS = 256
 MAX_EVENTS = 10_000
 MAX_BODY = 64 << 20  # a plain-HTTP request body forwarded upstream
 APPROVAL_TIMEOUT_S = 300.0
+# a tunnel's opening is inspected up to the end of the first ClientHello:
+# at most this many bytes and TLS records, or it is refused
+INSPECT_BYTES = 1 << 17
+INSPECT_RECORDS = 64
+HELLO_LIMIT = 1 << 16  # one ClientHello message
+_TLS_RECORDS = frozenset(range(20, 25))  # change_cipher_spec, alert, handshake, data, heartbeat
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")  # an HTTP method is a token
 MAX_QUESTIONS = 1024  # distinct hosts one box may have the callback asked about
 _BAD_HEAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -154,25 +163,11 @@ class Proxy:
         if not head or len(head) > HEAD_LIMIT:
             await _refuse(writer, 431, "request head too large")
             return
-        text = head[:-4].decode("latin-1")
-        lines = text.split("\r\n")
-        if any(_BAD_HEAD.search(line) for line in lines):
-            # a bare \n or \r, NUL or another control character: servers split
-            # such heads differently than we do (header and request smuggling)
-            await _refuse(writer, 400, "malformed request head")
+        parsed = _parse_head(head[:-4])
+        if isinstance(parsed, tuple):
+            await _refuse(writer, *parsed)
             return
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            await _refuse(writer, 400, "not an HTTP/1 proxy request")
-            return
-        method, target, _ = parts
-        headers = [
-            (k.strip(), v.strip()) for k, sep, v in (ln.partition(":") for ln in lines[1:]) if sep
-        ]
-        names = [k.lower() for k, _ in headers]
-        if names.count("host") > 1 or names.count("content-length") > 1:
-            await _refuse(writer, 400, "duplicate Host or Content-Length header")
-            return
+        method, target, headers = parsed.method, parsed.target, parsed.headers
         if method == "CONNECT":
             host, port = _host_port(target, default=443)
             if host is None:
@@ -228,7 +223,9 @@ class Proxy:
             rule = verdict.rule or decision.rule
             opened = NetworkEvent(time.time(), host, port, str(address), True, rule, "allowed")
             self._record(opened)  # at once: a connection still open at teardown is on record
-            return _Opened(up_reader, up_writer, str(address), time.monotonic(), rule, opened)
+            return _Opened(
+                up_reader, up_writer, str(address), time.monotonic(), rule, opened, named
+            )
         assert last is not None
         return self._deny(host, port, str(addresses[0]), last)
 
@@ -333,24 +330,25 @@ class Proxy:
             await writer.drain()
             # the server's side flows at once (SSH, SMTP speak first) ...
             down = asyncio.ensure_future(_pipe(opened.reader, writer, counts, 1))
-            # ... the client's first bytes are looked at before anything goes up:
-            # if they open TLS, the whole ClientHello must carry exactly one
-            # SNI, naming the host that was allowed (no domain fronting; ECH,
-            # which hides the name from any proxy, is out of reach by design)
-            first = await asyncio.wait_for(reader.read(5), IDLE_TIMEOUT_S)
-            if first[:1] == b"\x16":
-                first, sni = await asyncio.wait_for(
-                    _read_client_hello(reader, first), HEAD_TIMEOUT_S
-                )
-                if sni != opened.event.host:
+            # ... the client's first bytes are inspected before anything goes up
+            first = await asyncio.wait_for(reader.read(HEAD_LIMIT), IDLE_TIMEOUT_S)
+            if first:
+                try:
+                    first = await asyncio.wait_for(
+                        _inspect_tunnel(
+                            reader, first, opened.event.host, port, opened.any_protocol
+                        ),
+                        HEAD_TIMEOUT_S,
+                    )
+                except (_Refused, TimeoutError, asyncio.IncompleteReadError) as exc:
+                    reason = (
+                        exc.reason
+                        if isinstance(exc, _Refused)
+                        else "the tunnel's opening (ClientHello or request head) did not arrive"
+                    )
                     with contextlib.suppress(ValueError):
                         self.events.remove(opened.event)
-                    self._deny(
-                        opened.event.host,
-                        port,
-                        opened.address,
-                        Decision(False, "", f"TLS SNI {_printable(sni or '')!r} does not match"),
-                    )
+                    self._deny(opened.event.host, port, opened.address, Decision(False, "", reason))
                     opened.event = dataclasses.replace(opened.event, allowed=False)
                     return
             if first:
@@ -412,7 +410,7 @@ class Proxy:
             # virtual host on the same server
             drop = ("host", "connection", "proxy-connection", "proxy-authorization", "keep-alive")
             kept = [f"{k}: {v}" for k, v in headers if k.lower() not in drop]
-            authority_out = opened.event.host if port == 80 else f"{opened.event.host}:{port}"
+            authority_out = _authority(opened.event.host, port, 80)
             head = (
                 f"{method} /{path} HTTP/1.1\r\nHost: {authority_out}\r\n"
                 + "".join(f"{line}\r\n" for line in kept)
@@ -448,6 +446,9 @@ class _Opened:
     started: float
     rule: str
     event: NetworkEvent
+    # the deciding rule names the port (or the callback approved host and port):
+    # a tunnel may then carry protocols other than TLS
+    any_protocol: bool = False
 
 
 def _printable(text: str) -> str:
@@ -618,73 +619,244 @@ def _safe_canonical(host: str) -> str:
         return "\0invalid"
 
 
-async def _read_client_hello(
-    reader: asyncio.StreamReader, prefix: bytes
-) -> tuple[bytes, str | None]:
-    """The client's whole TLS ClientHello (reassembled across records and reads, at
-    most 64 KiB; ``prefix`` is what was already read) and its one server name;
-    None for the name if it is not TLS, has no SNI or more than one name."""
-    raw = b""
+class _Refused(Exception):
+    """A tunnel's opening that must not go upstream; ``reason`` is recorded."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _more(reader: asyncio.StreamReader, data: bytes, size: int) -> bytes:
+    """``data`` extended from ``reader`` to at least ``size`` bytes (EOF: IncompleteReadError)."""
+    if len(data) >= size:
+        return data
+    return data + await reader.readexactly(size - len(data))
+
+
+async def _inspect_tunnel(
+    reader: asyncio.StreamReader, data: bytes, host: str, port: int, any_protocol: bool
+) -> bytes:
+    """Check a tunnel's opening (``data``, the client's first bytes, read on as
+    needed); return the bytes to send upstream first, or raise _Refused.
+
+    * TLS: every record up to the end of the first ClientHello, whatever comes
+      before it; the ClientHello must name ``host`` (``_read_client_hello``).
+    * An SSLv2-format hello carries no SNI: refused.
+    * Anything else only when ``any_protocol`` (a rule names the port), and an
+      HTTP/1 request in it is held to the plain-HTTP path's checks: its Host
+      and target must name ``host``, and it goes up alone (``Connection: close``).
+    """
+    if data[0] in _TLS_RECORDS and any_protocol:
+        data = await _more(reader, data, 2)
+        tls = data[1] == 3  # every SSL 3/TLS record says 3.x; on a named port, else not TLS
+    else:
+        tls = data[0] in _TLS_RECORDS
+    if tls:
+        raw, sni = await _read_client_hello(reader, data)
+        # a name was allowed: the ClientHello must name it (domain fronting on a
+        # shared front end); an address was allowed: no name was checked, so none
+        # may be sent
+        expected = None if parse_address(host) is not None else host
+        if sni != expected:
+            shown = "no SNI" if sni is None else f"TLS SNI {_printable(sni)!r}"
+            raise _Refused(f"{shown} does not match {host}")
+        return raw
+    if data[0] & 0x80:
+        data = await _more(reader, data, 3)
+        if data[2] == 1:  # msg_type CLIENT-HELLO of an SSLv2 record header
+            raise _Refused("an SSLv2-format ClientHello (it carries no SNI)")
+    if not any_protocol:
+        raise _Refused(
+            "not TLS: a tunnel carries other protocols only to a port a rule names (host:port)"
+        )
+    return await _http_in_tunnel(reader, data, host, port)
+
+
+async def _http_in_tunnel(reader: asyncio.StreamReader, data: bytes, host: str, port: int) -> bytes:
+    """Plain HTTP/1 inside a tunnel gets the plain-HTTP path's checks (else another
+    virtual host on the allowed server is one Host header away); other protocols
+    go through as they are."""
+    # an HTTP request opens with a method token and a space: read until the
+    # token ends, then until the first line ends
+    while (token := _TOKEN.match(data)) is not None and token.end() == len(data):
+        if len(data) > 64:
+            return data  # no method is that long: not HTTP
+        data += await reader.readexactly(1)
+    if token is None or token.end() == 0 or data[token.end()] != 0x20:
+        return data
+    while b"\n" not in data:
+        if len(data) > HEAD_LIMIT:
+            raise _Refused("a request line longer than 64 KiB in a tunnel")
+        chunk = await reader.read(HEAD_LIMIT)
+        if not chunk:
+            raise asyncio.IncompleteReadError(data, None)
+        data += chunk
+    line = data.split(b"\n", 1)[0]
+    if b"HTTP/" not in line.upper():
+        return data  # a line-based protocol (SMTP's EHLO, Redis), not HTTP
+    if line.startswith(b"PRI * HTTP/2"):
+        raise _Refused("HTTP/2 without TLS (h2c) in a tunnel: its authority cannot be checked")
+    while b"\r\n\r\n" not in data:
+        if len(data) > HEAD_LIMIT:
+            raise _Refused("a request head larger than 64 KiB in a tunnel")
+        chunk = await reader.read(HEAD_LIMIT)
+        if not chunk:
+            raise asyncio.IncompleteReadError(data, None)
+        data += chunk
+    raw_head, rest = data.split(b"\r\n\r\n", 1)
+    head = _parse_head(raw_head)
+    if isinstance(head, tuple):
+        raise _Refused(f"HTTP in a tunnel: {head[1]}")
+    fields = {k.lower(): v for k, v in head.headers}
+    if "host" in fields:
+        named, _ = _host_port(fields["host"], default=port)
+        if named is None or _safe_canonical(named) != host:
+            raise _Refused("HTTP in a tunnel: the Host header does not match the tunnel's host")
+    if not (head.target.startswith("/") or head.target == "*"):
+        # absolute-form (and CONNECT's authority-form) win over Host (RFC 9112
+        # 3.2.2): they must name the tunnel's host too
+        authority = head.target.partition("://")[2].partition("/")[0] or head.target
+        named, _ = _host_port(authority.rpartition("@")[2], default=port)
+        if named is None or _safe_canonical(named) != host:
+            raise _Refused("HTTP in a tunnel: the request target names another host")
+    # one request per tunnel, with our own Host and Connection: close, as on the
+    # plain-HTTP path: a server MUST NOT process a further request after it (RFC
+    # 9112 9.6), so no second request with another Host rides along
+    # (and no Upgrade: no switch to another protocol past the check)
+    drop = {"host", "connection", "proxy-connection", "proxy-authorization", "keep-alive"}
+    drop.add("upgrade")
+    kept = "".join(f"{k}: {v}\r\n" for k, v in head.headers if k.lower() not in drop)
+    text = (
+        f"{head.method} {head.target} {head.version}\r\nHost: {_authority(host, port, 80)}\r\n"
+        f"{kept}Connection: close\r\n\r\n"
+    )
+    return text.encode("latin-1") + rest
+
+
+async def _read_client_hello(reader: asyncio.StreamReader, data: bytes) -> tuple[bytes, str | None]:
+    """Read TLS records from ``data`` (the first bytes) and ``reader`` until the
+    first ClientHello is whole; return every byte read and its server name (None
+    if it has none). Raises _Refused for anything else.
+
+    Records before the ClientHello (change_cipher_spec, alert, heartbeat,
+    application data) are read past and held back with it, never sent ahead of
+    the check; a ClientHello may be fragmented across records, but no other
+    record may interleave with it (RFC 8446 5.1). At most INSPECT_BYTES and
+    INSPECT_RECORDS are read."""
     body = b""
-    pending = prefix
-    while True:
-        header = pending + await reader.readexactly(5 - len(pending))
-        pending = b""
-        raw += header
-        if header[0] != 0x16:
-            return raw, None
-        (length,) = struct.unpack(">H", header[3:5])
-        if length > 1 << 14:
-            return raw, None
-        fragment = await reader.readexactly(length)
-        raw += fragment
+    pos = 0  # the start of the next record in data
+    for _ in range(INSPECT_RECORDS):
+        data = await _more(reader, data, pos + 5)
+        kind, major, length = data[pos], data[pos + 1], int.from_bytes(data[pos + 3 : pos + 5])
+        if kind not in _TLS_RECORDS or major != 3:
+            raise _Refused("not a TLS record where one was expected")
+        if length > (1 << 14) + 2048 or (kind == 22 and not 0 < length <= 1 << 14):
+            raise _Refused("a malformed TLS record")
+        if pos + 5 + length > INSPECT_BYTES:
+            raise _Refused(f"no ClientHello within the first {INSPECT_BYTES} bytes")
+        data = await _more(reader, data, pos + 5 + length)
+        fragment = data[pos + 5 : pos + 5 + length]
+        pos += 5 + length
+        if kind != 22:
+            if body:
+                raise _Refused("another TLS record inside the ClientHello")
+            continue  # held back: forwarded only if the ClientHello checks out
         body += fragment
-        if len(body) >= 4:
-            if body[0] != 0x01:
-                return raw, None
-            needed = 4 + int.from_bytes(body[1:4], "big")
-            if needed > 1 << 16:
-                return raw, None
-            if len(body) >= needed:
-                return raw, client_hello_sni(body[:needed])
+        if len(body) < 4:
+            continue
+        if body[0] != 1:
+            raise _Refused("the first TLS handshake message is not a ClientHello")
+        needed = 4 + int.from_bytes(body[1:4])
+        if needed > HELLO_LIMIT:
+            raise _Refused("a ClientHello larger than 64 KiB")
+        if len(body) >= needed:
+            if len(body) > needed:
+                # another handshake message after it would be read by the server
+                # without the proxy having looked: nothing may follow in its record
+                raise _Refused("data after the ClientHello in its TLS record")
+            return data, _hello_server_name(body)
+    raise _Refused(f"no ClientHello within the first {INSPECT_RECORDS} TLS records")
 
 
-def client_hello_sni(message: bytes) -> str | None:
-    """The one server_name of a ClientHello handshake message, or None (none, several
-    names, or malformed)."""
+def _hello_server_name(message: bytes) -> str | None:
+    """The server_name of a whole ClientHello handshake message, canonical; None
+    if it has none. Parsed strictly (every length must add up, no extension
+    twice, exactly one host_name): where servers could read a message
+    differently from the proxy, it is refused (_Refused)."""
     try:
-        if len(message) < 4 or message[0] != 0x01:
-            return None
-        pos = 4 + 2 + 32  # handshake header, client version, random
-        pos += 1 + message[pos]  # session id
+        if message[0] != 1 or message[4] != 3:
+            raise _Refused("a malformed ClientHello")
+        pos = 4 + 2 + 32  # handshake header, legacy version, random
+        pos += 1 + message[pos]  # legacy session id
         (ciphers,) = struct.unpack_from(">H", message, pos)
         pos += 2 + ciphers
         pos += 1 + message[pos]  # compression methods
-        (ext_total,) = struct.unpack_from(">H", message, pos)
+        if pos == len(message):
+            return None  # no extensions at all (TLS 1.2 and older)
+        (total,) = struct.unpack_from(">H", message, pos)
         pos += 2
-        end = min(pos + ext_total, len(message))
-        names: list[str] = []
-        seen_sni = False
-        while pos + 4 <= end:
+        if pos + total != len(message):
+            raise _Refused("a malformed ClientHello")
+        seen: set[int] = set()
+        name: str | None = None
+        while pos < len(message):
             ext_type, ext_len = struct.unpack_from(">HH", message, pos)
             pos += 4
-            if ext_type == 0:
-                if seen_sni:
-                    return None  # two server_name extensions: ambiguous, refused
-                seen_sni = True
+            end = pos + ext_len
+            if ext_type in seen or end > len(message):
+                raise _Refused("a malformed ClientHello (an extension twice or overlong)")
+            seen.add(ext_type)
+            if ext_type == 0:  # server_name (RFC 6066 3)
                 (list_len,) = struct.unpack_from(">H", message, pos)
                 item = pos + 2
-                while item + 3 <= pos + 2 + list_len:
+                if item + list_len != end:
+                    raise _Refused("a malformed server_name extension")
+                names = []
+                while item < end:
                     name_type, name_len = struct.unpack_from(">BH", message, item)
-                    if name_type == 0:
-                        names.append(message[item + 3 : item + 3 + name_len].decode("ascii"))
+                    names.append((name_type, message[item + 3 : item + 3 + name_len]))
                     item += 3 + name_len
-            pos += ext_len
-        if len(names) != 1:
-            return None
-        return _safe_canonical(names[0])
+                if item != end or len(names) != 1 or names[0][0] != 0:
+                    raise _Refused("a server_name extension without exactly one host name")
+                name = _safe_canonical(names[0][1].decode("ascii"))
+            pos = end
+        return name
     except (IndexError, struct.error, UnicodeDecodeError):
-        return None
+        raise _Refused("a malformed ClientHello") from None
+
+
+def _parse_head(raw: bytes) -> _Head | tuple[int, str]:
+    """An HTTP/1 request head (without its blank line), or (status, why) to refuse it."""
+    lines = raw.decode("latin-1").split("\r\n")
+    if any(_BAD_HEAD.search(line) for line in lines):
+        # a bare \n or \r, NUL or another control character: servers split
+        # such heads differently than we do (header and request smuggling)
+        return 400, "malformed request head"
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        return 400, "not an HTTP/1 request"
+    headers = [
+        (k.strip(), v.strip()) for k, sep, v in (ln.partition(":") for ln in lines[1:]) if sep
+    ]
+    names = [k.lower() for k, _ in headers]
+    if names.count("host") > 1 or names.count("content-length") > 1:
+        return 400, "duplicate Host or Content-Length header"
+    return _Head(parts[0], parts[1], parts[2], headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+
+
+def _authority(host: str, port: int, default: int) -> str:
+    """``host:port`` for a Host header (IPv6 in brackets; no port if the default)."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port == default else f"{shown}:{port}"
 
 
 async def _pipe(
