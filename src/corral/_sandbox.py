@@ -971,6 +971,7 @@ class AsyncSandbox:
         self._connection: Connection | None = None
         self._lifetime: asyncio.TimerHandle | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         self._closed = False
         self._diagnostics = bytearray()
         self._stderr_open = False
@@ -1031,7 +1032,7 @@ class AsyncSandbox:
                     f"the box's agent speaks protocol {hello.get('version')!r}, not {w.VERSION}"
                 )
             self._watch = asyncio.ensure_future(self._watch_box())
-            self._spawn(self._watchdog())
+            self._watchdog_task = asyncio.ensure_future(self._watchdog())
             self.set_timeout(self._timeout_s)
         except BaseException as exc:
             self._teardown()
@@ -1234,8 +1235,11 @@ class AsyncSandbox:
             self._stderr_open = False
         if self._lifetime is not None:
             self._lifetime.cancel()
-        if self._watch is not None:
-            self._watch.cancel()
+        # every task the box started ends with it: a sleeping watchdog would hold
+        # the sandbox (and its buffers) for good
+        for task in (self._watch, self._watchdog_task, *self._tasks):
+            if task is not None:
+                task.cancel()
         if self._connection is not None and self._connection.failure is None:
             self._connection.close()
         if self._box is not None:
