@@ -458,3 +458,24 @@ async def test_each_command_has_its_own_cpu_budget_and_the_agent_none() -> None:
             out += chunk
         assert out.split()[3:5] == [b"2", b"3"], out
         assert sb.is_running()
+
+
+async def test_removing_a_symlink_removes_the_link_not_its_target() -> None:
+    async with AsyncSandbox(runtime=None) as sb:
+        setup = (
+            "echo keep > /tmp/target && mkdir -p /tmp/dir && echo keep > /tmp/dir/inner"
+            " && ln -s /tmp/target out && ln -s /tmp/dir outdir && ln -s /nowhere dangling"
+            " && mkdir sub && ln -s ../../tmp/target sub/rel && echo keep > here && ln -s here in"
+        )
+        assert (await sb.commands.run(setup)).exit_code == 0
+        for link in ("out", "outdir", "dangling", "sub/rel", "in"):
+            await sb.files.remove(link)
+            assert not await sb.files.exists(link), link
+        # every target survives, inside the workspace and out of it
+        check = "cat /tmp/target /tmp/dir/inner here"
+        assert (await sb.commands.run(check)).stdout == b"keep\nkeep\nkeep\n"
+        # a path through a symlinked directory still cannot reach outside
+        assert (await sb.commands.run("ln -s /tmp/dir via")).exit_code == 0
+        with pytest.raises(PermissionError, match="outside the workspace"):
+            await sb.files.remove("via/inner")
+        assert (await sb.commands.run("cat /tmp/dir/inner")).stdout == b"keep\n"

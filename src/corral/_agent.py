@@ -490,8 +490,22 @@ class Agent:
         path = self.path(body["path"])
         return _describe(path, os.path.basename(path), self.workspace)
 
+    def link_path(self, raw: object) -> str:
+        """``path`` without following its last component: a symlink in the
+        workspace names the link itself, wherever it points (its parent is
+        resolved and must stay in the workspace)."""
+        if not isinstance(raw, str) or "\0" in raw:
+            raise CallError(errno.EINVAL, "a path must be a string without NUL bytes")
+        full = os.path.normpath(os.path.join(self.workspace, raw))
+        parent, name = os.path.split(full)
+        if full == self.workspace or name in ("", ".", ".."):
+            return self.path(raw)
+        return os.path.join(self.path(parent), name)
+
     def op_remove(self, ident: int, body: dict[str, object]) -> dict[str, object]:
-        path = self.path(body["path"])
+        # a symlink is removed itself, never what it points to: unlinking a link
+        # to a path outside the workspace touches nothing outside
+        path = self.link_path(body["path"])
         if path == self.workspace:
             raise CallError(errno.EBUSY, "the workspace itself cannot be removed")
         if os.path.isdir(path) and not os.path.islink(path):
