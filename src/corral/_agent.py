@@ -335,12 +335,17 @@ class Agent:
         except subprocess.SubprocessError as exc:  # the terminal's pre-exec hook failed
             if master is not None:
                 os.close(master)
-            return {"pid": None, "exit_code": 126, "message": f"{argv[0]}: {exc}"}
+            return {"pid": None, "exit_code": 126, "message": f"{argv[0]}: {exc}", "reason": str(exc)}
         except OSError as exc:  # shell semantics: 127 not found, 126 cannot run
             if master is not None:
                 os.close(master)
             code = 127 if exc.errno == errno.ENOENT else 126
-            return {"pid": None, "exit_code": code, "message": f"{argv[0]}: {exc.strerror}"}
+            return {
+                "pid": None,
+                "exit_code": code,
+                "message": f"{argv[0]}: {exc.strerror}",
+                "reason": exc.strerror,
+            }
         proc = Proc(ident, popen, os.pidfd_open(popen.pid), argv)
         self.procs[ident] = proc
         self.sel.register(proc.pidfd, selectors.EVENT_READ, ("exit", proc))

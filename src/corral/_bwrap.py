@@ -41,7 +41,7 @@ from ._netrules import Rules
 from ._policy import Policy
 from ._proxy import PORT as PROXY_PORT
 from ._proxy import Approval, NetworkEvent, Proxy, listen_in_box
-from ._result import LIMIT_PRECEDENCE, LimitKind, RunResult
+from ._result import not_run_message, LIMIT_PRECEDENCE, LimitKind, RunResult
 from .plan import _capabilities, _mounts, _namespaces, _rlimits
 from .plan import _cgroups as _plan_cgroups
 from .plan import _seccomp as _plan_seccomp
@@ -887,8 +887,12 @@ async def _supervise(
         hit.add("disk")
     stdout, stderr = output.get("stdout"), output.get("stderr")
     if exit_code == 1 and stderr.startswith(b"bwrap: execvp "):
-        # the command does not exist (or cannot be run) in the box: shell semantics
-        exit_code = 126 if b"Permission denied" in stderr else 127
+        # the command does not exist (or cannot be run) in the box: shell
+        # semantics, said in corral's words rather than bwrap's
+        line = stderr.split(b"\n", 1)[0][len(b"bwrap: execvp ") :].decode(errors="replace")
+        name, _, reason = line.rpartition(": ")
+        exit_code = 127 if reason == os.strerror(errno.ENOENT) else 126
+        stderr = not_run_message(name, exit_code, reason)
     limits_hit = tuple(k for k in LIMIT_PRECEDENCE if k in hit)
     # Only the cgroup sees the box's processes: bwrap's own rusage does not
     # cover them (the box's init reaps them), so without a cgroup: unknown.

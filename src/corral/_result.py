@@ -23,6 +23,15 @@ LIMIT_PRECEDENCE: tuple[LimitKind, ...] = (
 )
 
 
+def not_run_message(name: str, exit_code: int, reason: str) -> bytes:
+    """corral's stderr line for a command that could not start in the box
+    (``exit_code`` 127: not found; 126: found but not executable), the same on
+    every path (one-shot runs and long-lived sandboxes)."""
+    if exit_code == 127:
+        return f"corral: {name}: command not found in the box\n".encode(errors="replace")
+    return f"corral: {name}: cannot be run in the box ({reason})\n".encode(errors="replace")
+
+
 class ProcessOutcome:
     """What every finished command has: an exit status, a limit, its output."""
 

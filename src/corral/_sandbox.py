@@ -48,7 +48,7 @@ from ._interpreter import (
 )
 from ._policy import Bind, Policy
 from ._proxy import Approval, NetworkEvent
-from ._result import LimitKind, ProcessOutcome
+from ._result import LimitKind, ProcessOutcome, not_run_message
 from .plan._mounts import File
 
 AGENT_DIR = "/run/corral"
@@ -467,11 +467,14 @@ class Commands:
         if reply.get("pid") is None:  # could not be started: shell semantics
             self._sb._forget(ident)
             code = reply.get("exit_code")
-            message = reply.get("message")
-            process.chunks["stderr"] += f"{message}\n".encode() if isinstance(message, str) else b""
-            process.exit.set_result((code if isinstance(code, int) else 127, None))
+            code = code if code in (126, 127) else 127
+            reason = reply.get("reason")
+            process.chunks["stderr"] += not_run_message(
+                _argv(command)[0], code, reason if isinstance(reason, str) else "cannot run"
+            )
+            process.exit.set_result((code, None))
             process.result = CommandResult(
-                exit_code=code if isinstance(code, int) else 127,
+                exit_code=code,
                 signal=None,
                 stdout=b"",
                 stderr=bytes(process.chunks["stderr"]),
