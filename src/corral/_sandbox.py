@@ -639,6 +639,9 @@ class Commands:
                     await waiter
 
     async def list(self) -> list[ProcessInfo]:
+        """Every live process of the box: each running command once (it stands
+        for everything it started), then every process no running command
+        accounts for (a daemon a finished command left behind)."""
         reply = await self._sb._conn().call({"op": "list_processes"})
         out = []
         for item in field(reply, "processes", list):
@@ -653,13 +656,18 @@ class Commands:
         return out
 
     async def kill(self, pid: int, signum: int = _signal.SIGKILL) -> bool:
-        """Signal the process group of the command with ``pid``; False if there is none."""
+        """Signal the process ``pid`` that ``list()`` shows and every process it
+        started (whatever it did with sessions, groups or double forks); False
+        if there is none."""
         reply = await self._sb._conn().call({"op": "list_processes"})
         for item in field(reply, "processes", list):
             if isinstance(item, dict) and item.get("pid") == pid:
-                await self._sb._conn().call(
-                    {"op": "signal", "target": field(item, "id", int), "signal": int(signum)}
-                )
+                ident = item.get("id")
+                target = {"target": ident} if isinstance(ident, int) else {"pid": pid}
+                try:
+                    await self._sb._conn().call({"op": "signal", **target, "signal": int(signum)})
+                except ProcessLookupError:
+                    return False  # it ended meanwhile
                 return True
         return False
 
