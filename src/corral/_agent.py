@@ -341,7 +341,8 @@ class Agent:
         except subprocess.SubprocessError as exc:  # the terminal's pre-exec hook failed
             if master is not None:
                 os.close(master)
-            return {"pid": None, "exit_code": 126, "message": f"{argv[0]}: {exc}", "reason": str(exc)}
+            message = f"{argv[0]}: {exc}"
+            return {"pid": None, "exit_code": 126, "message": message, "reason": str(exc)}
         except OSError as exc:  # shell semantics: 127 not found, 126 cannot run
             if master is not None:
                 os.close(master)
@@ -384,8 +385,16 @@ class Agent:
     def on_exit(self, proc: Proc) -> None:
         self.sel.unregister(proc.pidfd)
         os.close(proc.pidfd)
-        code = proc.popen.wait()
-        body: dict[str, object] = {"exit": code if code >= 0 else 128 - code}
+        cpu_s = None
+        try:
+            # wait4: the rusage covers the command and every descendant it
+            # reaped, the host's evidence for a CPU-time kill
+            _, status, usage = os.wait4(proc.popen.pid, 0)
+            code = proc.popen.returncode = os.waitstatus_to_exitcode(status)
+            cpu_s = usage.ru_utime + usage.ru_stime
+        except ChildProcessError:
+            code = proc.popen.wait()
+        body: dict[str, object] = {"exit": code if code >= 0 else 128 - code, "cpu_s": cpu_s}
         if code < 0:
             body["signal"] = -code
         self.event(proc.ident, body)

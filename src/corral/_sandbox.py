@@ -48,7 +48,7 @@ from ._interpreter import (
 )
 from ._policy import Bind, Policy
 from ._proxy import Approval, NetworkEvent
-from ._result import LimitKind, ProcessOutcome, not_run_message
+from ._result import LimitEvidence, LimitKind, ProcessOutcome, decide_limits, not_run_message
 from .plan._mounts import File
 
 AGENT_DIR = "/run/corral"
@@ -186,7 +186,8 @@ class _Process:
         )
         self.pumps: list[asyncio.Task[None]] = []
         self.timers: list[asyncio.TimerHandle] = []
-        self.oom_before = sandbox._oom_kills()
+        self.counters_before = sandbox._limit_counters()
+        self.cpu_s: float | None = None
         self.result: CommandResult | None = None
         self.callback_error: BaseException | None = None
         self.is_pty = False
@@ -200,6 +201,8 @@ class _Process:
             self.exit.exception()
             return
         code = field(body, "exit", int)
+        cpu_s = body.get("cpu_s")
+        self.cpu_s = float(cpu_s) if isinstance(cpu_s, int | float) else None
         sig = body.get("signal")
         self.exit.set_result((code, sig if isinstance(sig, int) else None))
 
@@ -281,9 +284,20 @@ class _Process:
             for timer in self.timers:
                 timer.cancel()
         self._release()
-        limit = self.limit_hit
-        if limit is None and sig == _signal.SIGKILL and self.sandbox._oom_kills() > self.oom_before:
-            limit = "memory"
+        oom_kills, pids_hits = self.sandbox._limit_counters()
+        limits = decide_limits(
+            LimitEvidence(
+                own=frozenset((self.limit_hit,)) if self.limit_hit is not None else frozenset(),
+                oom_kills=oom_kills - self.counters_before[0],
+                pids_limit_hits=pids_hits - self.counters_before[1],
+                cpu_time_s=self.cpu_s,
+                cpu_time_limit_s=self.sandbox.policy.limits.cpu_time_s,
+                exit_code=code,
+                signal=sig,
+                shared=True,  # the box's cgroup counts every command of the box
+            )
+        )
+        limit = limits[0] if limits else None
         self.result = CommandResult(
             exit_code=code,
             signal=sig,
@@ -1282,12 +1296,16 @@ class AsyncSandbox:
             self._connection.forget(ident, keep=keep)
 
     def _oom_kills(self) -> int:
+        return self._limit_counters()[0]
+
+    def _limit_counters(self) -> tuple[int, int]:
+        """The box cgroup's OOM kills and refused forks so far (0, 0 without one)."""
         box = self._box
         if box is None or box.cgroup is None:
-            return 0
+            return (0, 0)
         with contextlib.suppress(CorralError, OSError):
-            return box.cgroup.oom_kills()
-        return 0
+            return (box.cgroup.oom_kills(), box.cgroup.pids_limit_hits())
+        return (0, 0)
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         return timeout_s if timeout_s is not None else self.policy.limits.wall_time_s
