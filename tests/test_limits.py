@@ -227,9 +227,9 @@ async def test_a_cpu_time_kill_says_cpu_time_in_a_long_lived_box() -> None:
 
 
 def test_the_cli_names_the_fork_bomb() -> None:
+    cli = [sys.executable, "-m", "corral", "run", "--json", "--pids", "48", "--timeout", "2"]
     proc = subprocess.run(
-        [sys.executable, "-m", "corral", "run", "--json", "--pids", "48", "--timeout", "2"]
-        + ["--", "python3", "-c", _FORK_BOMB],
+        [*cli, "--", "python3", "-c", _FORK_BOMB],
         capture_output=True,
         timeout=60,
         check=False,
