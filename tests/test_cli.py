@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corral._cli import EXIT_CORRAL, EXIT_LIMIT
+from corral._cli import EXIT_BROKEN_PIPE, EXIT_CORRAL, EXIT_LIMIT
 
 
 def corral(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -181,3 +181,49 @@ def test_uid_range_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert proc.returncode == EXIT_CORRAL
     assert b"must be within 65536" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("policy", "show", "default"), ("run", "--", "sh", "-c", "seq 100000")],
+)
+def test_a_closed_pipe_ends_the_cli_quietly(args: tuple[str, ...]) -> None:
+    """``corral ... | head -1``, its reader already gone: a real pipe, whose
+    every write fails with EPIPE (as the writes after head's first line do)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "corral", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.stderr == b""
+    assert proc.returncode == EXIT_BROKEN_PIPE
+
+
+@pytest.mark.parametrize(
+    ("command", "status", "message"),
+    [
+        ("no-such-cmd", 127, b"corral: no-such-cmd: command not found in the box\n"),
+        ("/etc/hostname", 126, b"corral: /etc/hostname: cannot be run in the box"),
+    ],
+)
+def test_a_command_that_cannot_start_is_said_in_corrals_words(
+    command: str, status: int, message: bytes
+) -> None:
+    import corral as lib
+
+    proc = corral("run", "--", command)
+    assert proc.returncode == status
+    assert proc.stderr.startswith(message)
+    assert b"bwrap" not in proc.stderr
+    # a long-lived sandbox says the same
+    with lib.Sandbox(runtime=None) as sb:
+        result = sb.commands.run([command])
+    assert result.exit_code == status
+    assert result.stderr.startswith(message)

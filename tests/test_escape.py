@@ -215,7 +215,7 @@ def test_host_environment_does_not_leak(box: Runner, monkeypatch: pytest.MonkeyP
     assert result.exit_code == 0
     assert "hunter2" not in result.stdout_text
     env = dict(line.split("=", 1) for line in result.stdout_text.splitlines())
-    assert set(env) == {"HOME", "LANG", "PATH", "PWD"}  # PWD: bwrap's --chdir
+    assert set(env) == {"HOME", "LANG", "PATH", "PWD", "PYTHONUNBUFFERED"}  # PWD: --chdir
     assert env["PWD"] == env["HOME"] == "/workspace"
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import resource
 import subprocess
+import sys
 import time
 
 import pytest
@@ -164,3 +167,110 @@ def test_binary_output_is_bytes() -> None:
     result = corral.run(py("import sys; sys.stdout.buffer.write(bytes(range(256)))"))
     assert result.stdout == bytes(range(256))
     assert "\ufffd" in result.stdout_text
+
+
+# -- one label per cause, on every path --------------------------------------------
+
+_LIMITED = Policy.preset("default").with_limits(memory_bytes=128 << 20, pids=48, wall_time_s=20)
+_MEMORY_BOMB = "x = b'a' * 10**9"
+_FORK_BOMB = (
+    "import os, time\n"
+    "while True:\n"
+    "    try:\n"
+    "        if os.fork() == 0:\n"
+    "            time.sleep(60); os._exit(0)\n"
+    "    except OSError:\n"
+    "        time.sleep(0.01)\n"
+)
+
+
+async def _every_path(script: str, policy: Policy, timeout_s: float) -> dict[str, str | None]:
+    """``limit_hit`` of the same Python script run every way corral offers."""
+    shell = f'python3 -c "{script}"'
+    seen: dict[str, str | None] = {}
+    run = await corral.run_async(["python3", "-c", script], policy=policy, timeout_s=timeout_s)
+    seen["run argv"] = run.limit_hit
+    run = await corral.run_async(["/bin/sh", "-c", shell], policy=policy, timeout_s=timeout_s)
+    seen["run shell"] = run.limit_hit
+    async with corral.AsyncSandbox(policy, runtime=None) as sb:
+        # a shell string: sh -c survives its child's kill and exits 137 itself
+        seen["commands shell"] = (await sb.commands.run(shell, timeout_s=timeout_s)).limit_hit
+        argv = ["python3", "-c", script]
+        seen["commands argv"] = (await sb.commands.run(argv, timeout_s=timeout_s)).limit_hit
+        handle = await sb.commands.run(shell, background=True, timeout_s=timeout_s)
+        seen["background"] = (await handle.wait()).limit_hit
+        async for event in sb.commands.stream(shell, timeout_s=timeout_s):
+            if isinstance(event, corral.CommandExit):
+                seen["stream"] = event.result.limit_hit
+    return seen
+
+
+@ROOT_ONLY
+async def test_a_memory_kill_says_memory_on_every_path() -> None:
+    seen = await _every_path(_MEMORY_BOMB, _LIMITED, 20)
+    assert seen == dict.fromkeys(seen, "memory"), seen
+
+
+@ROOT_ONLY
+async def test_a_fork_bomb_says_pids_on_every_path() -> None:
+    seen = await _every_path(_FORK_BOMB, _LIMITED, 2)
+    assert seen == dict.fromkeys(seen, "pids"), seen
+
+
+@ROOT_ONLY
+async def test_a_cpu_time_kill_says_cpu_time_in_a_long_lived_box() -> None:
+    policy = Policy.preset("default").with_limits(cpu_time_s=1, wall_time_s=30)
+    async with corral.AsyncSandbox(policy, runtime=None) as sb:
+        result = await sb.commands.run("python3 -c 'while True: pass'")
+        assert result.exit_code in (128 + 9, 128 + 24), result
+        assert result.limit_hit == "cpu_time", result
+
+
+def test_the_cli_names_the_fork_bomb() -> None:
+    cli = [sys.executable, "-m", "corral", "run", "--json", "--pids", "48", "--timeout", "2"]
+    proc = subprocess.run(
+        [*cli, "--", "python3", "-c", _FORK_BOMB],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert json.loads(proc.stdout)["limit_hit"] == ("pids" if os.geteuid() == 0 else "timeout")
+
+
+# -- what a killed Python printed is not lost ------------------------------------
+
+_PRINT_THEN_BLOW = "print('got this far'); x = b'a' * 10**9"
+
+
+@ROOT_ONLY
+async def test_a_python_killed_by_a_limit_keeps_what_it_printed() -> None:
+    run = await corral.run_async(["python3", "-c", _PRINT_THEN_BLOW], policy=_LIMITED)
+    assert (run.limit_hit, run.stdout) == ("memory", b"got this far\n")
+    async with corral.AsyncSandbox(_LIMITED, runtime=None) as sb:
+        result = await sb.commands.run(["python3", "-c", _PRINT_THEN_BLOW])
+        assert (result.limit_hit, result.stdout) == ("memory", b"got this far\n")
+        # the policy's env can still ask for buffering
+        result = await sb.commands.run(
+            ["python3", "-c", _PRINT_THEN_BLOW], env={"PYTHONUNBUFFERED": ""}
+        )
+        assert (result.limit_hit, result.stdout) == ("memory", b"")
+
+
+async def test_a_streamed_python_delivers_lines_as_it_prints_them() -> None:
+    async with corral.AsyncSandbox(runtime=None) as sb:
+        script = "import time\nprint('first')\ntime.sleep(300)"
+        events = sb.commands.stream(["python3", "-c", script])
+        seen = b""
+
+        async def first_line() -> None:
+            nonlocal seen
+            async for event in events:
+                assert isinstance(event, corral.CommandOutput), event
+                seen += event.data
+                if seen.endswith(b"\n"):
+                    return
+
+        # block-buffered, 'first' would come only with the exit, 300 s later
+        await asyncio.wait_for(first_line(), 20)
+        assert seen == b"first\n"
+        await events.aclose()

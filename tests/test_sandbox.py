@@ -458,3 +458,103 @@ async def test_each_command_has_its_own_cpu_budget_and_the_agent_none() -> None:
             out += chunk
         assert out.split()[3:5] == [b"2", b"3"], out
         assert sb.is_running()
+
+
+async def test_removing_a_symlink_removes_the_link_not_its_target() -> None:
+    async with AsyncSandbox(runtime=None) as sb:
+        setup = (
+            "echo keep > /tmp/target && mkdir -p /tmp/dir && echo keep > /tmp/dir/inner"
+            " && ln -s /tmp/target out && ln -s /tmp/dir outdir && ln -s /nowhere dangling"
+            " && mkdir sub && ln -s ../../tmp/target sub/rel && echo keep > here && ln -s here in"
+        )
+        assert (await sb.commands.run(setup)).exit_code == 0
+        for link in ("out", "outdir", "dangling", "sub/rel", "in"):
+            await sb.files.remove(link)
+            assert not await sb.files.exists(link), link
+        # every target survives, inside the workspace and out of it
+        check = "cat /tmp/target /tmp/dir/inner here"
+        assert (await sb.commands.run(check)).stdout == b"keep\nkeep\nkeep\n"
+        # a path through a symlinked directory still cannot reach outside
+        assert (await sb.commands.run("ln -s /tmp/dir via")).exit_code == 0
+        with pytest.raises(PermissionError, match="outside the workspace"):
+            await sb.files.remove("via/inner")
+        assert (await sb.commands.run("cat /tmp/dir/inner")).stdout == b"keep\n"
+
+
+# A fork+setsid+exec chain and a double fork: the descendants leave the
+# command's session and process group, and the double-forked one its parent.
+_ESCAPES = (
+    "import os, sys, time\n"
+    "tag = sys.argv[1]\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid(); os.execvp('sleep', ['sleep', tag + '1'])\n"
+    "if os.fork() == 0:\n"
+    "    if os.fork() == 0:\n"
+    "        os.setsid(); os.execvp('sleep', ['sleep', tag + '2'])\n"
+    "    os._exit(0)\n"
+    "print('started', flush=True)\n"
+)
+
+
+async def _escapees(sb: AsyncSandbox, tag: str) -> list[str]:
+    """Live (not zombie) processes in the box whose argv names ``tag``, seen
+    from inside the box, independently of commands.list()."""
+    scan = (
+        "import os, sys\n"
+        "for p in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        state = open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0]\n"
+        "        argv = open(f'/proc/{p}/cmdline').read().split('\\0')\n"
+        "    except OSError: continue\n"
+        "    if state != 'Z' and argv[0] == 'sleep' and argv[1].startswith(sys.argv[1]):\n"
+        "        print(argv[1])\n"
+    )
+    for _ in range(50):  # SIGKILL is delivered at once; reaping takes a moment
+        found = (await sb.commands.run(["python3", "-c", scan, tag])).stdout_text.split()
+        if not found:
+            return []
+        await asyncio.sleep(0.02)
+    return found
+
+
+@pytest.mark.parametrize("how", ["timeout", "handle.kill", "commands.kill", "cancel", "stream"])
+async def test_killing_a_command_ends_everything_it_started(how: str) -> None:
+    tag = f"{4000 + len(how)}"
+    command = ["/bin/sh", "-c", f'python3 -c "$0" {tag}; sleep 300', _ESCAPES]
+    async with AsyncSandbox(runtime=None) as sb:
+        if how == "timeout":
+            result = await sb.commands.run(command, timeout_s=1)
+            assert result.limit_hit == "timeout"
+        elif how == "stream":
+            async for event in sb.commands.stream(command):
+                assert isinstance(event, CommandOutput)
+                break  # leaving early kills the command
+        elif how == "cancel":
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(sb.commands.run(command), 1)
+        else:
+            handle = await sb.commands.run(command, background=True, on_stdout=lambda _: None)
+            while b"started" not in handle.stdout:
+                await asyncio.sleep(0.02)
+            assert sorted(await _escapees(sb, tag)) == [f"{tag}1", f"{tag}2"]
+            if how == "handle.kill":
+                await handle.kill()
+            else:
+                assert await sb.commands.kill(handle.pid or 0)
+            assert (await handle.wait()).signal == signal.SIGKILL
+        assert await _escapees(sb, tag) == []
+        assert await sb.commands.list() == []
+
+
+async def test_list_shows_what_a_finished_command_left_running() -> None:
+    async with AsyncSandbox(runtime=None) as sb:
+        result = await sb.commands.run(["python3", "-c", _ESCAPES, "4100"])
+        assert result.stdout == b"started\n"
+        # the command ended by itself: what it left runs on, and is listed
+        left = await sb.commands.list()
+        assert sorted(p.argv for p in left) == [("sleep", "41001"), ("sleep", "41002")]
+        for process in left:
+            assert await sb.commands.kill(process.pid)
+        assert await _escapees(sb, "4100") == []
+        assert await sb.commands.list() == []
+        assert not await sb.commands.kill(left[0].pid)

@@ -29,6 +29,7 @@ import struct
 import subprocess
 import sys
 import termios
+from collections.abc import Callable
 
 import _wire as w  # type: ignore[import-not-found,unused-ignore]
 
@@ -95,7 +96,9 @@ class Agent:
         self.incoming: dict[tuple[int, int], Incoming] = {}
         self.procs: dict[int, Proc] = {}
         self.uploads: dict[int, Upload] = {}
+        self.reaper = _become_reaper(self.sel)
         self.running = True
+        self.me = os.getpid()
         os.set_blocking(0, False)
         os.set_blocking(1, False)
         self.sel.register(0, selectors.EVENT_READ, ("host", None))
@@ -298,6 +301,9 @@ class Agent:
             raise CallError(errno.EINVAL, "argv must be a non-empty list of strings")
         if not isinstance(env, dict):
             raise CallError(errno.EINVAL, "env must be an object")
+        # the command's mark, inherited by everything it starts: a process it
+        # double-forked and orphaned is still known as its own (see tree())
+        env = {**env, MARK: str(ident)}
         cwd = self.path(body.get("cwd") or ".")
         if not os.path.isdir(cwd):
             raise CallError(errno.ENOENT, f"working directory {body.get('cwd')!r} does not exist")
@@ -335,12 +341,18 @@ class Agent:
         except subprocess.SubprocessError as exc:  # the terminal's pre-exec hook failed
             if master is not None:
                 os.close(master)
-            return {"pid": None, "exit_code": 126, "message": f"{argv[0]}: {exc}"}
+            message = f"{argv[0]}: {exc}"
+            return {"pid": None, "exit_code": 126, "message": message, "reason": str(exc)}
         except OSError as exc:  # shell semantics: 127 not found, 126 cannot run
             if master is not None:
                 os.close(master)
             code = 127 if exc.errno == errno.ENOENT else 126
-            return {"pid": None, "exit_code": code, "message": f"{argv[0]}: {exc.strerror}"}
+            return {
+                "pid": None,
+                "exit_code": code,
+                "message": f"{argv[0]}: {exc.strerror}",
+                "reason": exc.strerror,
+            }
         proc = Proc(ident, popen, os.pidfd_open(popen.pid), argv)
         self.procs[ident] = proc
         self.sel.register(proc.pidfd, selectors.EVENT_READ, ("exit", proc))
@@ -373,8 +385,16 @@ class Agent:
     def on_exit(self, proc: Proc) -> None:
         self.sel.unregister(proc.pidfd)
         os.close(proc.pidfd)
-        code = proc.popen.wait()
-        body: dict[str, object] = {"exit": code if code >= 0 else 128 - code}
+        cpu_s = None
+        try:
+            # wait4: the rusage covers the command and every descendant it
+            # reaped, the host's evidence for a CPU-time kill
+            _, status, usage = os.wait4(proc.popen.pid, 0)
+            code = proc.popen.returncode = os.waitstatus_to_exitcode(status)
+            cpu_s = usage.ru_utime + usage.ru_stime
+        except ChildProcessError:
+            code = proc.popen.wait()
+        body: dict[str, object] = {"exit": code if code >= 0 else 128 - code, "cpu_s": cpu_s}
         if code < 0:
             body["signal"] = -code
         self.event(proc.ident, body)
@@ -386,11 +406,20 @@ class Agent:
         self.procs.pop(proc.ident, None)
 
     def op_signal(self, ident: int, body: dict[str, object]) -> dict[str, object]:
-        target = self.procs.get(int(str(body["target"])))
-        if target is None:
-            raise CallError(errno.ESRCH, "no such process")
-        with _quiet():
-            os.killpg(target.popen.pid, int(str(body["signal"])))
+        """Signal a command and everything it started (``target``: its id), or a
+        process no running command accounts for (``pid``: one ``list_processes`` showed)."""
+        signum = int(str(body["signal"]))
+        table = _process_table()
+        if body.get("target") is not None:
+            target = self.procs.get(int(str(body["target"])))
+            if target is None:
+                raise CallError(errno.ESRCH, "no such process")
+            _signal_tree(functools.partial(self.roots, target), signum)
+        else:
+            pid = int(str(body["pid"]))
+            if pid not in self.leftovers(table):
+                raise CallError(errno.ESRCH, "no such process")
+            _signal_tree(lambda _: {pid}, signum)
         return {}
 
     def op_detach(self, ident: int, body: dict[str, object]) -> dict[str, object]:
@@ -436,18 +465,53 @@ class Agent:
         _winsize(proc.master, int(str(body["cols"])), int(str(body["rows"])))
         return {}
 
+    def roots(self, proc: Proc, table: dict[int, tuple[int, str]]) -> set[int]:
+        """Where ``proc``'s tree starts: its own process, and every orphan that
+        came to the agent (a subreaper) carrying its mark."""
+        roots = {proc.popen.pid}
+        mains = {p.popen.pid for p in self.procs.values()}
+        for pid, (ppid, _) in table.items():
+            if ppid == self.me and pid not in mains and _mark(pid) == proc.ident:
+                roots.add(pid)
+        return roots
+
+    def leftovers(self, table: dict[int, tuple[int, str]]) -> set[int]:
+        """Live processes in the box that no running command accounts for: what
+        a finished command left behind (daemons), or started without its mark."""
+        covered: set[int] = set()
+        for proc in self.procs.values():
+            covered |= _tree(self.roots(proc, table), table)
+        everything = _tree({self.me}, table) - {self.me}
+        return {p for p in everything - covered if table[p][1] != "Z"}
+
     def op_list_processes(self, ident: int, body: dict[str, object]) -> dict[str, object]:
-        return {
-            "processes": [
-                {
-                    "id": p.ident,
-                    "pid": p.popen.pid,
-                    "argv": [a[:256] for a in p.argv[:16]],  # bounded: the reply must fit a frame
-                    "pty": p.master is not None,
-                }
-                for p in self.procs.values()
-            ]
-        }
+        table = _process_table()
+        processes: list[dict[str, object]] = [
+            {
+                "id": p.ident,
+                "pid": p.popen.pid,
+                "argv": [a[:256] for a in p.argv[:16]],  # bounded: the reply must fit a frame
+                "pty": p.master is not None,
+            }
+            for p in self.procs.values()
+        ]
+        # commands.list() never hides a live process: whatever no command accounts for
+        for pid in sorted(self.leftovers(table))[:256]:
+            argv = _cmdline(pid)
+            processes.append({"id": None, "pid": pid, "argv": argv, "pty": False})
+        return {"processes": processes}
+
+    def on_reap(self) -> None:
+        """SIGCHLD: reap the orphans the agent adopted as the box's subreaper
+        (its own commands are reaped by on_exit)."""
+        with contextlib.suppress(OSError):
+            while os.read(self.reaper, 4096):
+                pass
+        mains = {p.popen.pid for p in self.procs.values()}
+        for pid, (ppid, state) in _process_table().items():
+            if ppid == self.me and state == "Z" and pid not in mains:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
 
     def op_read(self, ident: int, body: dict[str, object]) -> None:
         # O_NONBLOCK: a FIFO planted under the expected name must not block the
@@ -490,8 +554,22 @@ class Agent:
         path = self.path(body["path"])
         return _describe(path, os.path.basename(path), self.workspace)
 
+    def link_path(self, raw: object) -> str:
+        """``path`` without following its last component: a symlink in the
+        workspace names the link itself, wherever it points (its parent is
+        resolved and must stay in the workspace)."""
+        if not isinstance(raw, str) or "\0" in raw:
+            raise CallError(errno.EINVAL, "a path must be a string without NUL bytes")
+        full = os.path.normpath(os.path.join(self.workspace, raw))
+        parent, name = os.path.split(full)
+        if full == self.workspace or name in ("", ".", ".."):
+            return self.path(raw)
+        return os.path.join(self.path(parent), name)
+
     def op_remove(self, ident: int, body: dict[str, object]) -> dict[str, object]:
-        path = self.path(body["path"])
+        # a symlink is removed itself, never what it points to: unlinking a link
+        # to a path outside the workspace touches nothing outside
+        path = self.link_path(body["path"])
         if path == self.workspace:
             raise CallError(errno.EBUSY, "the workspace itself cannot be removed")
         if os.path.isdir(path) and not os.path.islink(path):
@@ -554,10 +632,109 @@ class Agent:
                     self.drain(obj)
                 elif kind == "exit":
                     self.on_exit(obj)
+                elif kind == "reap":
+                    self.on_reap()
             # one turn: write what is queued, read sources the host has credit for
             self.flush()
             self.pump_all()
             self.flush()
+
+
+MARK = "CORRAL_COMMAND_ID"
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_reaper(sel: selectors.BaseSelector) -> int:
+    """Make the agent the box's child subreaper: every process orphaned in the
+    box (setsid, a double fork, a daemon) becomes the agent's child rather than
+    bwrap's init's, so no process leaves the agent's tree. SIGCHLD wakes the
+    loop through a pipe to reap them. Returns the pipe's read end."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    r, w_ = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(w_, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    sel.register(r, selectors.EVENT_READ, ("reap", None))
+    return r
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """Every process of the box: pid -> (parent pid, state letter)."""
+    table: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            table[int(entry)] = (int(fields[1]), fields[0].decode())
+    return table
+
+
+def _tree(roots: set[int], table: dict[int, tuple[int, str]]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = [r for r in roots if r in table]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, ())
+    return found
+
+
+def _signal_tree(roots: Callable[[dict[int, tuple[int, str]]], set[int]], signum: int) -> None:
+    """Signal every process below ``roots(table)``. SIGKILL stops them all
+    first, pass after pass until a pass finds none new, so nothing forks (or
+    orphans) its way out between the scan and the kill: a stopped process
+    cannot fork, and the roots are found again in every pass."""
+    if signum != signal.SIGKILL:
+        table = _process_table()
+        for pid in _tree(roots(table), table):
+            with _quiet():
+                os.kill(pid, signum)
+        return
+    stopped: set[int] = set()
+    for _ in range(1000):
+        table = _process_table()
+        fresh = _tree(roots(table) | stopped, table) - stopped
+        if not fresh:
+            break
+        for pid in fresh:
+            with _quiet():
+                os.kill(pid, signal.SIGSTOP)
+        stopped |= fresh
+    for pid in stopped:
+        with _quiet():
+            os.kill(pid, signal.SIGKILL)
+
+
+def _mark(pid: int) -> int | None:
+    """The command id a process carries in its environment, if readable."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return None
+    prefix = MARK.encode() + b"="
+    for item in data.split(b"\0"):
+        if item.startswith(prefix):
+            with contextlib.suppress(ValueError):
+                return int(item[len(prefix) :])
+    return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        return []
+    return [a.decode(errors="replace")[:256] for a in raw.split(b"\0") if a][:16]
 
 
 def _remove_tree(top: str) -> None:

@@ -1289,6 +1289,36 @@ async def _daemon(ctx: Context) -> Outcome:
 
 
 @probe(
+    "abuse.command_tree",
+    "a timed-out command takes its setsid and double-forked children along",
+    "a command outliving its timeout or kill, unseen by commands.list()",
+    "the agent is the box's child subreaper and kills a command's whole tree",
+)
+async def _command_tree(ctx: Context) -> Outcome:
+    from ._sandbox import AsyncSandbox
+
+    tag = f"{800000 + os.getpid() % 99999}"
+    escape = f"setsid sleep {tag}1 & (setsid sleep {tag}2 &); sleep 300"
+    async with AsyncSandbox(ctx.policy, runtime=None, timeout_s=60) as sb:
+        result = await sb.commands.run(escape, timeout_s=1)
+        await asyncio.sleep(0.2)
+        ps = await sb.commands.run(["ps", "-eo", "stat=,args="], timeout_s=10)
+        if ps.exit_code != 0:
+            raise ProbeError(f"ps in the box failed: {ps.stderr_text.strip()[-200:]}")
+        left = [
+            line
+            for line in ps.stdout_text.splitlines()
+            if f"sleep {tag}" in line and not line.startswith("Z")
+        ]
+        listed = await sb.commands.list()
+    if result.limit_hit != "timeout":
+        return Outcome("fail", f"the command ended with limit {result.limit_hit}")
+    if left or listed:
+        return Outcome("fail", f"survivors: {left}; commands.list(): {listed}")
+    return Outcome("pass", "no descendant survived the timeout; commands.list() is empty")
+
+
+@probe(
     "abuse.output_flood",
     "10 GB of output is capped with host memory bounded",
     "exhausting the host's memory with output",

@@ -41,7 +41,7 @@ from ._netrules import Rules
 from ._policy import Policy
 from ._proxy import PORT as PROXY_PORT
 from ._proxy import Approval, NetworkEvent, Proxy, listen_in_box
-from ._result import LIMIT_PRECEDENCE, LimitKind, RunResult
+from ._result import LimitEvidence, LimitKind, RunResult, decide_limits, not_run_message
 from .plan import _capabilities, _mounts, _namespaces, _rlimits
 from .plan import _cgroups as _plan_cgroups
 from .plan import _seccomp as _plan_seccomp
@@ -901,32 +901,30 @@ async def _supervise(
     duration = time.monotonic() - started
     exit_code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
     stats = cgroup.stats() if cgroup is not None else None
-    if stats is not None:
-        if stats.oom_kills > 0:
-            hit.add("memory")
-        if stats.pids_limit_hits > 0:
-            hit.add("pids")
     # bwrap reports a signalled command as 128+N, like a shell: a command that
     # exits 152 by itself is indistinguishable from one killed by SIGXCPU. So
-    # limits are read from host-side evidence where there is any (the cgroup's
-    # CPU total), and from the status only where there is none.
+    # limits are read from host-side evidence where there is any (the box's
+    # cgroup, which counts this run alone), and from the status only where there is none.
     sig = exit_code - 128 if exit_code > 128 and exit_code - 128 < signal.NSIG else None
-    if sig in (signal.SIGXCPU, signal.SIGKILL) and limits.cpu_time_s is not None:
-        if stats is None or stats.cpu_time_s is None:
-            if sig == signal.SIGXCPU:
-                hit.add("cpu_time")
-        elif stats.cpu_time_s >= limits.cpu_time_s * 0.5:
-            # RLIMIT_CPU counts scheduler ticks, the cgroup exact nanoseconds: on a
-            # loaded VM the tick count runs ahead (SIGXCPU came at 0.84 s of cgroup
-            # time for a 1 s limit here), so the evidence only needs to be near
-            hit.add("cpu_time")
-    if sig == signal.SIGXFSZ:
-        hit.add("disk")
+    limits_hit = decide_limits(
+        LimitEvidence(
+            own=frozenset(hit),
+            oom_kills=stats.oom_kills if stats is not None else 0,
+            pids_limit_hits=stats.pids_limit_hits if stats is not None else 0,
+            cpu_time_s=stats.cpu_time_s if stats is not None else None,
+            cpu_time_limit_s=limits.cpu_time_s,
+            exit_code=exit_code,
+            signal=sig,
+        )
+    )
     stdout, stderr = output.get("stdout"), output.get("stderr")
     if exit_code == 1 and stderr.startswith(b"bwrap: execvp "):
-        # the command does not exist (or cannot be run) in the box: shell semantics
-        exit_code = 126 if b"Permission denied" in stderr else 127
-    limits_hit = tuple(k for k in LIMIT_PRECEDENCE if k in hit)
+        # the command does not exist (or cannot be run) in the box: shell
+        # semantics, said in corral's words rather than bwrap's
+        line = stderr.split(b"\n", 1)[0][len(b"bwrap: execvp ") :].decode(errors="replace")
+        name, _, reason = line.rpartition(": ")
+        exit_code = 127 if reason == os.strerror(errno.ENOENT) else 126
+        stderr = not_run_message(name, exit_code, reason)
     # Only the cgroup sees the box's processes: bwrap's own rusage does not
     # cover them (the box's init reaps them), so without a cgroup: unknown.
     cpu_time = stats.cpu_time_s if stats is not None else None

@@ -389,8 +389,8 @@ class SandboxCgroup:
 
     def stats(self) -> CgroupStats:
         """Counters so far. Read them before ``remove``, which discards them."""
-        memory, pids = self.dirs.get("memory"), self.dirs.get("pids")
-        hits = _keyed(pids, "pids.events").get("max", 0)
+        memory = self.dirs.get("memory")
+        hits = self.pids_limit_hits()
         if self.version == 1:
             cpu_ns = _read_int(self.dirs.get("cpuacct"), "cpuacct.usage")
             throttled_ns = _keyed(self.dirs.get("cpu"), "cpu.stat").get("throttled_time")
@@ -418,6 +418,10 @@ class SandboxCgroup:
         if self.version == 1:
             return _keyed(memory, "memory.oom_control").get("oom_kill", 0)
         return _keyed(memory, "memory.events").get("oom_kill", 0)
+
+    def pids_limit_hits(self) -> int:
+        """Forks ``pids.max`` has refused so far (``pids.events``, v1 and v2)."""
+        return _keyed(self.dirs.get("pids"), "pids.events").get("max", 0)
 
     def kill_all(self) -> None:
         """SIGKILL every process in the sandbox cgroup and wait until it is empty.

@@ -24,6 +24,7 @@ from ._units import parse_duration, parse_size
 
 EXIT_LIMIT = 124
 EXIT_CORRAL = 125
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a filter whose reader left
 
 
 def _policy_arg(value: str) -> Policy:
@@ -330,7 +331,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mcp": _cmd_mcp,
     }
     try:
-        return handlers[args.cmd](args)
+        status = handlers[args.cmd](args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (``corral policy show default | head -1``): stop
+        # quietly, like any filter killed by SIGPIPE; nothing more is written
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except CorralError as exc:
         print(f"corral: {exc}", file=sys.stderr)
         return EXIT_CORRAL

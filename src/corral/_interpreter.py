@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import CorralError, SandboxBroken
-from ._result import LimitKind
+from ._result import LimitEvidence, LimitKind, decide_limits
 
 if TYPE_CHECKING:
     from ._sandbox import AsyncSandbox, CommandHandle
@@ -347,7 +347,7 @@ class CodeInterpreter:
         if timeout_s is None:
             timeout_s = self._sb.policy.limits.wall_time_s
         started = time.monotonic()
-        oom_before = self._sb._oom_kills()
+        before = self._sb._limit_counters()
         ident, queue = await self._request(
             {"op": "execute", "context": context.id, "code": code, "timeout": timeout_s}
         )
@@ -429,10 +429,10 @@ class CodeInterpreter:
                             limit_hit="timeout",
                         )
                     elif status == "died":
-                        error = self._death(oom_before)
+                        error = self._death(before)
                     break
                 elif kind == "lost":
-                    error = self._death(oom_before, driver=True)
+                    error = self._death(before, driver=True)
                     restarted = True
                     break
         finally:
@@ -448,9 +448,26 @@ class CodeInterpreter:
             restarted=restarted,
         )
 
-    def _death(self, oom_before: int, *, driver: bool = False) -> ExecutionError:
+    def _death(self, before: tuple[int, int], *, driver: bool = False) -> ExecutionError:
         what = "the kernel driver" if driver else "the kernel"
-        if self._sb._oom_kills() > oom_before:
+        oom_kills, pids_hits = self._sb._limit_counters()
+        limits = decide_limits(
+            LimitEvidence(
+                oom_kills=oom_kills - before[0],
+                pids_limit_hits=pids_hits - before[1],
+                exit_code=137,  # it died: whatever the box's counters saw explains it
+                shared=True,
+            )
+        )
+        if limits and limits[0] == "pids":
+            return ExecutionError(
+                "KernelDied",
+                f"{what} died at the sandbox's process limit; the next cell runs in a "
+                "fresh context",
+                "",
+                limit_hit="pids",
+            )
+        if limits:
             return ExecutionError(
                 "MemoryError",
                 f"{what} was killed by the sandbox's memory limit; the next cell runs in a "

@@ -276,6 +276,9 @@ DEFAULT_ENV: tuple[tuple[str, str], ...] = (
     ("HOME", "/workspace"),
     ("LANG", "C.UTF-8"),
     ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+    # stdout is a pipe: a block-buffered Python loses what it printed when a
+    # limit kills it, and streams arrive in 8 KiB lumps (set it to "" to buffer)
+    ("PYTHONUNBUFFERED", "1"),
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -13,14 +14,79 @@ LimitKind = Literal["timeout", "memory", "pids", "cpu_time", "output", "disk"]
 # When several limits were hit, the first in this order is ``limit_hit``: the
 # most direct cause of the end (an OOM kill explains the exit better than the
 # timeout that a thrashing program may also have reached).
+# A fork bomb also fills memory and burns CPU: the process limit it hit first
+# names it. (pids.max refuses forks, it kills nothing: a run that hit it and
+# ended badly was ended by it or by what it set off.)
 LIMIT_PRECEDENCE: tuple[LimitKind, ...] = (
+    "pids",
     "memory",
     "cpu_time",
     "output",
     "disk",
-    "pids",
     "timeout",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class LimitEvidence:
+    """What the host saw while one run (a box, a command, a cell) went on.
+
+    ``own``: limits corral's own timers and caps enforced (``timeout``,
+    ``output``, ``cpu_time`` from polling the cgroup, ``disk``).
+    ``oom_kills`` / ``pids_limit_hits``: new OOM kills and refused forks in the
+    cgroup during the run. ``cpu_time_s``: CPU seconds the run used (the
+    cgroup's total, or the command's rusage), ``None`` when unknown.
+    ``exit_code`` / ``signal``: how it ended (128+N counts as signal N: a shell
+    reports its killed child so). ``shared``: the cgroup also counted other
+    runs (the commands of one long-lived box), so its counters are this run's
+    only if the run itself ended badly.
+    """
+
+    own: frozenset[LimitKind] = frozenset()
+    oom_kills: int = 0
+    pids_limit_hits: int = 0
+    cpu_time_s: float | None = None
+    cpu_time_limit_s: float | None = None
+    exit_code: int = 0
+    signal: int | None = None
+    shared: bool = False
+
+
+def decide_limits(evidence: LimitEvidence) -> tuple[LimitKind, ...]:
+    """Every limit the run reached, most direct cause first (``limit_hit`` is
+    the first). The one decision for every path: one-shot runs, commands and
+    background commands, code cells, the server and the CLI."""
+    e = evidence
+    hit: set[LimitKind] = set(e.own)
+    sig = e.signal
+    if sig is None and 128 < e.exit_code < 128 + signal.NSIG:
+        sig = e.exit_code - 128
+    if not e.shared or e.exit_code != 0:
+        if e.oom_kills > 0:
+            hit.add("memory")
+        if e.pids_limit_hits > 0:
+            hit.add("pids")
+    if sig in (signal.SIGXCPU, signal.SIGKILL) and e.cpu_time_limit_s is not None:
+        if e.cpu_time_s is None:
+            if sig == signal.SIGXCPU:
+                hit.add("cpu_time")
+        elif e.cpu_time_s >= e.cpu_time_limit_s * 0.5:
+            # RLIMIT_CPU counts scheduler ticks, the cgroup exact nanoseconds: on a
+            # loaded VM the tick count runs ahead (SIGXCPU came at 0.84 s of cgroup
+            # time for a 1 s limit here), so the evidence only needs to be near
+            hit.add("cpu_time")
+    if sig == signal.SIGXFSZ:
+        hit.add("disk")
+    return tuple(k for k in LIMIT_PRECEDENCE if k in hit)
+
+
+def not_run_message(name: str, exit_code: int, reason: str) -> bytes:
+    """corral's stderr line for a command that could not start in the box
+    (``exit_code`` 127: not found; 126: found but not executable), the same on
+    every path (one-shot runs and long-lived sandboxes)."""
+    if exit_code == 127:
+        return f"corral: {name}: command not found in the box\n".encode(errors="replace")
+    return f"corral: {name}: cannot be run in the box ({reason})\n".encode(errors="replace")
 
 
 class ProcessOutcome:

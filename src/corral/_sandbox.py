@@ -48,7 +48,7 @@ from ._interpreter import (
 )
 from ._policy import Bind, Policy
 from ._proxy import Approval, NetworkEvent
-from ._result import LimitKind, ProcessOutcome
+from ._result import LimitEvidence, LimitKind, ProcessOutcome, decide_limits, not_run_message
 from .plan._mounts import File
 
 AGENT_DIR = "/run/corral"
@@ -186,7 +186,8 @@ class _Process:
         )
         self.pumps: list[asyncio.Task[None]] = []
         self.timers: list[asyncio.TimerHandle] = []
-        self.oom_before = sandbox._oom_kills()
+        self.counters_before = sandbox._limit_counters()
+        self.cpu_s: float | None = None
         self.result: CommandResult | None = None
         self.callback_error: BaseException | None = None
         self.is_pty = False
@@ -200,6 +201,8 @@ class _Process:
             self.exit.exception()
             return
         code = field(body, "exit", int)
+        cpu_s = body.get("cpu_s")
+        self.cpu_s = float(cpu_s) if isinstance(cpu_s, int | float) else None
         sig = body.get("signal")
         self.exit.set_result((code, sig if isinstance(sig, int) else None))
 
@@ -281,9 +284,20 @@ class _Process:
             for timer in self.timers:
                 timer.cancel()
         self._release()
-        limit = self.limit_hit
-        if limit is None and sig == _signal.SIGKILL and self.sandbox._oom_kills() > self.oom_before:
-            limit = "memory"
+        oom_kills, pids_hits = self.sandbox._limit_counters()
+        limits = decide_limits(
+            LimitEvidence(
+                own=frozenset((self.limit_hit,)) if self.limit_hit is not None else frozenset(),
+                oom_kills=oom_kills - self.counters_before[0],
+                pids_limit_hits=pids_hits - self.counters_before[1],
+                cpu_time_s=self.cpu_s,
+                cpu_time_limit_s=self.sandbox.policy.limits.cpu_time_s,
+                exit_code=code,
+                signal=sig,
+                shared=True,  # the box's cgroup counts every command of the box
+            )
+        )
+        limit = limits[0] if limits else None
         self.result = CommandResult(
             exit_code=code,
             signal=sig,
@@ -467,11 +481,14 @@ class Commands:
         if reply.get("pid") is None:  # could not be started: shell semantics
             self._sb._forget(ident)
             code = reply.get("exit_code")
-            message = reply.get("message")
-            process.chunks["stderr"] += f"{message}\n".encode() if isinstance(message, str) else b""
-            process.exit.set_result((code if isinstance(code, int) else 127, None))
+            code = code if code in (126, 127) else 127
+            reason = reply.get("reason")
+            process.chunks["stderr"] += not_run_message(
+                _argv(command)[0], code, reason if isinstance(reason, str) else "cannot run"
+            )
+            process.exit.set_result((code, None))
             process.result = CommandResult(
-                exit_code=code if isinstance(code, int) else 127,
+                exit_code=code,
                 signal=None,
                 stdout=b"",
                 stderr=bytes(process.chunks["stderr"]),
@@ -636,6 +653,9 @@ class Commands:
                     await waiter
 
     async def list(self) -> list[ProcessInfo]:
+        """Every live process of the box: each running command once (it stands
+        for everything it started), then every process no running command
+        accounts for (a daemon a finished command left behind)."""
         reply = await self._sb._conn().call({"op": "list_processes"})
         out = []
         for item in field(reply, "processes", list):
@@ -650,13 +670,18 @@ class Commands:
         return out
 
     async def kill(self, pid: int, signum: int = _signal.SIGKILL) -> bool:
-        """Signal the process group of the command with ``pid``; False if there is none."""
+        """Signal the process ``pid`` that ``list()`` shows and every process it
+        started (whatever it did with sessions, groups or double forks); False
+        if there is none."""
         reply = await self._sb._conn().call({"op": "list_processes"})
         for item in field(reply, "processes", list):
             if isinstance(item, dict) and item.get("pid") == pid:
-                await self._sb._conn().call(
-                    {"op": "signal", "target": field(item, "id", int), "signal": int(signum)}
-                )
+                ident = item.get("id")
+                target = {"target": ident} if isinstance(ident, int) else {"pid": pid}
+                try:
+                    await self._sb._conn().call({"op": "signal", **target, "signal": int(signum)})
+                except ProcessLookupError:
+                    return False  # it ended meanwhile
                 return True
         return False
 
@@ -971,6 +996,7 @@ class AsyncSandbox:
         self._connection: Connection | None = None
         self._lifetime: asyncio.TimerHandle | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         self._closed = False
         self._diagnostics = bytearray()
         self._stderr_open = False
@@ -1031,7 +1057,7 @@ class AsyncSandbox:
                     f"the box's agent speaks protocol {hello.get('version')!r}, not {w.VERSION}"
                 )
             self._watch = asyncio.ensure_future(self._watch_box())
-            self._spawn(self._watchdog())
+            self._watchdog_task = asyncio.ensure_future(self._watchdog())
             self.set_timeout(self._timeout_s)
         except BaseException as exc:
             self._teardown()
@@ -1234,8 +1260,11 @@ class AsyncSandbox:
             self._stderr_open = False
         if self._lifetime is not None:
             self._lifetime.cancel()
-        if self._watch is not None:
-            self._watch.cancel()
+        # every task the box started ends with it: a sleeping watchdog would hold
+        # the sandbox (and its buffers) for good
+        for task in (self._watch, self._watchdog_task, *self._tasks):
+            if task is not None:
+                task.cancel()
         if self._connection is not None and self._connection.failure is None:
             self._connection.close()
         if self._box is not None:
@@ -1267,12 +1296,16 @@ class AsyncSandbox:
             self._connection.forget(ident, keep=keep)
 
     def _oom_kills(self) -> int:
+        return self._limit_counters()[0]
+
+    def _limit_counters(self) -> tuple[int, int]:
+        """The box cgroup's OOM kills and refused forks so far (0, 0 without one)."""
         box = self._box
         if box is None or box.cgroup is None:
-            return 0
+            return (0, 0)
         with contextlib.suppress(CorralError, OSError):
-            return box.cgroup.oom_kills()
-        return 0
+            return (box.cgroup.oom_kills(), box.cgroup.pids_limit_hits())
+        return (0, 0)
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         return timeout_s if timeout_s is not None else self.policy.limits.wall_time_s
