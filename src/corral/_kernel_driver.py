@@ -43,6 +43,7 @@ import os
 import sys
 from typing import Any
 
+import zmq.asyncio  # type: ignore[import-not-found,unused-ignore]
 from jupyter_client.manager import AsyncKernelManager  # type: ignore[import-not-found,unused-ignore]
 
 KERNEL_NAMES = {
@@ -67,6 +68,11 @@ def _corral_threads_keep_their_cell():
 _corral_threads_keep_their_cell()
 del _corral_threads_keep_their_cell
 """
+# Every thread counts against the box's pids limit: one ZeroMQ context (two
+# threads) serves all the driver's kernel clients instead of one per context,
+# and IPython keeps no history database (its saving thread, and a file).
+_ZMQ: zmq.asyncio.Context | None = None
+_PYTHON_ARGS = ("--HistoryManager.enabled=False",)
 INTERRUPT_GRACE_S = 3.0
 START_TIMEOUT_S = 60.0
 LIVENESS_S = 0.25
@@ -123,11 +129,17 @@ class Context:
         self.tasks: dict[int, asyncio.Task[None]] = {}  # executions, running or waiting
 
     async def start(self) -> None:
-        self.km = AsyncKernelManager(kernel_name=KERNEL_NAMES[self.language])
+        global _ZMQ
+        if _ZMQ is None:
+            _ZMQ = zmq.asyncio.Context()
+        self.km = AsyncKernelManager(kernel_name=KERNEL_NAMES[self.language], context=_ZMQ)
         try:
             extra = []
             if self.language == "python":
-                extra.append(f"--IPKernelApp.exec_lines=exec({_THREADS_KEEP_THEIR_CELL!r})")
+                extra += [
+                    *_PYTHON_ARGS,
+                    f"--IPKernelApp.exec_lines=exec({_THREADS_KEEP_THEIR_CELL!r})",
+                ]
             await self.km.start_kernel(
                 cwd=self.cwd, env=kernel_env(self.language), extra_arguments=extra
             )
