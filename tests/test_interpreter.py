@@ -364,3 +364,41 @@ async def test_output_after_a_cell_ended_is_not_put_into_the_next() -> None:
         await sb.run_code("import threading\nthreading.Timer(0.5, print, ['late']).start()")
         ex = await sb.run_code("import time\ntime.sleep(1.5)\nprint('mine')")
         assert ex.logs.stdout == ("mine\n",)
+
+
+async def test_javascript_and_typescript_on_deno() -> None:
+    """Deno's Jupyter kernel: state across cells, top-level await, TypeScript,
+    rich results, console.log as stdout; what user code writes to the
+    process's stdout cannot desynchronise later cells."""
+    async with AsyncSandbox(timeout_s=120) as sb:
+        ex = await sb.run_code("console.log('x'.repeat(70000))", language="js")
+        assert ex.logs.stdout == ("x" * 70000 + "\n",)
+        assert (await sb.run_code("1+1", language="js")).text == "2"
+        assert (await sb.run_code("2+2", language="js")).text == "4"
+        ex = await sb.run_code("process.stdout.write('plain\\n'); 3+3", language="javascript")
+        assert ex.text == "6"
+        assert (await sb.run_code("4+4", language="js")).text == "8"
+        await sb.run_code("const n: number = await Promise.resolve(21)", language="typescript")
+        assert (await sb.run_code("n * 2", language="typescript")).text == "42"
+        ex = await sb.run_code("n + structuredClone({a: 1}).a", language="ts")
+        assert ex.text == "22"
+        ex = await sb.run_code("Deno.jupyter.html`<b>hi</b>`", language="ts")
+        assert ex.results[0].html == "<b>hi</b>"
+        ex = await sb.run_code("Deno.env.get('DENO_DIR')", language="ts")
+        assert ex.text == '"/tmp/.corral/deno"'  # caches in the box, not the workspace
+        ex = await sb.run_code("console.error('e'); null.x", language="ts")
+        assert ex.logs.stderr == ("e\n",)
+        assert ex.error is not None
+        assert ex.error.name == "TypeError"
+        assert ex.error.traceback
+
+
+async def test_a_promise_that_never_resolves_times_out() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        ex = await asyncio.wait_for(
+            sb.run_code("await new Promise(() => {})", language="js", timeout_s=1), 60
+        )
+        assert ex.error is not None
+        assert ex.error.limit_hit == "timeout"
+        assert ex.restarted  # Deno's kernel cannot be interrupted: it is restarted
+        assert (await sb.run_code("1+1", language="js")).text == "2"

@@ -134,6 +134,13 @@ class Context:
             _ZMQ = zmq.asyncio.Context()
         self.km = AsyncKernelManager(kernel_name=KERNEL_NAMES[self.language], context=_ZMQ)
         try:
+            self.km.kernel_spec  # noqa: B018 (looked up now, for a clear error)
+        except Exception:
+            raise RuntimeError(
+                f"this runtime has no {self.language} kernel ({KERNEL_NAMES[self.language]}): "
+                "rebuild it with `corral runtime build` (Deno comes from npm)"
+            ) from None
+        try:
             extra = []
             if self.language == "python":
                 extra += [
@@ -238,7 +245,8 @@ class Context:
                 msg = await self.kc.get_iopub_msg(timeout=wait)
             except Exception:  # queue.Empty: check the kernel is still there
                 if not await self.km.is_alive():
-                    run.status = "died"
+                    if run.interrupted_at is None:  # (Deno's kernel ends on SIGINT)
+                        run.status = "died"
                     await self._done(run, restarted=True)
                     await self.restart()
                     return
@@ -247,7 +255,27 @@ class Context:
                 continue  # another execution's (late) output: dropped, never re-labelled
             if await self.handle(run, msg):
                 break
+        if self.language in ("javascript", "typescript"):
+            await self._after_idle(run, msg_id)
         await self._done(run, restarted=False)
+
+    async def _after_idle(self, run: Run, msg_id: str) -> None:
+        """Deno (2.9.6) at times publishes "idle" before the cell's result: wait
+        for its execute_reply, then take what is already queued for this cell."""
+        for _ in range(1000):
+            try:
+                reply = await self.kc.get_shell_msg(timeout=1.0)
+            except Exception:  # queue.Empty: no reply in time; go on
+                break
+            if reply.get("parent_header", {}).get("msg_id") == msg_id:
+                break
+        while True:
+            try:
+                msg = await self.kc.get_iopub_msg(timeout=0.02)
+            except Exception:  # queue.Empty: nothing more
+                return
+            if msg.get("parent_header", {}).get("msg_id") == msg_id:
+                await self.handle(run, msg)
 
     async def handle(self, run: Run, msg: dict[str, Any]) -> bool:
         kind = msg["msg_type"]
