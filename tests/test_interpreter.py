@@ -235,3 +235,170 @@ async def test_a_cells_output_is_bounded_by_the_policy() -> None:
         assert "output beyond 1048576 bytes was dropped" in "".join(execution.logs.stderr)
         assert execution.error is None
         assert (await sb.run_code("1 + 1")).text == "2"  # the next cell is whole again
+
+
+# -- the channel, deadlines, cancellation, many contexts, late output (issue 12) -------
+
+
+async def test_what_user_code_writes_cannot_corrupt_the_channel() -> None:
+    """The kernels' own stdout is not the driver's channel: a child's unterminated
+    write, a raw fd write, and bytes of any kind come back as output, and the
+    next cell still answers."""
+    async with AsyncSandbox(timeout_s=120) as sb:
+        await sb.run_code(
+            "import subprocess\nchild = subprocess.Popen(['sh', '-c', 'sleep 1; printf zz'])"
+        )
+        await sb.run_code("child.wait()")
+        ex = await asyncio.wait_for(sb.run_code("pass"), 60)
+        assert ex.error is None
+        ex = await sb.run_code("import os\nos.write(1, b'partial')\nprint('x')")
+        out = "".join(ex.logs.stdout)  # (the kernel orders fd and sys.stdout writes itself)
+        assert "partial" in out
+        assert out.replace("partial", "", 1) == "x\n"
+        ex = await sb.run_code(
+            "import sys\nos.write(1, b'\\xff\\xfea\\x00b')\n"
+            "sys.stdout.write('y' * (1 << 20)); sys.stdout.flush()\nos.write(1, b'end')"
+        )
+        out = "".join(ex.logs.stdout)
+        assert "\ufffd\ufffda\x00b" in out  # not UTF-8: replaced by the kernel, NUL kept
+        assert out.count("y") == 1 << 20
+        assert out.endswith("end")
+        assert (await sb.run_code("1 + 1")).text == "2"
+
+
+async def test_the_channel_cannot_be_reopened_from_inside() -> None:
+    """Attack: code in a kernel tries to reach the driver's channel through
+    /proc (it runs under the same uid); the driver is not dumpable."""
+    async with AsyncSandbox(timeout_s=120) as sb:
+        ex = await sb.run_code("import os\nos.listdir(f'/proc/{os.getppid()}/fd')")
+        assert ex.error is not None
+        assert ex.error.name == "PermissionError", ex.error
+        ex = await sb.run_code("open(f'/proc/{os.getppid()}/fd/1', 'wb')")
+        assert ex.error is not None
+        assert ex.error.name == "PermissionError", ex.error
+        # what the kernel has as fd 1 is not the channel either: forged events
+        # written there are this cell's output, nothing more
+        ex = await sb.run_code(
+            "import json\nfor ident in range(1, 50):\n"
+            "    os.write(1, json.dumps({'id': ident, 'event': 'done'}).encode() + b'\\n')\n"
+            "import time; time.sleep(0.5)\n'after'"
+        )
+        assert ex.text == "'after'"
+        assert '{"id": 49, "event": "done"}' in "".join(ex.logs.stdout)
+
+
+async def test_a_cell_whose_end_never_comes_ends_on_the_hosts_clock() -> None:
+    """The driver itself stops (SIGSTOP): no "done" ever arrives, and the call
+    still ends, as a timeout, by timeout_s plus the host's grace."""
+    async with AsyncSandbox(timeout_s=120) as sb:
+        ex = await asyncio.wait_for(
+            sb.run_code("import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)", timeout_s=1),
+            60,
+        )
+        assert ex.error is not None
+        assert ex.error.name == "TimeoutError"
+        assert ex.error.limit_hit == "timeout"
+        assert ex.restarted
+
+
+async def test_cancelling_run_code_interrupts_the_cell() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        await sb.run_code("kept = 'still here'")
+        cell = asyncio.ensure_future(sb.run_code("import time\ntime.sleep(600)", timeout_s=600))
+        await asyncio.sleep(2)
+        cell.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cell
+        # the cell was interrupted in the box: the context is free and kept its state
+        ex = await asyncio.wait_for(sb.run_code("kept"), 60)
+        assert ex.text == "'still here'"
+        assert not ex.restarted
+
+
+@pytest.mark.parametrize("language", ["python", "bash"])
+async def test_restart_ends_the_running_call_at_once(language: str) -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        context = await sb.create_code_context(language)
+        code = "import time\ntime.sleep(600)" if language == "python" else "sleep 600"
+        cell = asyncio.ensure_future(sb.run_code(code, context=context))
+        await asyncio.sleep(2)
+        await sb.restart_code_context(context)
+        ex = await asyncio.wait_for(cell, 30)
+        assert ex.error is not None
+        assert ex.error.name == "ContextRestarted"
+        assert "restarted" in ex.error.value
+        assert ex.restarted
+        probe = "1 + 1" if language == "python" else "echo fine"
+        ex = await asyncio.wait_for(sb.run_code(probe, context=context), 60)
+        assert ex.error is None
+
+
+async def test_the_default_policy_holds_eight_python_contexts() -> None:
+    """Eight Python contexts fit the default policy (12 threads each against
+    its 128 pids); one more fails alone, naming the limit, and no other
+    context is touched."""
+    async with AsyncSandbox(Policy.preset("default"), timeout_s=300) as sb:
+        await sb.run_code("n = 'default'")
+        contexts = [await sb.create_code_context("python") for _ in range(7)]
+        for i, context in enumerate(contexts):
+            await sb.run_code(f"n = {i}", context=context)
+        failure: CorralError | None = None
+        for _ in range(6):
+            try:
+                contexts.append(await sb.create_code_context("python"))
+            except CorralError as exc:
+                failure = exc
+                break
+        assert failure is not None
+        assert "pids limit" in str(failure), failure
+        ex = await sb.run_code("n")
+        assert ex.text == "'default'"
+        assert not ex.restarted
+        for i, context in enumerate(contexts[:7]):
+            ex = await sb.run_code("n", context=context)
+            assert (ex.text, ex.restarted) == (str(i), False)
+
+
+async def test_output_after_a_cell_ended_is_not_put_into_the_next() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        await sb.run_code("import threading\nthreading.Timer(0.5, print, ['late']).start()")
+        ex = await sb.run_code("import time\ntime.sleep(1.5)\nprint('mine')")
+        assert ex.logs.stdout == ("mine\n",)
+
+
+async def test_javascript_and_typescript_on_deno() -> None:
+    """Deno's Jupyter kernel: state across cells, top-level await, TypeScript,
+    rich results, console.log as stdout; what user code writes to the
+    process's stdout cannot desynchronise later cells."""
+    async with AsyncSandbox(timeout_s=120) as sb:
+        ex = await sb.run_code("console.log('x'.repeat(70000))", language="js")
+        assert ex.logs.stdout == ("x" * 70000 + "\n",)
+        assert (await sb.run_code("1+1", language="js")).text == "2"
+        assert (await sb.run_code("2+2", language="js")).text == "4"
+        ex = await sb.run_code("process.stdout.write('plain\\n'); 3+3", language="javascript")
+        assert ex.text == "6"
+        assert (await sb.run_code("4+4", language="js")).text == "8"
+        await sb.run_code("const n: number = await Promise.resolve(21)", language="typescript")
+        assert (await sb.run_code("n * 2", language="typescript")).text == "42"
+        ex = await sb.run_code("n + structuredClone({a: 1}).a", language="ts")
+        assert ex.text == "22"
+        ex = await sb.run_code("Deno.jupyter.html`<b>hi</b>`", language="ts")
+        assert ex.results[0].html == "<b>hi</b>"
+        ex = await sb.run_code("Deno.env.get('DENO_DIR')", language="ts")
+        assert ex.text == '"/tmp/.corral/deno"'  # caches in the box, not the workspace
+        ex = await sb.run_code("console.error('e'); null.x", language="ts")
+        assert ex.logs.stderr == ("e\n",)
+        assert ex.error is not None
+        assert ex.error.name == "TypeError"
+        assert ex.error.traceback
+
+
+async def test_a_promise_that_never_resolves_times_out() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        ex = await asyncio.wait_for(
+            sb.run_code("await new Promise(() => {})", language="js", timeout_s=1), 60
+        )
+        assert ex.error is not None
+        assert ex.error.limit_hit == "timeout"
+        assert ex.restarted  # Deno's kernel cannot be interrupted: it is restarted
+        assert (await sb.run_code("1+1", language="js")).text == "2"

@@ -2,8 +2,13 @@
 
 The host starts the kernel driver (``_kernel_driver.py``) in the box, with the
 runtime's Python, as a background command, and speaks JSON lines with it over
-that command's stdin/stdout. Everything the driver says is untrusted: each
-line is bounded, parsed defensively, and only known fields are used.
+that command's stdin/stdout (which the driver keeps to itself: its kernels
+never inherit them). Everything the driver says is untrusted: each line is
+bounded, parsed defensively, and only known fields are used.
+
+Every call ends on the host's own clock: a cell by its ``timeout_s`` plus
+``HOST_GRACE_S`` whatever the box does, a context operation by
+``CONTEXT_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import base64
 import binascii
 import contextlib
 import json
+import math
 import re
 import secrets
 import time
@@ -26,8 +32,14 @@ from ._result import LimitEvidence, LimitKind, decide_limits
 if TYPE_CHECKING:
     from ._sandbox import AsyncSandbox, CommandHandle
 
-Language = Literal["python", "bash", "javascript"]
-LANGUAGES: tuple[str, ...] = ("python", "bash", "javascript")
+Language = Literal["python", "bash", "javascript", "js", "typescript", "ts"]
+LANGUAGES: tuple[str, ...] = ("python", "bash", "javascript", "js", "typescript", "ts")
+_ALIASES = {"js": "javascript", "ts": "typescript"}
+# the driver interrupts a cell at its timeout and restarts the kernel 3 s later
+# if the interrupt did not take: the host waits that long, and a little more
+HOST_GRACE_S = 5.0
+# starting a kernel (60 s at most in the driver), restarting or removing one
+CONTEXT_TIMEOUT_S = 75.0
 DRIVER = "/run/corral/kernel_driver.py"
 RUNTIME_PYTHON = "/opt/corral/runtime/bin/python"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -179,8 +191,21 @@ class CodeInterpreter:
         self._next = 1
         self._contexts: dict[str, CodeContext] = {}
         self._defaults: dict[str, CodeContext] = {}
+        self._running: dict[str, set[int]] = {}  # context id -> its executions' ids
 
     # -- the driver ----------------------------------------------------------------------
+
+    def _driver_env(self) -> dict[str, str]:
+        env = {"PATH": "/opt/corral/runtime/bin:/usr/local/bin:/usr/bin:/bin"}
+        # thread pools (OpenBLAS, OpenMP) sized to the policy's CPUs, not the
+        # host's: each thread counts against the pids limit, per context
+        cores = self._sb.policy.limits.cpu_cores
+        threads = str(max(1, math.ceil(cores))) if cores else None
+        if threads is not None:
+            for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                if name not in dict(self._sb.policy.env):
+                    env[name] = threads
+        return env
 
     async def _ensure_driver(self) -> CommandHandle:
         if self._starting is None:
@@ -190,11 +215,10 @@ class CodeInterpreter:
                 self._lost_driver()
             if self._driver is None:
                 self._sb._require_runtime()
-                env = {"PATH": "/opt/corral/runtime/bin:/usr/local/bin:/usr/bin:/bin"}
                 # output_cap 0: every line goes to the parser, none is kept
                 process, writer, _ = await self._sb.commands._start(
                     [RUNTIME_PYTHON, "-s", DRIVER],
-                    env=env,
+                    env=self._driver_env(),
                     cwd=None,
                     stdin=True,
                     timeout_s=None,
@@ -214,6 +238,7 @@ class CodeInterpreter:
         self._driver = None
         self._contexts.clear()
         self._defaults.clear()
+        self._running.clear()
         self._buffer.clear()
         for queue in self._waiters.values():
             queue.put_nowait({"event": "lost"})
@@ -232,59 +257,95 @@ class CodeInterpreter:
         try:
             event = json.loads(line)
         except (ValueError, RecursionError):
-            return  # not ours (a kernel's stray write): ignored
+            return  # malformed: ignored (only the driver can write this channel)
         if not isinstance(event, dict):
             return
         ident = event.get("id")
+        # an event for a request nobody waits for (a cell given up on) is dropped
         queue = self._waiters.get(ident) if isinstance(ident, int) else None
         if queue is not None:
             queue.put_nowait(event)
 
-    async def _request(self, body: dict[str, Any]) -> tuple[int, asyncio.Queue[dict[str, Any]]]:
+    async def _send(self, body: dict[str, Any], *, wait: bool = True) -> int:
         driver = await self._ensure_driver()
         ident = self._next
         self._next += 1
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._waiters[ident] = queue
+        if wait:
+            self._waiters[ident] = asyncio.Queue()
         await driver.send_stdin((json.dumps({"id": ident, **body}) + "\n").encode())
-        return ident, queue
+        return ident
 
-    async def _next_event(self, queue: asyncio.Queue[dict[str, Any]]) -> dict[str, Any]:
+    async def _next_event(self, ident: int, deadline: float | None) -> dict[str, Any]:
+        """The next event for request ``ident``; ``{"event": "deadline"}`` once the
+        host's clock passes ``deadline`` (monotonic), ``{"event": "lost"}`` if the
+        driver ended."""
+        queue = self._waiters[ident]
         driver = self._driver
         getter = asyncio.ensure_future(queue.get())
         exit_watch = asyncio.ensure_future(asyncio.shield(driver._process.exit)) if driver else None
         waitables: set[asyncio.Future[Any]] = {getter}
         if exit_watch is not None:
             waitables.add(exit_watch)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            await asyncio.wait(waitables, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if exit_watch is not None:
                 exit_watch.cancel()
-        if getter.done():
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
             return getter.result()
-        getter.cancel()
-        self._sb._conn()  # raises the sandbox's own failure, if that is what happened
-        self._lost_driver()
-        return {"event": "lost"}
+        if exit_watch is not None and exit_watch.done() and not exit_watch.cancelled():
+            self._sb._conn()  # raises the sandbox's own failure, if that is what happened
+            self._lost_driver()
+            return {"event": "lost"}
+        return {"event": "deadline"}
 
     async def _simple(self, body: dict[str, Any]) -> None:
-        ident, queue = await self._request(body)
+        before = self._sb._limit_counters()
+        ident = await self._send(body)
         try:
-            event = await self._next_event(queue)
+            event = await self._next_event(ident, time.monotonic() + CONTEXT_TIMEOUT_S)
         finally:
             self._waiters.pop(ident, None)
-        if event.get("event") == "lost":
-            raise SandboxBroken("the kernel driver died (memory limit?); contexts were lost")
+        kind = event.get("event")
+        if kind == "deadline":
+            # the driver does not answer: it is wedged, end it (and its contexts)
+            await self._kill_driver()
+            raise SandboxBroken(
+                f"the kernel driver did not answer within {CONTEXT_TIMEOUT_S:.0f} s; "
+                "it was ended and every code context was lost"
+            )
+        if kind == "lost":
+            raise SandboxBroken(
+                f"the kernel driver died{self._reason(before)}; every code context was lost"
+            )
         error = event.get("error")
         if error:
-            raise CorralError(f"code context: {str(error)[:2000]}")
+            raise CorralError(f"code context: {str(error)[:2000]}{self._reason(before)}")
+
+    async def _kill_driver(self) -> None:
+        driver = self._driver
+        if driver is not None:
+            with contextlib.suppress(CorralError, OSError):
+                await driver.kill()
+            self._lost_driver()
+
+    def _reason(self, before: tuple[int, int]) -> str:
+        """Which of the sandbox's limits was hit since ``before``, as a clause."""
+        oom, pids = self._sb._limit_counters()
+        limits = self._sb.policy.limits
+        if oom > before[0]:
+            return f" (the sandbox's memory limit, {limits.memory_bytes} bytes, was reached)"
+        if pids > before[1]:
+            return f" (the sandbox's pids limit, {limits.pids} processes and threads, was reached)"
+        return ""
 
     # -- contexts --------------------------------------------------------------------------
 
     async def create_context(self, language: str = "python", cwd: str | None = None) -> CodeContext:
-        if language not in LANGUAGES:
-            raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, not {language!r}")
+        language = _language(language)
         workspace = self._sb.policy.filesystem.workspace
         path = workspace + "/" + self._sb._relative(cwd or ".") if cwd else workspace
         path = path.rstrip("/.") or workspace
@@ -297,12 +358,21 @@ class CodeInterpreter:
         self._contexts[context.id] = context
         return context
 
+    def _end_running(self, context: CodeContext, status: str) -> None:
+        """End the context's running calls at once, whatever the box does next."""
+        for ident in self._running.pop(context.id, set()):
+            queue = self._waiters.get(ident)
+            if queue is not None:
+                queue.put_nowait({"event": "done", "status": status, "restarted": True})
+
     async def restart_context(self, context: CodeContext) -> None:
         self._known(context)
+        self._end_running(context, "restarted")
         await self._simple({"op": "restart", "context": context.id})
 
     async def remove_context(self, context: CodeContext) -> None:
         self._known(context)
+        self._end_running(context, "removed")
         await self._simple({"op": "remove", "context": context.id})
         del self._contexts[context.id]
 
@@ -313,6 +383,7 @@ class CodeInterpreter:
             )
 
     async def _default(self, language: str) -> CodeContext:
+        language = _language(language)
         context = self._defaults.get(language)
         if context is None or context.id not in self._contexts:
             context = await self.create_context(language)
@@ -321,6 +392,24 @@ class CodeInterpreter:
 
     async def prewarm(self, language: str = "python") -> None:
         await self._default(language)
+
+    async def _recover(self, context: CodeContext) -> None:
+        """A cell overran the host's deadline: restart its context in the box
+        (the request is sent now, so it comes before any later cell); if the
+        driver does not answer, end it."""
+        if self._contexts.get(context.id) != context:
+            return
+        ident = await self._send({"op": "restart", "context": context.id})
+
+        async def wait() -> None:
+            try:
+                event = await self._next_event(ident, time.monotonic() + CONTEXT_TIMEOUT_S)
+            finally:
+                self._waiters.pop(ident, None)
+            if event.get("event") == "deadline":
+                await self._kill_driver()
+
+        self._sb._spawn(wait())
 
     # -- running code ----------------------------------------------------------------------
 
@@ -337,20 +426,19 @@ class CodeInterpreter:
         on_error: ErrorCallback | None = None,
     ) -> Execution:
         if context is None:
-            if language not in LANGUAGES:
-                raise ValueError(
-                    f"language must be one of {', '.join(LANGUAGES)}, not {language!r}"
-                )
             context = await self._default(language)
         else:
             self._known(context)
         if timeout_s is None:
             timeout_s = self._sb.policy.limits.wall_time_s
         started = time.monotonic()
+        deadline = None if timeout_s is None else started + timeout_s + HOST_GRACE_S
         before = self._sb._limit_counters()
-        ident, queue = await self._request(
+        ident = await self._send(
             {"op": "execute", "context": context.id, "code": code, "timeout": timeout_s}
         )
+        running = self._running.setdefault(context.id, set())
+        running.add(ident)
         results: list[Result] = []
         stdout: list[str] = []
         stderr: list[str] = []
@@ -376,13 +464,23 @@ class CodeInterpreter:
             kept = cap + 1
             return left
 
+        def timed_out() -> ExecutionError:
+            return ExecutionError(
+                "TimeoutError",
+                f"execution exceeded {timeout_s} s"
+                + ("; the context was restarted" if restarted else ""),
+                error.traceback if error else "",
+                limit_hit="timeout",
+            )
+
+        finished = False
         try:
             while True:
-                event = await self._next_event(queue)
+                event = await self._next_event(ident, deadline)
                 kind = event.get("event")
                 if kind == "stream":
                     text = str(event.get("text", ""))
-                    data = text.encode(errors="replace")
+                    data = text.encode(errors="surrogatepass")
                     allowed = room(len(data))
                     if allowed < len(data):  # cut at a byte count, on a character boundary
                         text = data[:allowed].decode(errors="ignore")
@@ -421,22 +519,34 @@ class CodeInterpreter:
                     status = event.get("status")
                     restarted = restarted or bool(event.get("restarted"))
                     if status == "timeout":
-                        error = ExecutionError(
-                            "TimeoutError",
-                            f"execution exceeded {timeout_s} s"
-                            + ("; the context was restarted" if restarted else ""),
-                            error.traceback if error else "",
-                            limit_hit="timeout",
-                        )
+                        error = timed_out()
                     elif status == "died":
                         error = self._death(before)
+                    elif status in ("restarted", "removed"):
+                        error = ExecutionError(
+                            "ContextRestarted",
+                            f"the code context was {status} while this cell ran; its state is gone",
+                            "",
+                        )
+                    break
+                elif kind == "deadline":
+                    # the box did not end the cell in time: the host does
+                    restarted = True
+                    error = timed_out()
+                    await self._recover(context)
                     break
                 elif kind == "lost":
                     error = self._death(before, driver=True)
                     restarted = True
                     break
+            finished = True
         finally:
             self._waiters.pop(ident, None)
+            running.discard(ident)
+            if not finished and self._driver is not None:
+                # the caller gave up (cancelled, Ctrl-C, a client gone): the cell
+                # must not run on unseen and hold its context
+                self._sb._spawn(self._interrupt(context, ident))
         if error is not None:
             _call(on_error, error)
         return Execution(
@@ -447,6 +557,12 @@ class CodeInterpreter:
             duration_s=time.monotonic() - started,
             restarted=restarted,
         )
+
+    async def _interrupt(self, context: CodeContext, ident: int) -> None:
+        with contextlib.suppress(CorralError, OSError):
+            await self._send(
+                {"op": "interrupt", "context": context.id, "target": ident}, wait=False
+            )
 
     def _death(self, before: tuple[int, int], *, driver: bool = False) -> ExecutionError:
         what = "the kernel driver" if driver else "the kernel"
@@ -476,8 +592,17 @@ class CodeInterpreter:
                 limit_hit="memory",
             )
         return ExecutionError(
-            "KernelDied", f"{what} died; the next cell runs in a fresh context", ""
+            "KernelDied",
+            f"{what} died{self._reason(before)}; the next cell runs in a fresh context",
+            "",
         )
+
+
+def _language(language: str) -> str:
+    """The kernel's name for ``language`` (``js`` is ``javascript``); ValueError if none."""
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, not {language!r}")
+    return _ALIASES.get(language, language)
 
 
 def _call(callback: Callable[[Any], object] | None, value: object) -> None:

@@ -1,9 +1,12 @@
-"""Runtimes: the Python environments code contexts run in (corral's E2B templates).
+"""Runtimes: the environments code contexts run in (corral's E2B templates).
 
 A runtime is a virtualenv built from the system Python (``/usr/bin/python3``:
 never one under a home directory a box cannot see) with the packages of a
-pinned requirements file. It is built once, reused while its requirements are
-unchanged, and bound read-only into every box at ``/opt/corral/runtime``.
+pinned requirements file, plus Deno (pinned, from the npm registry's ``deno``
+package, which ships the linux-x64 binary) for JavaScript and TypeScript
+contexts, registered as the Jupyter kernel ``corral-deno``. It is built once,
+reused while its requirements and the Deno pin are unchanged, and bound
+read-only into every box at ``/opt/corral/runtime``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 BOX_PATH = "/opt/corral/runtime"
 MARKER = "corral-runtime.json"
 DEFAULT = "default"
+DENO_VERSION = "2.9.6"  # the npm package `deno`, whose @deno/linux-x64-glibc holds the binary
+DENO_KERNEL = "corral-deno"
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
@@ -80,11 +85,14 @@ def build(
     """Build runtime ``name`` (or reuse it if its requirements did not change)."""
     _check_name(name)
     req = Path(requirements) if requirements is not None else default_requirements()
-    text = req.read_bytes()
+    text = req.read_bytes() + f"\n# deno {DENO_VERSION}\n".encode()
     digest = hashlib.sha256(text).hexdigest()
     existing = find(name)
     if existing is not None and existing.requirements_sha256 == digest:
         return existing
+    npm = shutil.which("npm")
+    if npm is None:
+        raise HostToolMissing("npm", "install it with: sudo apt-get install npm  (for Deno)")
     if not os.path.exists(SYSTEM_PYTHON):
         raise HostToolMissing(
             "python3", "install it with: sudo apt-get install python3 python3-venv"
@@ -107,8 +115,16 @@ def build(
         if probe.returncode == 0:  # its kernelspec is not part of the wheel
             _run([python, "-m", "bash_kernel.install", "--sys-prefix"], quiet)
             _portable_kernelspecs(staging)
+        _install_deno(npm, staging, quiet)
         (staging / MARKER).write_text(
-            json.dumps({"name": name, "requirements_sha256": digest, "python": SYSTEM_PYTHON})
+            json.dumps(
+                {
+                    "name": name,
+                    "requirements_sha256": digest,
+                    "python": SYSTEM_PYTHON,
+                    "deno": DENO_VERSION,
+                }
+            )
         )
         for path in [staging, *staging.rglob("*")]:
             if not path.is_symlink():
@@ -125,6 +141,49 @@ def build(
     info = find(name)
     assert info is not None
     return info
+
+
+def _install_deno(npm: str, prefix: Path, quiet: bool) -> None:
+    """Deno from the npm registry (no install script runs: the binary is a plain
+    file of the platform package), and its Jupyter kernelspec, which names the
+    path the runtime has inside the box."""
+    _run(
+        [
+            npm,
+            "install",
+            "--prefix",
+            str(prefix / "deno"),
+            "--ignore-scripts",
+            "--no-audit",
+            "--no-fund",
+            "--no-save",
+            *(["--silent"] if quiet else []),
+            f"deno@{DENO_VERSION}",
+        ],
+        quiet,
+    )
+    binary = prefix / "deno" / "node_modules" / "@deno" / "linux-x64-glibc" / "deno"
+    if not binary.is_file():
+        raise CorralError(f"the deno package installed no linux-x64 binary at {binary}")
+    (prefix / "bin" / "deno").symlink_to(os.path.relpath(binary, prefix / "bin"))
+    spec = prefix / "share" / "jupyter" / "kernels" / DENO_KERNEL
+    spec.mkdir(parents=True, exist_ok=True)
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [
+                    f"{BOX_PATH}/bin/deno",
+                    "jupyter",
+                    "--kernel",
+                    "--conn",
+                    "{connection_file}",
+                ],
+                "display_name": "Deno",
+                "language": "typescript",
+            },
+            indent=1,
+        )
+    )
 
 
 def _portable_kernelspecs(prefix: Path) -> None:

@@ -127,7 +127,6 @@ def _agent_files() -> tuple[File, ...]:
         File(f"{AGENT_DIR}/agent.py", (here / "_agent.py").read_bytes(), 0o444),
         File(f"{AGENT_DIR}/_wire.py", (here / "_wire.py").read_bytes(), 0o444),
         File(f"{AGENT_DIR}/kernel_driver.py", (here / "_kernel_driver.py").read_bytes(), 0o444),
-        File(f"{AGENT_DIR}/js_kernel.js", (here / "_js_kernel.js").read_bytes(), 0o444),
     )
 
 
