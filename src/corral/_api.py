@@ -265,6 +265,12 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         await service.end(sandbox_id, "closed")
         return _info(service, service.row(key, sandbox_id))
 
+    @app.delete("/v1/sandboxes/{sandbox_id}/workspace", tags=["sandboxes"])
+    async def delete_workspace(sandbox_id: str, key: Key) -> dict[str, Any]:
+        """Remove an ended sandbox's workspace now (its record stays): it stops
+        counting against the key's disk quota. 409 while the sandbox runs."""
+        return _info(service, await service.delete_workspace(key, sandbox_id))
+
     @app.get("/v1/audit", tags=["server"])
     async def audit(
         key: Key,
@@ -390,6 +396,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
                         "commands started through the API",
                     )
                 output = OutputLog()
+                service.objects["OutputLog"].add(output)
                 live.starting += 1  # counted while it starts: concurrent requests see it
                 try:
                     handle = await live.sandbox.commands.run(
