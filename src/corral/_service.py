@@ -423,9 +423,12 @@ class Service:
         self.objects["Live"].add(live)
         sandbox._workdir = workspace
         sandbox._own_workdir = True
-        sandbox._on_network_event = lambda event: self._network_event(live, event)
+        # the callbacks name the sandbox, not ``live``: whatever keeps them
+        # (the box, its proxy) must not keep an ended sandbox's tables alive
+        sandbox_id, key_id = sandbox.id, key.id
+        sandbox._on_network_event = lambda event: self._network_event(key_id, sandbox_id, event)
         if network_approval:
-            sandbox._approve = lambda host, port: self._ask(live, host, port)
+            sandbox._approve = lambda host, port: self._ask(sandbox_id, host, port)
         try:
             await sandbox.start()
         except BaseException as exc:
@@ -533,10 +536,8 @@ class Service:
         try:
             await live.sandbox.close()
         finally:
-            # nothing of an ended sandbox stays in this process: the callbacks
-            # (which hold ``live``) and the API's per-sandbox tables go now
-            live.sandbox._on_network_event = None
-            live.sandbox._approve = None
+            # nothing of an ended sandbox stays in this process: the API's
+            # per-sandbox tables go now, whoever still holds ``live``
             live.commands.clear()
             live.terminals.clear()
             live.terminal_locks.clear()
@@ -658,12 +659,12 @@ class Service:
 
     # -- network -------------------------------------------------------------------
 
-    def _network_event(self, live: Live, event: NetworkEvent) -> None:
+    def _network_event(self, key_id: str, sandbox_id: str, event: NetworkEvent) -> None:
         self.metrics.proxy_decision(event.allowed)
         self.store.audit(
             "network.decision",
-            key_id=live.key.id,
-            sandbox_id=live.sandbox.id,
+            key_id=key_id,
+            sandbox_id=sandbox_id,
             host=event.host,
             port=event.port,
             allowed=event.allowed,
@@ -671,8 +672,12 @@ class Service:
             reason=event.reason,
         )
 
-    async def _ask(self, live: Live, host: str, port: int) -> bool:
-        """A host the rules do not name: ask the client over the API, deny on silence."""
+    async def _ask(self, sandbox_id: str, host: str, port: int) -> bool:
+        """A host the rules do not name: ask the client over the API, deny on
+        silence (and for a sandbox not running: no client can see the question)."""
+        live = self.live.get(sandbox_id)
+        if live is None:
+            return False
         approval = Approval(
             os.urandom(6).hex(), host, port, time.time(), asyncio.get_running_loop().create_future()
         )
