@@ -71,6 +71,7 @@ _MAX_FINISHED_COMMANDS = 100  # background commands whose output is kept after t
 _MAX_FINISHED_BYTES = 64 << 20  # and their output in total, per sandbox
 _MAX_BACKGROUND = 64  # running background commands per sandbox (each holds its output here)
 _MAX_TERMINALS = 16  # open terminals per sandbox (each holds a read buffer here)
+_MAX_SEQ = 2**63 - 1  # cursors are SQLite integers: larger ones are a 422, not an overflow
 
 
 # -- request bodies -------------------------------------------------------------------
@@ -235,7 +236,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         state: Literal["running", "ended"] | None = None,
         metadata: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor: Annotated[int | None, Query(ge=0)] = None,
+        cursor: Annotated[int | None, Query(ge=0, le=_MAX_SEQ)] = None,
     ) -> dict[str, Any]:
         wanted: dict[str, str] = {}
         for item in metadata or []:
@@ -276,7 +277,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         key: Key,
         sandbox_id: str | None = None,
         action: str | None = None,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=_MAX_SEQ)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         entries = service.store.audit_log(

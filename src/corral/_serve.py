@@ -42,19 +42,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def open_store(data_dir: Path, *, serving: bool = False) -> Store:
-    """The data directory's store, created if need be (``serving``: with its
-    workspaces directory, checked for the boxes' uids). Raises ``CorralError``
+def open_store(data_dir: Path) -> Store:
+    """The data directory's store, created if need be. Raises ``CorralError``
     with one line when the directory or its database cannot be used."""
     import sqlalchemy.exc
 
-    from ._service import _prepare_data_dir
     from ._store import Store
 
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
-        if serving:
-            _prepare_data_dir(data_dir, data_dir / "workspaces")
         return Store.in_dir(data_dir)
     except OSError as exc:
         raise CorralError(
@@ -102,9 +98,9 @@ def serve(
     import uvicorn
 
     from ._api import create_app
-    from ._service import Service, ServiceConfig
+    from ._service import Service, ServiceConfig, _prepare_data_dir
 
-    store = open_store(data_dir, serving=True)
+    store = open_store(data_dir)
     sock = None
     try:
         if not store.list_keys() and not is_loopback(host):
@@ -112,6 +108,12 @@ def serve(
                 f"refusing to listen on {host}: no API keys exist. Create one first with "
                 f"`corral keys create --name NAME --data-dir {data_dir}`"
             )
+        try:
+            _prepare_data_dir(data_dir, data_dir / "workspaces")
+        except OSError as exc:
+            raise CorralError(
+                f"cannot use the data directory {data_dir}: {exc.strerror or exc}"
+            ) from None
         sock = _listen(host, port)
         if not store.list_keys():
             _, token = store.create_key("local")
