@@ -71,6 +71,7 @@ _MAX_FINISHED_COMMANDS = 100  # background commands whose output is kept after t
 _MAX_FINISHED_BYTES = 64 << 20  # and their output in total, per sandbox
 _MAX_BACKGROUND = 64  # running background commands per sandbox (each holds its output here)
 _MAX_TERMINALS = 16  # open terminals per sandbox (each holds a read buffer here)
+_MAX_SEQ = 2**63 - 1  # cursors are SQLite integers: larger ones are a 422, not an overflow
 
 
 # -- request bodies -------------------------------------------------------------------
@@ -235,7 +236,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         state: Literal["running", "ended"] | None = None,
         metadata: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor: Annotated[int | None, Query(ge=0)] = None,
+        cursor: Annotated[int | None, Query(ge=0, le=_MAX_SEQ)] = None,
     ) -> dict[str, Any]:
         wanted: dict[str, str] = {}
         for item in metadata or []:
@@ -265,12 +266,18 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         await service.end(sandbox_id, "closed")
         return _info(service, service.row(key, sandbox_id))
 
+    @app.delete("/v1/sandboxes/{sandbox_id}/workspace", tags=["sandboxes"])
+    async def delete_workspace(sandbox_id: str, key: Key) -> dict[str, Any]:
+        """Remove an ended sandbox's workspace now (its record stays): it stops
+        counting against the key's disk quota. 409 while the sandbox runs."""
+        return _info(service, await service.delete_workspace(key, sandbox_id))
+
     @app.get("/v1/audit", tags=["server"])
     async def audit(
         key: Key,
         sandbox_id: str | None = None,
         action: str | None = None,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=_MAX_SEQ)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         entries = service.store.audit_log(
@@ -390,6 +397,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
                         "commands started through the API",
                     )
                 output = OutputLog()
+                service.objects["OutputLog"].add(output)
                 live.starting += 1  # counted while it starts: concurrent requests see it
                 try:
                     handle = await live.sandbox.commands.run(

@@ -538,6 +538,45 @@ async def _symlink(ctx: Context) -> Outcome:
     return Outcome("fail" if bad else "pass", ", ".join(outcomes))
 
 
+@probe(
+    "fs.server_walk",
+    "corral serve's walks of a workspace never enter a symlink the box plants",
+    "a box steering the root server's disk check or cleanup into a host directory",
+    "directories opened from their parent's fd with O_DIRECTORY|O_NOFOLLOW, same inode as lstat",
+)
+async def _server_walk(ctx: Context) -> Outcome:
+    try:
+        from ._service import walk_beneath
+    except ImportError:
+        return Outcome("skip", "corral serve is not installed here")
+
+    def check() -> Outcome:
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        top = tempfile.mkdtemp(prefix="corral-audit-walk-")
+        try:
+            secret, ws = os.path.join(top, "secret"), os.path.join(top, "ws")
+            os.makedirs(os.path.join(ws, "d"))
+            os.mkdir(secret)
+            open(os.path.join(secret, "host-file"), "w").close()
+            os.symlink(secret, os.path.join(ws, "planted"))
+            seen = []
+            for _fd, name, _st in walk_beneath(Path(ws)):
+                seen.append(name)
+                if name == "d":  # the box's move: a directory it showed becomes a symlink
+                    os.rename(os.path.join(ws, "d"), os.path.join(ws, "moved"))
+                    os.symlink(secret, os.path.join(ws, "d"))
+        finally:
+            shutil.rmtree(top)
+        if "host-file" in seen:
+            return Outcome("fail", "the walk entered the host directory through a symlink")
+        return Outcome("pass", "a planted symlink and one swapped in mid-walk were not entered")
+
+    return await asyncio.to_thread(check)
+
+
 # -- kernel surface -----------------------------------------------------------------------
 
 

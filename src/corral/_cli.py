@@ -126,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     p_kc.add_argument("--max-sandboxes", type=int, help="running at once")
     p_kc.add_argument("--max-memory", type=_size, help="memory of its running sandboxes")
     p_kc.add_argument("--max-lifetime", type=_duration, help="lifetime of one sandbox")
+    p_kc.add_argument(
+        "--max-disk",
+        type=_size,
+        help="disk of its sandboxes: running ones by their disk limit, ended ones by "
+        "their retained workspace until purged, e.g. 5G",
+    )
     p_kl = keys_sub.add_parser("list", help="the keys (never their secrets)")
     p_kr = keys_sub.add_parser("revoke", help="revoke a key by id")
     p_kr.add_argument("id")
@@ -276,12 +282,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from ._serve import default_data_dir
-    from ._store import Store
+    from ._serve import default_data_dir, open_store
 
-    data_dir = args.data_dir or default_data_dir()
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
-    store = Store.in_dir(data_dir)
+    store = open_store(args.data_dir or default_data_dir())
     try:
         if args.keys_cmd == "create":
             key, token = store.create_key(
@@ -289,6 +292,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
                 max_sandboxes=args.max_sandboxes,
                 max_memory_bytes=args.max_memory,
                 max_lifetime_s=args.max_lifetime,
+                max_disk_bytes=args.max_disk,
             )
             print(f"created key {key.id} ({key.name}); it is shown only now:")
             print(token)
@@ -296,7 +300,8 @@ def _cmd_keys(args: argparse.Namespace) -> int:
             for key in store.list_keys():
                 print(
                     f"{key.id}  {key.name}  max_sandboxes={key.max_sandboxes} "
-                    f"max_memory={key.max_memory_bytes} max_lifetime={key.max_lifetime_s}"
+                    f"max_memory={key.max_memory_bytes} max_lifetime={key.max_lifetime_s} "
+                    f"max_disk={key.max_disk_bytes}"
                 )
         elif not store.revoke_key(args.id):
             print(f"corral: no active key {args.id!r}", file=sys.stderr)

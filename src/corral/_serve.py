@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._errors import CorralError
+
+if TYPE_CHECKING:
+    from ._store import Store
 
 DEFAULT_PORT = 8000
 
@@ -37,6 +42,46 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def open_store(data_dir: Path) -> Store:
+    """The data directory's store, created if need be. Raises ``CorralError``
+    with one line when the directory or its database cannot be used."""
+    import sqlalchemy.exc
+
+    from ._store import Store
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        return Store.in_dir(data_dir)
+    except OSError as exc:
+        raise CorralError(
+            f"cannot use the data directory {data_dir}: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(data_dir) else "")
+        ) from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        raise CorralError(f"cannot open {data_dir / 'corral.db'}: {cause}") from None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound listening socket (uvicorn takes it), or ``CorralError`` saying why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise CorralError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise CorralError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(
     *,
     data_dir: Path,
@@ -47,44 +92,56 @@ def serve(
     allow_private_network: bool = False,
     log_level: str = "info",
 ) -> int:
+    """Run the server until SIGINT/SIGTERM; 0 after a clean stop. Start-up
+    failures (the data directory, the database, the address) raise
+    ``CorralError`` with one line, not a traceback."""
     import uvicorn
 
     from ._api import create_app
-    from ._service import Service, ServiceConfig
-    from ._store import Store
+    from ._service import Service, ServiceConfig, _prepare_data_dir
 
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
-    store = Store.in_dir(data_dir)
-    if not store.list_keys():
-        if not is_loopback(host):
+    store = open_store(data_dir)
+    sock = None
+    try:
+        if not store.list_keys() and not is_loopback(host):
             raise CorralError(
                 f"refusing to listen on {host}: no API keys exist. Create one first with "
                 f"`corral keys create --name NAME --data-dir {data_dir}`"
             )
-        _, token = store.create_key("local")
-        key_file = data_dir / "local.key"
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(token + "\n")
-        print(f"corral: created API key 'local' in {key_file}", file=sys.stderr)
-    service = Service(
-        store,
-        ServiceConfig(
-            data_dir=data_dir,
-            retention_s=retention_s,
-            max_upload_bytes=max_upload_bytes,
-            allow_private_network=allow_private_network,
-        ),
-    )
-    app = create_app(service)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=5,
-        access_log=False,
-    )
-    uvicorn.Server(config).run()
-    store.close()
+        try:
+            _prepare_data_dir(data_dir, data_dir / "workspaces")
+        except OSError as exc:
+            raise CorralError(
+                f"cannot use the data directory {data_dir}: {exc.strerror or exc}"
+            ) from None
+        sock = _listen(host, port)
+        if not store.list_keys():
+            _, token = store.create_key("local")
+            key_file = data_dir / "local.key"
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(token + "\n")
+            print(f"corral: created API key 'local' in {key_file}", file=sys.stderr)
+        service = Service(
+            store,
+            ServiceConfig(
+                data_dir=data_dir,
+                retention_s=retention_s,
+                max_upload_bytes=max_upload_bytes,
+                allow_private_network=allow_private_network,
+            ),
+        )
+        config = uvicorn.Config(
+            create_app(service),
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=5,
+            access_log=False,
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if sock is not None:
+            sock.close()
+        store.close()
     return 0

@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import os
 import re
 import shutil
 import stat
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -174,7 +177,7 @@ class Approval:
     answer: asyncio.Future[bool]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: tracked in a WeakSet
 class Live:
     """A running sandbox of this process, and what the API keeps beside it."""
 
@@ -209,6 +212,24 @@ class Service:
         self._create_lock = asyncio.Lock()
         self._starting = 0
         self._reaper: asyncio.Task[None] | None = None
+        # per-sandbox objects not yet freed, for /metrics: a long-running
+        # server must hold none of an ended sandbox's
+        self.objects: dict[str, weakref.WeakSet[Any]] = {
+            "AsyncSandbox": weakref.WeakSet(),
+            "Live": weakref.WeakSet(),
+            "OutputLog": weakref.WeakSet(),
+        }
+        self.metrics.server_counts = self._server_counts
+
+    def _server_counts(self) -> dict[str, int]:
+        gc.collect()  # count what is alive, not garbage awaiting the cyclic collector
+        return {
+            "live_sandboxes": len(self.live),
+            "starting_sandboxes": self._starting,
+            "tasks": len(asyncio.all_tasks()),
+            "threads": threading.active_count(),
+            **{f"objects_{name}": len(alive) for name, alive in self.objects.items()},
+        }
 
     # -- life of the service -------------------------------------------------------
 
@@ -226,7 +247,7 @@ class Service:
                 limit_hit=None,
                 retain_until=time.time() + self.config.retention_s,
             )
-            self._seal_workspace(self.workspaces / row.id)
+            self._seal_workspace(row.id)
             self.store.audit(
                 "sandbox.end", key_id=row.key_id, sandbox_id=row.id, reason="server_restarted"
             )
@@ -340,6 +361,14 @@ class Service:
                 f"limits.memory_bytes: this key allows at most {key.max_memory_bytes} bytes "
                 "per sandbox (and needs a limit)",
             )
+        disk = policy.limits.disk_bytes
+        if key.max_disk_bytes is not None and (disk is None or disk > key.max_disk_bytes):
+            raise ServiceError(
+                403,
+                "quota_forbidden",
+                f"limits.disk_bytes: this key allows at most {key.max_disk_bytes} bytes "
+                "per sandbox (and needs a limit)",
+            )
         async with self._create_lock:  # quota check and insert as one step
             if len(self.live) + self._starting >= self.config.max_sandboxes:
                 raise ServiceError(429, "server_full", "the server runs its maximum of sandboxes")
@@ -359,6 +388,20 @@ class Service:
                     f"this key's running sandboxes may use {key.max_memory_bytes} bytes of "
                     f"memory in total; {memory_used} are in use",
                 )
+            if key.max_disk_bytes is not None:
+                # ended workspaces are kept for the retention period: they count
+                # until purged, else a key could fill the server's disk with them
+                disk_used = self.store.disk_usage(key.id)
+                if disk_used + (disk or 0) > key.max_disk_bytes:
+                    raise ServiceError(
+                        429,
+                        "quota_exceeded",
+                        f"this key's sandboxes may take {key.max_disk_bytes} bytes of disk in "
+                        f"total (running: their disk limit, ended: their retained workspace "
+                        f"until purged); {disk_used} are taken. Delete an ended sandbox's "
+                        "workspace (DELETE /v1/sandboxes/{id}/workspace) or wait for its "
+                        "retention to end",
+                    )
             sandbox = AsyncSandbox(policy, timeout_s=None, runtime=runtime)
             workspace = self.workspaces / sandbox.id
             workspace.mkdir(mode=0o700)
@@ -370,6 +413,7 @@ class Service:
                 metadata=dict(metadata),
                 runtime=runtime,
                 memory_bytes=memory,
+                disk_bytes=disk,
                 created_at=now,
                 expires_at=now + timeout_s,
                 idle_timeout_s=idle_timeout_s,
@@ -377,11 +421,16 @@ class Service:
             )
             self._starting += 1  # a slot, held while the box starts
         live = Live(sandbox, key, now + timeout_s, idle_timeout_s, workspace)
+        self.objects["AsyncSandbox"].add(sandbox)
+        self.objects["Live"].add(live)
         sandbox._workdir = workspace
         sandbox._own_workdir = True
-        sandbox._on_network_event = lambda event: self._network_event(live, event)
+        # the callbacks name the sandbox, not ``live``: whatever keeps them
+        # (the box, its proxy) must not keep an ended sandbox's tables alive
+        sandbox_id, key_id = sandbox.id, key.id
+        sandbox._on_network_event = lambda event: self._network_event(key_id, sandbox_id, event)
         if network_approval:
-            sandbox._approve = lambda host, port: self._ask(live, host, port)
+            sandbox._approve = lambda host, port: self._ask(sandbox_id, host, port)
         try:
             await sandbox.start()
         except BaseException as exc:
@@ -390,7 +439,7 @@ class Service:
                 await sandbox.close()
             finally:
                 self._starting -= 1
-                self._seal_workspace(workspace)
+                self._seal_workspace(sandbox.id)
             raise
         self.live[sandbox.id] = live
         self._starting -= 1
@@ -489,7 +538,14 @@ class Service:
         try:
             await live.sandbox.close()
         finally:
-            await asyncio.to_thread(self._seal_workspace, live.workspace)
+            # nothing of an ended sandbox stays in this process: the API's
+            # per-sandbox tables go now, whoever still holds ``live``
+            live.commands.clear()
+            live.terminals.clear()
+            live.terminal_locks.clear()
+            live.contexts.clear()
+            live.approvals.clear()
+            await asyncio.to_thread(self._seal_workspace, sandbox_id)
 
     def _finish(
         self, sandbox_id: str, key_id: str, reason: EndReason, detail: str | None, limit: str | None
@@ -508,16 +564,23 @@ class Service:
             if limit is not None:
                 self.metrics.limit_hit(limit)
 
-    def _seal_workspace(self, workspace: Path) -> None:
-        """An ended box's workspace: half-written uploads removed, the top
-        directory taken back from the box's uid (which another box may get)."""
-        with contextlib.suppress(FileNotFoundError):
-            for temp in _upload_temps(workspace):
-                with contextlib.suppress(OSError):
-                    os.unlink(temp)
+    def _seal_workspace(self, sandbox_id: str) -> None:
+        """An ended box's workspace: the top directory taken back from the
+        box's uid (which another box may get), half-written uploads removed
+        and its size recorded (it counts against the key's max_disk_bytes)."""
+        workspace = self.workspaces / sandbox_id
+        try:
+            fd = os.open(workspace, _DIR_FLAGS)
+        except FileNotFoundError:
+            return
+        try:  # by fd: the workspace's own name is the server's, but no path is trusted here
             if os.geteuid() == 0:
-                os.chown(workspace, 0, 0)
-            os.chmod(workspace, 0o700)
+                os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+        usage = _usage(workspace, 1 << 62, 1 << 62, remove_temps=True)
+        self.store.set_retained(sandbox_id, usage.bytes)
 
     # -- the reaper ----------------------------------------------------------------
 
@@ -553,32 +616,57 @@ class Service:
             elif mono >= live.next_disk_check:
                 live.next_disk_check = mono + _DISK_CHECK_S
                 limit = sb.policy.limits.disk_bytes
-                size, files = await asyncio.to_thread(
+                usage = await asyncio.to_thread(
                     _usage, live.workspace, limit if limit is not None else 1 << 62, _MAX_FILES
                 )
                 # the host workspace has no total bound of its own (per-file
                 # only): a box that fills the host's disk, or its inodes, ends here
-                if limit is not None and size > limit:
+                if limit is not None and usage.bytes > limit:
                     await self.end(sandbox_id, "limit", limit="disk", detail="workspace full")
-                elif files > _MAX_FILES:
+                elif usage.files > _MAX_FILES:
                     await self.end(
                         sandbox_id, "limit", limit="disk", detail=f"over {_MAX_FILES} files"
+                    )
+                elif usage.too_deep:  # what the walker cannot count is refused, not ignored
+                    await self.end(
+                        sandbox_id,
+                        "limit",
+                        limit="disk",
+                        detail=f"directories nested over {_MAX_DEPTH} deep",
                     )
         await asyncio.to_thread(self._purge_expired)
 
     def _purge_expired(self) -> None:
         for row in self.store.due_for_purge(time.time()):
-            shutil.rmtree(self.workspaces / row.id, ignore_errors=True)
-            self.store.mark_purged(row.id)
+            self._purge(row.id)
+
+    def _purge(self, sandbox_id: str) -> None:
+        # shutil.rmtree walks by directory fds on Linux (avoids_symlink_attacks):
+        # a symlink the box left is unlinked, never followed
+        shutil.rmtree(self.workspaces / sandbox_id, ignore_errors=True)
+        self.store.mark_purged(sandbox_id)
+
+    async def delete_workspace(self, key: ApiKey, sandbox_id: str) -> SandboxRow:
+        """Purge an ended sandbox's workspace now (its record stays): frees the
+        key's max_disk_bytes before the retention ends. 409 while it runs."""
+        row = self.row(key, sandbox_id)
+        if row.state == "running" or sandbox_id in self.live:
+            raise ServiceError(
+                409, "sandbox_running", f"sandbox {sandbox_id} is running: close it first"
+            )
+        if not row.purged:
+            await asyncio.to_thread(self._purge, sandbox_id)
+            self.store.audit("sandbox.purge", key_id=key.id, sandbox_id=sandbox_id)
+        return self.row(key, sandbox_id)
 
     # -- network -------------------------------------------------------------------
 
-    def _network_event(self, live: Live, event: NetworkEvent) -> None:
+    def _network_event(self, key_id: str, sandbox_id: str, event: NetworkEvent) -> None:
         self.metrics.proxy_decision(event.allowed)
         self.store.audit(
             "network.decision",
-            key_id=live.key.id,
-            sandbox_id=live.sandbox.id,
+            key_id=key_id,
+            sandbox_id=sandbox_id,
             host=event.host,
             port=event.port,
             allowed=event.allowed,
@@ -586,8 +674,12 @@ class Service:
             reason=event.reason,
         )
 
-    async def _ask(self, live: Live, host: str, port: int) -> bool:
-        """A host the rules do not name: ask the client over the API, deny on silence."""
+    async def _ask(self, sandbox_id: str, host: str, port: int) -> bool:
+        """A host the rules do not name: ask the client over the API, deny on
+        silence (and for a sandbox not running: no client can see the question)."""
+        live = self.live.get(sandbox_id)
+        if live is None:
+            return False
         approval = Approval(
             os.urandom(6).hex(), host, port, time.time(), asyncio.get_running_loop().create_future()
         )
@@ -642,33 +734,98 @@ def _prepare_data_dir(data_dir: Path, workspaces: Path) -> None:
                 )
 
 
-def _upload_temps(root: Path) -> Iterator[str]:
-    for dirpath, _dirs, files in os.walk(root):  # os.walk never follows symlinks
-        for name in files:
-            if name.startswith(_UPLOAD_PREFIX):
-                yield os.path.join(dirpath, name)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_MAX_DEPTH = 256  # one fd per level while walking; deeper trees are refused, not skipped
 
 
-def _usage(root: Path, stop_at: int, max_files: int) -> tuple[int, int]:
-    """Bytes of disk (allocated blocks, links not followed) and entries under
-    ``root``, stopping once past ``stop_at`` bytes or ``max_files`` entries."""
-    total = files = 0
-    stack = [str(root)]
-    while stack and total <= stop_at and files <= max_files:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
-            continue
-        for entry in entries:
-            files += 1
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:  # removed meanwhile: the rest of the directory still counts
+class TooDeep(CorralError):
+    """A workspace nests directories deeper than the walker goes (``_MAX_DEPTH``)."""
+
+
+def walk_beneath(root: Path) -> Generator[tuple[int, str, os.stat_result], None, None]:
+    """Every entry under ``root`` as ``(parent directory fd, name, lstat)``,
+    depth first, for the host to act on with ``dir_fd=`` while the box may
+    still be changing the tree. The fd is valid until the next step.
+
+    The box owns everything below ``root`` and can swap a directory for a
+    symlink at any moment: each directory is entered with
+    ``openat(parent_fd, name, O_DIRECTORY|O_NOFOLLOW)``, never by path, and
+    must be the inode ``lstat`` saw, so a planted ``d -> /root/secret``
+    (before or during the walk) is never entered and a FIFO or device is never
+    opened. Raises ``TooDeep`` past ``_MAX_DEPTH`` levels (each open level
+    holds an fd), ``OSError`` if ``root`` itself is missing or not a directory."""
+    top = os.open(root, _DIR_FLAGS)
+    stack: list[tuple[int, Iterator[str]]] = [(top, iter(_names(top)))]
+    try:
+        while stack:
+            fd, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(stack.pop()[0])
                 continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:  # removed meanwhile: the rest still counts
+                continue
+            yield fd, name, st
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if len(stack) >= _MAX_DEPTH:
+                raise TooDeep(f"directories nested over {_MAX_DEPTH} deep")
+            try:
+                # by the parent's fd with O_NOFOLLOW: a symlink swapped in since
+                # the lstat fails here (ELOOP/ENOTDIR) instead of leading the
+                # root server into a host tree of the box's choosing
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue
+            opened = os.fstat(child)
+            if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+                os.close(child)  # another directory swapped in meanwhile: not this entry
+                continue
+            stack.append((child, iter(_names(child))))
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+
+
+def _names(fd: int) -> list[str]:
+    try:
+        return os.listdir(fd)
+    except OSError:  # not readable: counted as empty
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    bytes: int  # allocated blocks, links not followed
+    files: int  # entries
+    too_deep: bool  # the walk stopped at _MAX_DEPTH: the rest is not counted
+
+
+def _usage(root: Path, stop_at: int, max_files: int, *, remove_temps: bool = False) -> Usage:
+    """Disk used under ``root``, stopping once past ``stop_at`` bytes or
+    ``max_files`` entries; ``remove_temps`` also removes the agent's
+    half-written uploads (an ended box's workspace). A missing root uses nothing."""
+    total = files = 0
+    walk = walk_beneath(root)
+    try:
+        for fd, name, st in walk:
+            if remove_temps and name.startswith(_UPLOAD_PREFIX) and stat.S_ISREG(st.st_mode):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=fd)  # by the parent's fd: never a path the box swapped
+                continue
+            files += 1
             total += st.st_blocks * 512
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(entry.path)
-    return total, files
+            if total > stop_at or files > max_files:
+                break
+    except TooDeep:
+        return Usage(total, files, True)
+    except FileNotFoundError:
+        pass
+    finally:
+        walk.close()
+    return Usage(total, files, False)
 
 
 # -- reading an ended sandbox's workspace from the host ------------------------------
@@ -781,7 +938,13 @@ class Metrics:
     process, as in tests, do not collide)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            ProcessCollector,
+        )
 
         self.registry = CollectorRegistry()
         self.sandboxes = Gauge(
@@ -805,7 +968,16 @@ class Metrics:
         self.proxy = Counter(
             "corral_proxy_decisions", "Proxy decisions", ["decision"], registry=self.registry
         )
+        self.server = Gauge(
+            "corral_server_objects",
+            "What the server process holds: live sandboxes, asyncio tasks, threads, and "
+            "per-sandbox objects not yet freed (counted after a full garbage collection)",
+            ["kind"],
+            registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)  # process_open_fds, resident memory
         self.counts: Callable[[], Mapping[str, int]] = dict
+        self.server_counts: Callable[[], Mapping[str, int]] = dict
 
     def created(self) -> None:
         self.creations.inc()
@@ -825,4 +997,6 @@ class Metrics:
         counts = self.counts()
         for state in ("running", "ended"):
             self.sandboxes.labels(state).set(counts.get(state, 0))
+        for kind, value in self.server_counts().items():
+            self.server.labels(kind).set(value)
         return generate_latest(self.registry)

@@ -16,7 +16,9 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -41,6 +43,7 @@ keys_table = sa.Table(
     sa.Column("max_sandboxes", sa.Integer),
     sa.Column("max_memory_bytes", sa.BigInteger),
     sa.Column("max_lifetime_s", sa.Float),
+    sa.Column("max_disk_bytes", sa.BigInteger),
 )
 
 sandboxes_table = sa.Table(
@@ -57,6 +60,8 @@ sandboxes_table = sa.Table(
     sa.Column("metadata", sa.JSON, nullable=False),
     sa.Column("runtime", sa.String(100)),
     sa.Column("memory_bytes", sa.BigInteger),
+    sa.Column("disk_bytes", sa.BigInteger),  # its limit: reserved while it runs
+    sa.Column("retained_bytes", sa.BigInteger),  # its workspace's size once ended
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float),
     sa.Column("idle_timeout_s", sa.Float),
@@ -89,6 +94,7 @@ class ApiKey:
     max_sandboxes: int | None
     max_memory_bytes: int | None
     max_lifetime_s: float | None
+    max_disk_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,8 @@ class SandboxRow:
     metadata: dict[str, str]
     runtime: str | None
     memory_bytes: int | None
+    disk_bytes: int | None
+    retained_bytes: int | None
     created_at: float
     expires_at: float | None
     idle_timeout_s: float | None
@@ -123,6 +131,7 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         _meta.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._auth_cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._audit_queue: list[dict[str, Any]] = []
         self._audit_writing = False
@@ -135,7 +144,19 @@ class Store:
 
     @classmethod
     def in_dir(cls, data_dir: Path) -> Store:
-        return cls(f"sqlite:///{data_dir / 'corral.db'}")
+        """The store of ``data_dir/corral.db``, private to this user from its
+        first byte: it holds every tenant's policies (and the env secrets in
+        them), metadata, audit text and key hashes. Raises ``OSError`` when the
+        directory cannot be used."""
+        path = data_dir / "corral.db"
+        # umask around the first open: SQLite creates the file, then -wal and
+        # -shm (which take the database file's mode); no moment of 0644
+        old = os.umask(0o077)
+        try:
+            _private(path)
+            return cls(f"sqlite:///{path}")
+        finally:
+            os.umask(old)
 
     def close(self) -> None:
         with self._audit_ready:
@@ -158,11 +179,20 @@ class Store:
         max_sandboxes: int | None = None,
         max_memory_bytes: int | None = None,
         max_lifetime_s: float | None = None,
+        max_disk_bytes: int | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key and its token (shown once: only its hash is kept)."""
         key_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
-        key = ApiKey(key_id, name, time.time(), max_sandboxes, max_memory_bytes, max_lifetime_s)
+        key = ApiKey(
+            key_id,
+            name,
+            time.time(),
+            max_sandboxes,
+            max_memory_bytes,
+            max_lifetime_s,
+            max_disk_bytes,
+        )
         with self._tx() as conn:
             conn.execute(
                 keys_table.insert().values(
@@ -173,6 +203,7 @@ class Store:
                     max_sandboxes=max_sandboxes,
                     max_memory_bytes=max_memory_bytes,
                     max_lifetime_s=max_lifetime_s,
+                    max_disk_bytes=max_disk_bytes,
                 )
             )
         return key, f"crl_{key_id}_{secret}"
@@ -269,6 +300,30 @@ class Store:
                 .where(t.c.key_id == key_id, t.c.state == "running")
             ).one()
         return int(row[0]), int(row[1])
+
+    def disk_usage(self, key_id: str) -> int:
+        """Bytes the key's sandboxes take or may take: a running one its disk
+        limit, an ended one its retained workspace (its limit until measured)."""
+        t = sandboxes_table
+        size = sa.case(
+            (t.c.state == "running", t.c.disk_bytes),
+            else_=sa.func.coalesce(t.c.retained_bytes, t.c.disk_bytes),
+        )
+        with self.engine.connect() as conn:
+            total = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(size), 0))
+                .select_from(t)
+                .where(t.c.key_id == key_id, ~t.c.purged)
+            ).scalar_one()
+        return int(total)
+
+    def set_retained(self, sandbox_id: str, size: int) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                sandboxes_table.update()
+                .where(sandboxes_table.c.id == sandbox_id)
+                .values(retained_bytes=size)
+            )
 
     def count_by_state(self) -> dict[str, int]:
         """Sandboxes by state (``ended`` counts those still retained)."""
@@ -408,6 +463,43 @@ class Store:
             ]
 
 
+def _private(db: Path) -> None:
+    """Create ``db`` 0600, or repair an existing one (and its -wal, -shm,
+    -journal) that other users could read, saying so."""
+    try:
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        return
+    except FileExistsError:
+        pass
+    for path in (db, *(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal"))):
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(path, 0o600)
+            logging.getLogger("corral.serve").warning(
+                "corral: %s was readable by other users (mode %o): it is 0600 now; "
+                "until now any local user could read its keys' hashes, policies and audit log",
+                path,
+                mode,
+            )
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """A database of an older corral: add the (nullable) columns it lacks."""
+    inspector = sa.inspect(engine)
+    with engine.begin() as conn:
+        for table in _meta.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(
+                        sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+                    )
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: object) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -425,6 +517,7 @@ def _key(row: Any) -> ApiKey:
         max_sandboxes=row.max_sandboxes,
         max_memory_bytes=row.max_memory_bytes,
         max_lifetime_s=row.max_lifetime_s,
+        max_disk_bytes=row.max_disk_bytes,
     )
 
 
@@ -442,6 +535,8 @@ def _sandbox(row: Any) -> SandboxRow:
         metadata=dict(row.metadata),
         runtime=row.runtime,
         memory_bytes=row.memory_bytes,
+        disk_bytes=row.disk_bytes,
+        retained_bytes=row.retained_bytes,
         created_at=row.created_at,
         expires_at=row.expires_at,
         idle_timeout_s=row.idle_timeout_s,
