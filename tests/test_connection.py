@@ -20,21 +20,26 @@ class FakeAgent:
     def __init__(self) -> None:
         self.to_host_r, self.to_host_w = os.pipe()
         self.from_host_r, self.from_host_w = os.pipe()
-        self.reader = os.fdopen(self.to_host_r, "rb", buffering=0)
-        self.writer = os.fdopen(self.from_host_w, "wb", buffering=0)
+        self.reader = self.to_host_r  # the host's ends
+        self.writer = self.from_host_w
+        self.numberer = w.Numberer()
 
-    async def say(self, frame: bytes) -> None:
+    async def say(self, frame: bytes, *, numbered: bool = True) -> None:
+        """Send one frame, numbered in turn (``numbered=False``: exactly as given)."""
+        out = bytearray()
+        if numbered:
+            self.numberer.queue(out, frame)
+        else:
+            out += frame
         # from a worker thread: a frame larger than the pipe must not block the
         # event loop that the host end reads it with
-        view = memoryview(frame)
+        view = memoryview(out)
         while view:
             view = view[await asyncio.to_thread(os.write, self.to_host_w, view) :]
 
     def close(self) -> None:
-        for fd in (self.to_host_w, self.from_host_r):
+        for fd in (self.to_host_w, self.from_host_r, self.to_host_r, self.from_host_w):
             os.close(fd)
-        self.reader.close()
-        self.writer.close()
 
 
 @pytest.fixture
@@ -53,9 +58,9 @@ async def pending_call(conn: Connection) -> asyncio.Future[dict[str, object]]:
 @pytest.mark.parametrize(
     ("frame", "reason"),
     [
-        (struct.pack(">IBIB", w.MAX_PAYLOAD + 1, w.DATA, 1, 1), "exceeds"),
-        (struct.pack(">IBIB", 0, 99, 1, 1), "unknown frame type"),
-        (struct.pack(">IBIB", 0, w.DATA, 1, 7), "unknown channel"),
+        (struct.pack(">IBIBI", w.MAX_PAYLOAD + 1, w.DATA, 1, 1, 0), "exceeds"),
+        (struct.pack(">IBIBI", 0, 99, 1, 1, 0), "unknown frame type"),
+        (struct.pack(">IBIBI", 0, w.DATA, 1, 7, 0), "unknown channel"),
         (w.encode(w.REPLY, 1, 0, b"not json"), "malformed control message"),
         (w.encode(w.REPLY, 1, 0, b"[1, 2]"), "must be a JSON object"),
         (w.encode(w.CREDIT, 1, 1, b"\x00"), "malformed CREDIT"),
