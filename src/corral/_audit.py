@@ -1068,7 +1068,7 @@ for pid in [*pids, str(os.getpid())]:
         r = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
         getfd[f"{pid}/{fd}"] = "ok" if r >= 0 else name(ctypes.get_errno())
 cmd = {p: open(f"/proc/{p}/cmdline", "rb").read().split(b"\0") for p in pids}
-agent = [p for p, c in cmd.items() if any(b"agent.py" in a for a in c)]
+agent = [p for p, c in cmd.items() if b"/run/corral/agent.py" in c]
 print(json.dumps({"inodes": inodes, "refused": refused, "getfd": getfd,
                   "self": str(os.getpid()), "agent": agent}))
 """
