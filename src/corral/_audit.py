@@ -1165,8 +1165,8 @@ async def _argv_hidden(ctx: Context) -> Outcome:
     others = [c for c in found if not c.startswith(BOX_PYTHON)]
     if others:
         return Outcome("fail", f"on other command lines: {others[:2]}")
-    mounts = open("/proc/mounts").read().split("\n")  # noqa: SIM115 - read once
-    hidepid = any(" /proc proc " in m and "hidepid" in m for m in mounts)
+    with open("/proc/mounts") as f:
+        hidepid = any(" /proc proc " in m and "hidepid" in m for m in f)
     own = "hidden (hidepid)" if hidepid else "visible on the host, as any process's"
     return Outcome("pass", f"only the command's own process ({own})")
 
