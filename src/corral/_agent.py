@@ -526,14 +526,15 @@ class Agent:
             self.running = False
             return
         try:
-            frames = self.decoder.feed(self.rview[:n])
+            self.on_frames(self.decoder.feed(self.rview[:n]))
         except w.ProtocolError as exc:
             # out of step or malformed: a frame went missing or was forged. Tell
             # the host (every call it has pending fails now, instead of waiting
             # for a reply that cannot come) and stop: the box ends with the agent
             self.send(w.encode_json(w.ABORT, 0, {"reason": str(exc)[:500]}))
             self.running = False
-            return
+
+    def on_frames(self, frames: list[tuple[int, int, int, bytes]]) -> None:
         for kind, ident, channel, payload in frames:
             if kind == w.CALL:
                 self.on_call(ident, w.decode_json(payload))
