@@ -514,3 +514,12 @@ def test_an_environment_name_no_shell_keeps_still_arrives(box: Runner) -> None:
     missing = box(["no-such-command-here"], policy)
     assert missing.exit_code == 127
     assert b"no-such-command-here" in missing.stderr
+
+
+def test_a_long_argv_still_arrives(box: Runner) -> None:
+    """Past about 5,000 arguments the launcher's shell line would outgrow the
+    kernel's 128 KiB for one argument: the Python launcher takes over."""
+    args = [f"a{i}" for i in range(20_000)]
+    result = box(py("import sys; print(len(sys.argv) - 1, sys.argv[-1])") + args)
+    assert result.exit_code == 0, result.stderr_text
+    assert result.stdout_text == "20000 a19999\n"

@@ -280,22 +280,27 @@ _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ARG_VAR = "CORRAL_ARGV_"
 _LAUNCH_SHELL = "/bin/sh"
 _LAUNCH_PYTHON = "/usr/bin/python3"
+# bwrap refuses more than 9000 arguments in all (options and --args): the
+# policy's take a few hundred, the rest is the command's share through --setenv
+_MAX_ENV_ARGS = 1000
 # the fallback launcher, for an environment with names no POSIX shell passes
-# on (dash drops them): the same steps in Python, 13 ms slower here
+# on (dash drops them) or a long argv: the argv comes NUL-separated on an
+# inherited memfd (above 2: bwrap's init closes it), 13 ms slower here
 _PY_LAUNCHER = (
     "import os\n"
-    f"n = int(os.environ.pop('{_ARG_VAR}N'))\n"
-    f"argv = [os.environ.pop(f'{_ARG_VAR}{{i}}') for i in range(n)]\n"
+    f"fd = int(os.environ.pop('{_ARG_VAR}FD'))\n"
+    "with open(fd, 'rb') as f:\n"
+    "    argv = f.read().split(b'\\0')[:-1]\n"
     "try:\n"
     "    os.execvp(argv[0], argv)\n"
     "except OSError as e:\n"
-    "    os.write(2, f'corral: {argv[0]}: {e.strerror}\\n'.encode())\n"
+    "    os.write(2, b'corral: ' + argv[0] + f': {e.strerror}\\n'.encode())\n"
     "    os._exit(127 if e.errno == 2 else 126)\n"
 )
 
 
 def _launcher(
-    command: Sequence[str], env: Sequence[tuple[str, str]]
+    command: Sequence[str], env: Sequence[tuple[str, str]], fds: _Fds
 ) -> tuple[list[str], list[str]]:
     """The box's first command line, which carries none of ``command``, and
     the ``--setenv`` options that carry ``command`` in its place.
@@ -304,26 +309,32 @@ def _launcher(
     readable by every local user for the box's whole life, so the command's
     arguments (secrets, for some callers) must not be on it: they travel as
     environment variables inside the ``--args`` memfd, and a fixed shell line
-    in the box turns them back into an argv, unsets them and execs it. Only
-    the command's own process then shows its argv, as any process does."""
-    args = [str(a) for a in command]
+    in the box turns them back into an argv, unsets them and execs it (or, see
+    ``_PY_LAUNCHER``, in a memfd of their own). Only the command's own process
+    then shows its argv, as any process does."""
+    args = [os.fsencode(str(a)) for a in command]
     for arg in args:
         # a NUL would end the argument inside the NUL-separated --args memfd
         # and turn the rest into bwrap options (a bind of the host's /)
-        if "\0" in arg:
+        if b"\0" in arg:
             raise ValueError("a command argument must not contain NUL bytes")
-    setenv: list[str] = []
-    for i, arg in enumerate(args):
-        setenv += ["--setenv", f"{_ARG_VAR}{i}", arg]
-    names = " ".join(f"{_ARG_VAR}{i}" for i in range(len(args)))
-    if all(_SHELL_NAME.match(name) for name, _ in env):
+    shell_env = all(_SHELL_NAME.match(name) for name, _ in env)
+    if len(args) <= _MAX_ENV_ARGS and shell_env:
+        setenv: list[str] = []
+        for i, arg in enumerate(args):
+            setenv += ["--setenv", f"{_ARG_VAR}{i}", os.fsdecode(arg)]
+        names = " ".join(f"{_ARG_VAR}{i}" for i in range(len(args)))
         quoted = " ".join(f'"${_ARG_VAR}{i}"' for i in range(len(args)))
         # $0 is "corral": a command that is not found reads
         # "corral: 1: exec: NAME: not found" (exit 127; 126 cannot run)
         line = f'set -- {quoted}; unset {names}; exec "$@"'
         return [_LAUNCH_SHELL, "-c", line, "corral"], setenv
-    setenv += ["--setenv", f"{_ARG_VAR}N", str(len(args))]
-    return [_LAUNCH_PYTHON, "-I", "-S", "-c", _PY_LAUNCHER], setenv
+    argv_fd = fds.data(b"".join(arg + b"\0" for arg in args))
+    return [_LAUNCH_PYTHON, "-I", "-S", "-c", _PY_LAUNCHER], [
+        "--setenv",
+        f"{_ARG_VAR}FD",
+        str(argv_fd),
+    ]
 
 
 def render_argv(
@@ -428,7 +439,7 @@ def render_argv(
         args += ["--setenv", name, value]
     for name, value in extra_env:
         args += ["--setenv", name, value]
-    launcher, carried = _launcher(command, policy.env)
+    launcher, carried = _launcher(command, policy.env, fds)
     args += carried
     options = fds.data(b"".join(os.fsencode(arg) + b"\0" for arg in args))
     return [*argv, "--", find_bwrap().path, "--args", str(options), "--", *launcher]
