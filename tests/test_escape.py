@@ -10,16 +10,20 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import PIPE, Popen
+from typing import Any
 
 import pytest
 
 from corral import Policy
+from corral import run as corral_run
 from corral._audit import _HARMLESS_DEV, PRELUDE
 
-from .conftest import Runner, py
+from .conftest import SYSTEM_PYTHON, UNPRIVILEGED_USER, Runner, py, unprivileged_user
 
 # The audit's own prelude: ``attempt(label, fn)`` records "ok" or the errno name.
 PROBE_PRELUDE = PRELUDE
@@ -314,3 +318,208 @@ def test_environment_is_not_on_any_command_line() -> None:
     assert result.stdout.startswith(secret.encode())
     assert any(b"bwrap" in c for c in seen), "the snoop never saw the box's bwrap"
     assert not any(secret.encode() in c for c in seen)
+
+
+# -- the agent's channel, keyrings and command lines, as root and as an ordinary user ----
+
+
+def _modes_with_user() -> list[str]:
+    return ["root", "user"] if os.geteuid() == 0 else ["self"]
+
+
+def start_as(mode: str, script: str, src: Path, env: dict[str, str] | None = None) -> Popen[bytes]:
+    """``script`` under the system Python with this checkout's corral: as root
+    (or the current user) in the library, or under ``setpriv`` as corral-test."""
+    prefix: list[str] = []
+    if mode == "user":
+        user = unprivileged_user()
+        if user is None:
+            pytest.skip(f"no user {UNPRIVILEGED_USER}")
+        prefix = [
+            "setpriv",
+            f"--reuid={user.pw_uid}",
+            f"--regid={user.pw_gid}",
+            "--clear-groups",
+            "--",
+        ]
+    return Popen(
+        [*prefix, SYSTEM_PYTHON, "-c", script],
+        stdout=PIPE,
+        stderr=PIPE,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(src), "HOME": "/", **(env or {})},
+        cwd="/",
+    )
+
+
+def run_as(mode: str, script: str, src: Path, env: dict[str, str] | None = None) -> Any:
+    proc = start_as(mode, script, src, env)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    return json.loads(out.splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", _modes_with_user())
+def test_the_agent_channel_is_out_of_reach(mode: str, world_readable_src: Path) -> None:
+    """Issue 11, item 1. bwrap's init (pid 1, dumpable, the box's uid) used to
+    hold the channel as its stdin/stdout: /proc/1/fd/0 re-opened, or
+    pidfd_getfd(pidfd_open(1), 0), read host frames and wrote forged ones.
+    Every /proc/<pid>/fd/<n> in the box is re-opened both ways, and
+    pidfd_getfd tried on every pid, from a command of a live sandbox."""
+    seen = run_as(
+        mode,
+        "import asyncio, json\n"
+        "from corral import Policy\n"
+        "from corral._audit import agent_channel_report\n"
+        "print(json.dumps(asyncio.run(agent_channel_report(Policy.preset('default')))))",
+        world_readable_src,
+    )
+    channel = set(seen["channel"])
+    inodes: dict[str, int] = seen["inodes"]
+    # the route was walked: pid 1's stdin and stdout re-open (/dev/null now) ...
+    assert {k for k in inodes if k.startswith("1/")} >= {"1/0:r", "1/0:w", "1/1:r", "1/1:w"}
+    # ... and none of the descriptors re-opened anywhere is the channel
+    assert not [k for k, ino in inodes.items() if ino in channel]
+    # the agent itself: non-dumpable, its fd directory is refused
+    (agent,) = seen["agent"]
+    assert seen["refused"][f"{agent}/fd"] == "EACCES"
+    # pidfd_getfd fails for the filter's reason: even on the probe's own pid,
+    # which ptrace rules would always allow
+    assert set(seen["getfd"].values()) == {"EPERM"}
+    assert seen["getfd"][f"{seen['self']}/0"] == "EPERM"
+    assert seen["after"] == "fine\n"
+
+
+_KEYS_SCRIPT = r"""
+import ctypes, json, os, corral
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall(250, 1, None)  # a session keyring of this test's own (KEYCTL_JOIN_SESSION_KEYRING)
+key = libc.syscall(248, b"user", b"corral-test-host-key", b"hunter2", 7, -3)  # add_key, session
+assert key > 0, ctypes.get_errno()
+host = open("/proc/keys").read()
+box = corral.run(["/bin/sh", "-c", "cat /proc/keys; echo ---; cat /proc/key-users"])
+print(json.dumps({"host": host, "box": box.stdout_text, "exit": box.exit_code}))
+"""
+
+
+@pytest.mark.parametrize("mode", _modes_with_user())
+def test_the_hosts_keys_are_not_listed_in_the_box(mode: str, world_readable_src: Path) -> None:
+    """Issue 11, item 6: as an ordinary user the box's uid is the caller's, and
+    /proc/keys lists every key that uid owns (the owner's view bit), whatever
+    the session keyring."""
+    seen = run_as(mode, _KEYS_SCRIPT, world_readable_src)
+    assert "corral-test-host-key" in seen["host"]  # the key is there to be seen
+    assert seen["exit"] == 0
+    assert seen["box"] == "---\n"  # both lists empty in the box
+
+
+def test_each_box_starts_in_a_fresh_session_keyring() -> None:
+    """The third lock on keys: the box does not possess the caller's session
+    keyring (nor share one with another box)."""
+    from corral._bwrap import _spawn_in_fresh_keyring
+
+    show = [
+        SYSTEM_PYTHON,
+        "-c",
+        "import ctypes; print(ctypes.CDLL(None).syscall(250, 0, -3, 0))",  # GET_KEYRING_ID
+    ]
+    ids = []
+    for _ in range(2):
+        proc = _spawn_in_fresh_keyring(lambda: Popen(show, stdout=PIPE))
+        out, _ = proc.communicate()
+        ids.append(int(out))
+    mine = int(subprocess.run(show, stdout=PIPE, check=True).stdout)
+    assert len({*ids, mine}) == 3, (ids, mine)
+
+
+_ARGV_SCRIPT = r"""
+import asyncio, json, os, corral
+secret = os.environ.pop("SECRET")
+sleeper = ["/usr/bin/python3", "-c", "import time; time.sleep(1.5)", secret]
+one_shot = corral.run(sleeper)
+async def long_lived():
+    async with corral.AsyncSandbox() as sb:
+        return (await sb.commands.run(sleeper)).exit_code
+print(json.dumps([one_shot.exit_code, asyncio.run(long_lived())]))
+"""
+
+
+@pytest.mark.parametrize("mode", _modes_with_user())
+def test_the_commands_argv_is_on_no_other_command_line(mode: str, world_readable_src: Path) -> None:
+    """Issue 11, item 7: /proc/<pid>/cmdline is readable by every local user,
+    and bwrap's (with setpriv's and prlimit's) used to end with the command.
+    While a one-shot box and a sandbox's command run, the secret argument may
+    show only in the command's own process."""
+    secret = f"sk-argv-{os.getpid()}-{mode}"
+    proc = start_as(mode, _ARGV_SCRIPT, world_readable_src, {"SECRET": secret})
+    carriers: set[bytes] = set()
+    bwraps = 0
+    while proc.poll() is None:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    line = (entry / "cmdline").read_bytes()
+                    bwraps += b"/bwrap\0" in line
+                    if secret.encode() in line:
+                        carriers.add(line)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert json.loads(out) == [0, 0]
+    assert bwraps, "the snoop never saw a box's bwrap"
+    command = b"\0".join([SYSTEM_PYTHON.encode(), b"-c", b"import time; time.sleep(1.5)"])
+    assert carriers, "the snoop never saw the command itself"
+    assert all(line.startswith(command) for line in carriers), carriers
+
+
+ODD_ARGS = [
+    "",
+    " ",
+    "-n",
+    "--",
+    "a'b",
+    'a"b',
+    "$HOME",
+    "`id`",
+    "$(id)",
+    "a\nb",
+    "\\",
+    "*",
+    "é",
+    "\udcff",
+]
+
+
+def test_the_argv_reaches_the_command_exactly(box: Runner) -> None:
+    """The launcher line in the box rebuilds the argv from the environment; no
+    argument is expanded, split or globbed on the way (a NUL is refused)."""
+    result = box(
+        py("import json, os, sys; print(json.dumps([os.fsencode(a).hex() for a in sys.argv[1:]]))")
+        + ODD_ARGS
+    )
+    assert result.exit_code == 0, result.stderr_text
+    assert json.loads(result.stdout) == [os.fsencode(a).hex() for a in ODD_ARGS]
+    with pytest.raises(ValueError, match="NUL"):
+        corral_run(["/bin/echo", "a\0--bind"])
+
+
+def test_an_environment_name_no_shell_keeps_still_arrives(box: Runner) -> None:
+    """dash drops variables whose names are not shell names: for such a policy
+    the launcher is Python, and the environment arrives as given."""
+    policy = Policy.preset("default").with_env({"odd-name.x": "1", "FINE": "2"})
+    result = box(["/usr/bin/env"], policy)
+    assert result.exit_code == 0, result.stderr_text
+    env = dict(line.split("=", 1) for line in result.stdout_text.splitlines())
+    assert env["odd-name.x"] == "1"
+    assert env["FINE"] == "2"
+    assert not [name for name in env if name.startswith("CORRAL_")]
+    missing = box(["no-such-command-here"], policy)
+    assert missing.exit_code == 127
+    assert b"no-such-command-here" in missing.stderr
+
+
+def test_a_long_argv_still_arrives(box: Runner) -> None:
+    """Past about 5,000 arguments the launcher's shell line would outgrow the
+    kernel's 128 KiB for one argument: the Python launcher takes over."""
+    args = [f"a{i}" for i in range(20_000)]
+    result = box(py("import sys; print(len(sys.argv) - 1, sys.argv[-1])") + args)
+    assert result.exit_code == 0, result.stderr_text
+    assert result.stdout_text == "20000 a19999\n"

@@ -2,7 +2,11 @@
 
 It runs with the box's own Python and the standard library only, next to a
 copy of ``_wire.py``, started as ``python3 -E -s -S /run/corral/agent.py
-WORKSPACE``. It speaks the wire protocol on stdin/stdout: it starts processes
+WORKSPACE``. It speaks the wire protocol on the two descriptors named by
+``CORRAL_CHANNEL_FDS`` ("READ,WRITE"): fds above 2 that bwrap's init closes
+and no command inherits, so the agent is the only process in the box that
+holds its channel (bwrap's init keeps fds 0-2, and it is dumpable: a channel
+on stdin/stdout could be re-opened through ``/proc/1/fd``). It starts processes
 (pipes or a pty, env, cwd, signals), streams their output under the host's
 flow-control credit, and serves file operations on paths it resolves itself,
 inside the box.
@@ -22,6 +26,7 @@ import fcntl
 import functools
 import os
 import resource
+import select
 import selectors
 import signal
 import stat
@@ -29,6 +34,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 from collections.abc import Callable
 
 import _wire as w  # type: ignore[import-not-found,unused-ignore]
@@ -79,7 +85,7 @@ class Upload:
 
 
 class Agent:
-    def __init__(self, workspace: str, cpu_time_s: int = 0) -> None:
+    def __init__(self, workspace: str, cpu_time_s: int, rfd: int, wfd: int) -> None:
         self.workspace = os.path.realpath(workspace)
         # a host hard limit below the policy's (systemd's LimitCPU=) wins: stricter
         _, hard = resource.getrlimit(resource.RLIMIT_CPU)
@@ -87,7 +93,9 @@ class Agent:
             cpu_time_s = max(1, hard - 1)
         self.cpu_time_s = cpu_time_s
         self.sel = selectors.DefaultSelector()
+        self.rfd, self.wfd = rfd, wfd
         self.decoder = w.Decoder()
+        self.numberer = w.Numberer()
         self.rbuf = bytearray(4 << 20)
         self.rview = memoryview(self.rbuf)
         self.out = bytearray()
@@ -99,14 +107,14 @@ class Agent:
         self.reaper = _become_reaper(self.sel)
         self.running = True
         self.me = os.getpid()
-        os.set_blocking(0, False)
-        os.set_blocking(1, False)
-        self.sel.register(0, selectors.EVENT_READ, ("host", None))
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        self.sel.register(rfd, selectors.EVENT_READ, ("host", None))
 
     # -- sending -------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
-        self.out += frame  # written by flush(), after each turn of the loop
+        self.numberer.queue(self.out, frame)  # written by flush(), after each turn of the loop
 
     def reply(self, ident: int, body: dict[str, object]) -> None:
         self.send(w.encode_json(w.REPLY, ident, body))
@@ -117,7 +125,7 @@ class Agent:
     def flush(self) -> None:
         while self.out:
             try:
-                n = os.write(1, self.out)
+                n = os.write(self.wfd, self.out)
             except BlockingIOError:
                 break
             except BrokenPipeError:
@@ -128,9 +136,9 @@ class Agent:
         want = bool(self.out)
         if want != self.out_registered:
             if want:
-                self.sel.register(1, selectors.EVENT_WRITE, ("host-out", None))
+                self.sel.register(self.wfd, selectors.EVENT_WRITE, ("host-out", None))
             else:
-                self.sel.unregister(1)
+                self.sel.unregister(self.wfd)
             self.out_registered = want
 
     # -- outgoing streams ----------------------------------------------------------
@@ -168,8 +176,7 @@ class Agent:
             self.end_outgoing(s)
             return False
         s.credit -= len(data)
-        self.out += w.HEADER.pack(len(data), w.DATA, s.ident, s.channel)
-        self.out += data
+        self.numberer.queue_data(self.out, s.ident, s.channel, data)
         return True
 
     def end_outgoing(self, s: Outgoing) -> None:
@@ -590,13 +597,23 @@ class Agent:
 
     def on_host(self) -> None:
         try:
-            n = os.readv(0, [self.rbuf])
+            n = os.readv(self.rfd, [self.rbuf])
         except BlockingIOError:
             return
         if not n:
             self.running = False
             return
-        for kind, ident, channel, payload in self.decoder.feed(self.rview[:n]):
+        try:
+            self.on_frames(self.decoder.feed(self.rview[:n]))
+        except w.ProtocolError as exc:
+            # out of step or malformed: a frame went missing or was forged. Tell
+            # the host (every call it has pending fails now, instead of waiting
+            # for a reply that cannot come) and stop: the box ends with the agent
+            self.send(w.encode_json(w.ABORT, 0, {"reason": str(exc)[:500]}))
+            self.running = False
+
+    def on_frames(self, frames: list[tuple[int, int, int, bytes]]) -> None:
+        for kind, ident, channel, payload in frames:
             if kind == w.CALL:
                 self.on_call(ident, w.decode_json(payload))
             elif kind == w.DATA:
@@ -636,8 +653,22 @@ class Agent:
                     self.on_reap()
             # one turn: write what is queued, read sources the host has credit for
             self.flush()
+            if not self.running:
+                break
             self.pump_all()
             self.flush()
+        self.flush_before_exit()
+
+    def flush_before_exit(self) -> None:
+        """Write what is left (an ABORT) for up to a second; the host may be gone."""
+        deadline = time.monotonic() + 1.0
+        while self.out and time.monotonic() < deadline:
+            try:
+                del self.out[: os.write(self.wfd, self.out)]
+            except BlockingIOError:
+                select.select([], [self.wfd], [], 0.05)
+            except OSError:
+                return
 
 
 MARK = "CORRAL_COMMAND_ID"
@@ -827,10 +858,20 @@ def _no_dumps() -> None:
     libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
+def _channel() -> tuple[int, int]:
+    """The host channel's two descriptors, made close-on-exec at once: no
+    command the agent starts inherits them (subprocess closes them too)."""
+    rfd, wfd = (int(fd) for fd in os.environ.pop("CORRAL_CHANNEL_FDS").split(","))
+    for fd in (rfd, wfd):
+        os.set_inheritable(fd, False)
+    return rfd, wfd
+
+
 def main() -> None:
     _no_dumps()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    Agent(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0).run()
+    rfd, wfd = _channel()
+    Agent(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0, rfd, wfd).run()
 
 
 if __name__ == "__main__":

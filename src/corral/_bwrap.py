@@ -18,7 +18,9 @@ Launch sequence (one linear containment sequence, like nsjail's):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import functools
@@ -279,19 +281,83 @@ class _Fds:
         self.keep.clear()
 
 
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_ARG_VAR = "CORRAL_ARGV_"
+_LAUNCH_SHELL = "/bin/sh"
+_LAUNCH_PYTHON = "/usr/bin/python3"
+# bwrap refuses more than 9000 arguments in all (options and --args): the
+# policy's take a few hundred, the rest is the command's share through --setenv
+_MAX_ENV_ARGS = 1000
+# the fallback launcher, for an environment with names no POSIX shell passes
+# on (dash drops them) or a long argv: the argv comes NUL-separated on an
+# inherited memfd (above 2: bwrap's init closes it), 13 ms slower here
+_PY_LAUNCHER = (
+    "import os\n"
+    f"fd = int(os.environ.pop('{_ARG_VAR}FD'))\n"
+    "with open(fd, 'rb') as f:\n"
+    "    argv = f.read().split(b'\\0')[:-1]\n"
+    "try:\n"
+    "    os.execvp(argv[0], argv)\n"
+    "except OSError as e:\n"
+    "    os.write(2, b'corral: ' + argv[0] + f': {e.strerror}\\n'.encode())\n"
+    "    os._exit(127 if e.errno == 2 else 126)\n"
+)
+
+
+def _launcher(
+    command: Sequence[str], env: Sequence[tuple[str, str]], fds: _Fds
+) -> tuple[list[str], list[str]]:
+    """The box's first command line, which carries none of ``command``, and
+    the ``--setenv`` options that carry ``command`` in its place.
+
+    ``/proc/<pid>/cmdline`` of bwrap (and of setpriv and prlimit before it) is
+    readable by every local user for the box's whole life, so the command's
+    arguments (secrets, for some callers) must not be on it: they travel as
+    environment variables inside the ``--args`` memfd, and a fixed shell line
+    in the box turns them back into an argv, unsets them and execs it (or, see
+    ``_PY_LAUNCHER``, in a memfd of their own). Only the command's own process
+    then shows its argv, as any process does."""
+    args = [os.fsencode(str(a)) for a in command]
+    for arg in args:
+        # a NUL would end the argument inside the NUL-separated --args memfd
+        # and turn the rest into bwrap options (a bind of the host's /)
+        if b"\0" in arg:
+            raise ValueError("a command argument must not contain NUL bytes")
+    shell_env = all(_SHELL_NAME.match(name) for name, _ in env)
+    if len(args) <= _MAX_ENV_ARGS and shell_env:
+        setenv: list[str] = []
+        for i, arg in enumerate(args):
+            setenv += ["--setenv", f"{_ARG_VAR}{i}", os.fsdecode(arg)]
+        names = " ".join(f"{_ARG_VAR}{i}" for i in range(len(args)))
+        quoted = " ".join(f'"${_ARG_VAR}{i}"' for i in range(len(args)))
+        # $0 is "corral": a command that is not found reads
+        # "corral: 1: exec: NAME: not found" (exit 127; 126 cannot run)
+        line = f'set -- {quoted}; unset {names}; exec "$@"'
+        return [_LAUNCH_SHELL, "-c", line, "corral"], setenv
+    argv_fd = fds.data(b"".join(arg + b"\0" for arg in args))
+    return [_LAUNCH_PYTHON, "-I", "-S", "-c", _PY_LAUNCHER], [
+        "--setenv",
+        f"{_ARG_VAR}FD",
+        str(argv_fd),
+    ]
+
+
 def render_argv(
     plans: Plans,
     policy: Policy,
     command: Sequence[str],
     fds: _Fds,
     extra_options: Sequence[str] = (),
+    extra_env: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
     """The command line that starts the box for ``plans``.
 
     bwrap's options travel in a memfd (``--args``), not on its command line:
     ``/proc/<pid>/cmdline`` is readable by every local user, and the options
-    carry the box's environment (API keys, tokens). Generated files and the
-    seccomp program travel through memfds too; all are registered in ``fds``.
+    carry the box's environment (API keys, tokens). So does ``command``: the
+    command line names only a fixed launcher (see ``_launcher``). Generated
+    files and the seccomp program travel through memfds too; all are
+    registered in ``fds``. ``extra_env`` is for the box's first program only.
     """
     # setpriv --pdeathsig: bwrap dies with the corral process that started it
     # (and takes the box with it, --die-with-parent): a box never outlives the
@@ -339,6 +405,19 @@ def render_argv(
                 args += ["--tmpfs", dst]
             case _mounts.Proc(target=dst):
                 args += ["--proc", dst]
+                # /proc/keys lists every key whose owner uid is mapped in the
+                # box with the owner's "view" bit (a key's description names
+                # what it is for): as an ordinary user the box's uid is the
+                # caller's, so the host user's keys showed. key-users: their
+                # uids and counts. Both become empty files (as in Docker).
+                for name in ("keys", "key-users"):
+                    args += [
+                        "--perms",
+                        "0444",
+                        "--ro-bind-data",
+                        str(fds.data(b"")),
+                        f"{dst}/{name}",
+                    ]
             case _mounts.Dev(target=dst):
                 args += ["--dev", dst]
             case _mounts.Symlink(link_to=target, path=path):
@@ -363,8 +442,12 @@ def render_argv(
     args.append("--clearenv")
     for name, value in policy.env:
         args += ["--setenv", name, value]
-    options = fds.data(b"".join(arg.encode() + b"\0" for arg in args))
-    return [*argv, "--", find_bwrap().path, "--args", str(options), "--", *command]
+    for name, value in extra_env:
+        args += ["--setenv", name, value]
+    launcher, carried = _launcher(command, policy.env, fds)
+    args += carried
+    options = fds.data(b"".join(os.fsencode(arg) + b"\0" for arg in args))
+    return [*argv, "--", find_bwrap().path, "--args", str(options), "--", *launcher]
 
 
 class _Output:
@@ -438,6 +521,8 @@ class Box:
         self.workspace_owned: str | None = None  # a fresh host workdir of corral's own
         self.workdir: _workdir.Workdir | None = None  # the host workdir, prepared as root
         self.workspace_source: str | None = None
+        # the host's ends of the agent's channel (from the box, to the box)
+        self.channel: tuple[int, int] | None = None
         self.started = 0.0
         self._closed = False
 
@@ -454,12 +539,22 @@ class Box:
         on_network_event: Callable[[NetworkEvent], None] | None = None,
         own_workdir: bool = False,
         per_command_cpu: bool = False,
+        channel: bool = False,
     ) -> Box:
         """``own_workdir``: ``workdir`` is a fresh, empty directory of corral's
         own (a server's workspace): as root it is backed by a bounded image for
-        the run (``_workdir``), and can be mode 0700 (no other user or box reads it)."""
+        the run (``_workdir``), and can be mode 0700 (no other user or box reads it).
+
+        ``channel``: give the box's first program a private two-pipe channel to
+        the host (``Box.channel``: the host's read and write fds), named in its
+        environment as ``CORRAL_CHANNEL_FDS=READ,WRITE``; the box's stdin and
+        stdout are then /dev/null. The pipes sit above fd 2, which bwrap's init
+        (pid 1 in the box, dumpable) closes: no process in the box but the
+        first one holds them, and it must not pass them on."""
         if not command:
             raise ValueError("command must not be empty")
+        if any("\0" in str(arg) for arg in command):
+            raise ValueError("a command argument must not contain NUL bytes")
         if policy.network.mode == "allowlist":
             # every common tool finds the proxy from these (curl, pip, npm, git,
             # Python, Node): upper and lower case both; the policy's own win
@@ -485,13 +580,13 @@ class Box:
         box.workspace_owned = workspace_source if own_workdir else None
         box.workspace_source = workspace_source
         try:
-            await box._launch(command, stdin_pipe)
+            await box._launch(command, stdin_pipe, channel)
         except BaseException:
             box.close()
             raise
         return box
 
-    async def _launch(self, command: Sequence[str], stdin_pipe: bool) -> None:
+    async def _launch(self, command: Sequence[str], stdin_pipe: bool, channel: bool) -> None:
         plans, fds = self.plans, self.fds
         if os.geteuid() == 0:
             self.identity = acquire_host_identity()
@@ -521,16 +616,30 @@ class Box:
         block_r, block_w = fds.pipe()
         fds.keep += [info_r, block_w]
         fds.pass_ += [info_w, block_r]
+        extra_env: list[tuple[str, str]] = []
+        if channel:
+            from_box_r, from_box_w = fds.pipe()
+            to_box_r, to_box_w = fds.pipe()
+            fds.keep += [from_box_r, to_box_w]
+            fds.pass_ += [to_box_r, from_box_w]
+            self.channel = (from_box_r, to_box_w)
+            extra_env.append(("CORRAL_CHANNEL_FDS", f"{to_box_r},{from_box_w}"))
         argv = render_argv(
-            plans, self.policy, command, fds, ["--info-fd", str(info_w), "--block-fd", str(block_r)]
+            plans,
+            self.policy,
+            command,
+            fds,
+            ["--info-fd", str(info_w), "--block-fd", str(block_r)],
+            extra_env,
         )
         identity = self.identity
         self.started = time.monotonic()
-        try:
-            self.proc = proc = subprocess.Popen(
+
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
                 argv,
-                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdin=subprocess.PIPE if stdin_pipe and not channel else subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL if channel else subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 pass_fds=tuple(fds.pass_),
                 env={},
@@ -539,8 +648,8 @@ class Box:
                 group=identity.gid if identity else None,
                 extra_groups=[] if identity else None,
             )
-        except OSError as exc:
-            raise SandboxError(f"cannot start bwrap: {exc}") from exc
+
+        self.proc = proc = _spawn_in_fresh_keyring(spawn)
         fds.close_passed()
         info = await _read_until_json(asyncio.get_running_loop(), info_r)
         if info is None or not isinstance(info.get("child-pid"), int):
@@ -738,6 +847,47 @@ async def _start_slirp(box_pid: int, fds: _Fds) -> subprocess.Popen[bytes]:
         detail = err.decode(errors="replace")[-500:]
         raise SandboxError(f"slirp4netns did not bring the box's network up: {detail}")
     return proc
+
+
+_KEYCTL = 250  # x86_64; the box's filter (and this) are written for x86_64
+_KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _spawn_in_fresh_keyring(
+    spawn: Callable[[], subprocess.Popen[bytes]],
+) -> subprocess.Popen[bytes]:
+    """``spawn()`` on corral's spawner thread, which first joins a new, empty,
+    anonymous session keyring: the box inherits that one, not the caller's.
+
+    The box would otherwise possess the caller's session keyring, and with it
+    every key in it (a login's tokens) for any keyctl the filter let through;
+    keyctl is denied in the box and /proc/keys is masked, so this is the third
+    lock. Keyrings are per thread (creds), so corral's own stays as it was. The
+    thread lives as long as the process: ``--pdeathsig`` fires when the thread
+    that spawned setpriv exits, not the process. Where keyctl is unavailable
+    to corral itself (no CONFIG_KEYS, a filter around corral) there is no
+    keyring to carry over, and the spawn goes on as is."""
+
+    def run() -> subprocess.Popen[bytes]:
+        # anonymous (name NULL): a keyring of its own, charged with quota
+        # overrun allowed, freed when the box's last process exits
+        _libc().syscall(_KEYCTL, _KEYCTL_JOIN_SESSION_KEYRING, None)
+        return spawn()
+
+    try:
+        return _spawner().submit(run).result()
+    except OSError as exc:
+        raise SandboxError(f"cannot start bwrap: {exc}") from exc
+
+
+@functools.cache
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="corral-spawn")
 
 
 def _open_box(proc: subprocess.Popen[bytes], box_pid: int) -> int | None:

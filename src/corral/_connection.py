@@ -8,7 +8,8 @@ path or a host action, and host memory is bounded by flow control: a stream's
 data is buffered only up to the credit the host granted.
 
 When the connection ends (the agent died, the box was killed, the owner closed
-it) every pending call and stream fails at once with the reason.
+it, or either end found the frame stream out of step: see ``_wire``'s ``seq``)
+every pending call and stream fails at once with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import fcntl
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import IO, TypeVar
+from typing import TypeVar
 
 from . import _wire as w
 from ._errors import CorralError, SandboxBroken, SandboxClosed, SandboxError
@@ -114,16 +115,22 @@ class OutStream:
 
 
 class Connection:
-    def __init__(self, reader: IO[bytes], writer: IO[bytes]) -> None:
+    """The host end over two file descriptors (from the agent, to the agent).
+
+    The descriptors stay the caller's: ``close`` stops using them, it does not
+    close them."""
+
+    def __init__(self, reader: int, writer: int) -> None:
         self._loop = asyncio.get_running_loop()
-        self._rfd = reader.fileno()
-        self._wfd = writer.fileno()
+        self._rfd = reader
+        self._wfd = writer
         for fd in (self._rfd, self._wfd):
             os.set_blocking(fd, False)
             # a 64 KiB pipe costs a context switch per 64 KiB: ask for more
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         self._decoder = w.Decoder()
+        self._numberer = w.Numberer()
         self._rbuf = bytearray(_READ_SIZE)
         self._rview = memoryview(self._rbuf)
         self._out = bytearray()
@@ -198,15 +205,14 @@ class Connection:
     def send(self, frame: bytes) -> None:
         if self._failure is not None:
             return
-        self._out += frame
+        self._numberer.queue(self._out, frame)
         self._flush()
 
     def send_data(self, ident: int, channel: int, data: memoryview) -> None:
         """A DATA frame, copied once, straight into the output buffer."""
         if self._failure is not None:
             return
-        self._out += w.HEADER.pack(len(data), w.DATA, ident, channel)
-        self._out += data
+        self._numberer.queue_data(self._out, ident, channel, data)
         self._flush()
 
     def _flush(self) -> None:
@@ -303,6 +309,8 @@ class Connection:
             return
         try:
             for kind, ident, channel, payload in self._decoder.feed(self._rview[:n]):
+                if self._failure is not None:
+                    return
                 self._dispatch(kind, ident, channel, payload)
         except (w.ProtocolError, CorralError) as exc:
             self.fail(SandboxBroken(f"the box's agent broke the protocol: {exc}"))
@@ -340,6 +348,11 @@ class Connection:
             out = self._out_streams.get((ident, channel))
             if out is not None:
                 out._grant(amount)
+        elif kind == w.ABORT:
+            # the agent saw our frames out of step (one went missing or was
+            # forged): nothing pending can be answered any more
+            reason = str(w.decode_json(payload).get("reason"))[:500]
+            self.fail(SandboxBroken(f"the box's agent ended the connection: {reason}"))
         else:
             raise w.ProtocolError(f"unexpected frame type {kind} from the agent")
 

@@ -1039,17 +1039,17 @@ class AsyncSandbox:
             on_network_event=self._on_network_event,
             own_workdir=self._own_workdir,
             per_command_cpu=True,
+            channel=True,  # the agent's private channel: see Box.start
         )
         try:
             proc = self._box.proc
             assert proc is not None
-            assert proc.stdout is not None
-            assert proc.stdin is not None
             assert proc.stderr is not None
+            assert self._box.channel is not None
             os.set_blocking(proc.stderr.fileno(), False)
             asyncio.get_running_loop().add_reader(proc.stderr.fileno(), self._on_stderr)
             self._stderr_open = True
-            self._connection = Connection(proc.stdout, proc.stdin)
+            self._connection = Connection(*self._box.channel)
             hello = await asyncio.wait_for(self._connection.hello, _HELLO_TIMEOUT_S)
             if hello.get("version") != w.VERSION:
                 raise SandboxError(

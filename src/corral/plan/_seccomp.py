@@ -190,6 +190,11 @@ _DEFAULT_RULES: tuple[SeccompRule, ...] = (
         ("process_vm_readv", "process_vm_writev"),
         "reads or writes another process's memory directly",
     ),
+    *_deny(
+        ("pidfd_getfd",),
+        "copies a descriptor out of another process: bwrap's init (dumpable, same uid) "
+        "or any process of the box; pidfd_open stays, it only signals and waits",
+    ),
     *_deny(("kexec_load", "kexec_file_load"), "replaces the running kernel"),
     *_deny(("init_module", "finit_module", "delete_module"), "loads or unloads kernel code"),
     *_deny(("bpf",), "eBPF verifier bugs are a common kernel exploit (CVE-2021-3490)"),
@@ -294,7 +299,6 @@ _STRICT_RULES: tuple[SeccompRule, ...] = (
     *_deny(("lookup_dcookie",), "oprofile cookies identify kernel dentries"),
     *_deny(("fanotify_init",), "watches file access across whole mounts"),
     *_deny(("kcmp",), "compares kernel objects of two processes, an exploit aid"),
-    *_deny(("pidfd_getfd",), "copies file descriptors out of another process"),
     *_deny(("process_madvise",), "acts on another process's memory"),
     *_deny(
         ("mbind", "migrate_pages", "move_pages"),
