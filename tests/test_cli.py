@@ -224,10 +224,13 @@ def test_a_command_that_cannot_start_is_said_in_corrals_words(
 ) -> None:
     import corral as lib
 
-    proc = corral("run", "--", command)
-    assert proc.returncode == status
-    assert proc.stderr.startswith(message)
-    assert b"bwrap" not in proc.stderr
+    # both launchers: the shell line, and the Python one (an env name no shell passes on)
+    for env in ([], ["--env", "odd-name.x=1"]):
+        proc = corral("run", *env, "--", command)
+        assert proc.returncode == status
+        assert proc.stderr.startswith(message)
+        assert b"bwrap" not in proc.stderr
+        assert b"exec:" not in proc.stderr
     # a long-lived sandbox says the same
     with lib.Sandbox(runtime=None) as sb:
         result = sb.commands.run([command])

@@ -402,7 +402,7 @@ def _cycles(count: int) -> tuple[dict[str, float], dict[str, float]]:
                         _use_everything(sb)
         after = _server_counts(server.url, token)
         for _ in range(50):  # the client's connection closing reaches the server
-            if after["process_open_fds"] <= before["process_open_fds"]:
+            if after["process_open_fds"] <= before["process_open_fds"] + 4:
                 break
             time.sleep(0.1)
             after = _server_counts(server.url, token)
@@ -418,17 +418,13 @@ def test_a_long_running_server_keeps_nothing_of_ended_sandboxes() -> None:
     before, after = _cycles(_CYCLES)
     exact = ["live_sandboxes", "starting_sandboxes", "objects_Live", "objects_OutputLog"]
     assert {k: after[k] for k in exact} == dict.fromkeys(exact, 0.0), after
-    assert after["process_open_fds"] <= before["process_open_fds"], (before, after)
+    # a per-sandbox leak leaves 200 fds or more; a pool (threads, database
+    # connections) may open one or two more lazily during the run
+    assert after["process_open_fds"] <= before["process_open_fds"] + 4, (before, after)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(
-    strict=True,
-    reason="depends on issue 11 item 13 in corral._sandbox: a closed AsyncSandbox's "
-    "watchdog task sleeps on for up to _LIVENESS_S (10 s), holding the sandbox; and the "
-    "server's RSS grows ~1-4 MiB per sandbox outside Python objects (not yet located)",
-)
 def test_a_long_running_server_frees_every_sandbox_object_task_and_its_memory() -> None:
     before, after = _cycles(50)
     assert after["objects_AsyncSandbox"] == 0, after

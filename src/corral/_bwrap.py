@@ -299,9 +299,14 @@ _PY_LAUNCHER = (
     "try:\n"
     "    os.execvp(argv[0], argv)\n"
     "except OSError as e:\n"
-    "    os.write(2, b'corral: ' + argv[0] + f': {e.strerror}\\n'.encode())\n"
+    "    said = b': command not found in the box' if e.errno == 2 else (\n"
+    "        f': cannot be run in the box ({e.strerror})'.encode())\n"
+    "    os.write(2, b'corral: ' + argv[0] + said + b'\\n')\n"
     "    os._exit(127 if e.errno == 2 else 126)\n"
 )
+# what dash says when the shell launcher's exec fails ($0 is "corral"); the
+# Python launcher says it in corral's words (not_run_message) itself
+_SHELL_NOT_RUN = re.compile(rb"corral: 1: exec: (.*): ([^\n]*)\n")
 
 
 def _launcher(
@@ -331,7 +336,8 @@ def _launcher(
         names = " ".join(f"{_ARG_VAR}{i}" for i in range(len(args)))
         quoted = " ".join(f'"${_ARG_VAR}{i}"' for i in range(len(args)))
         # $0 is "corral": a command that is not found reads
-        # "corral: 1: exec: NAME: not found" (exit 127; 126 cannot run)
+        # "corral: 1: exec: NAME: not found" (exit 127; 126 cannot run),
+        # put in corral's words by _supervise (_SHELL_NOT_RUN)
         line = f'set -- {quoted}; unset {names}; exec "$@"'
         return [_LAUNCH_SHELL, "-c", line, "corral"], setenv
     argv_fd = fds.data(b"".join(arg + b"\0" for arg in args))
@@ -1068,12 +1074,11 @@ async def _supervise(
         )
     )
     stdout, stderr = output.get("stdout"), output.get("stderr")
-    if exit_code == 1 and stderr.startswith(b"bwrap: execvp "):
+    not_run = _SHELL_NOT_RUN.fullmatch(stderr) if exit_code in (126, 127) else None
+    if not_run is not None:
         # the command does not exist (or cannot be run) in the box: shell
-        # semantics, said in corral's words rather than bwrap's
-        line = stderr.split(b"\n", 1)[0][len(b"bwrap: execvp ") :].decode(errors="replace")
-        name, _, reason = line.rpartition(": ")
-        exit_code = 127 if reason == os.strerror(errno.ENOENT) else 126
+        # semantics, said in corral's words rather than the launcher's
+        name, reason = (g.decode(errors="replace") for g in not_run.groups())
         stderr = not_run_message(name, exit_code, reason)
     # Only the cgroup sees the box's processes: bwrap's own rusage does not
     # cover them (the box's init reaps them), so without a cgroup: unknown.

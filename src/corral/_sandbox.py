@@ -685,9 +685,11 @@ class Commands:
         return False
 
 
-async def _quietly(call: Awaitable[object]) -> None:
+async def _quietly(call: Callable[[], Awaitable[object]]) -> None:
+    """Await ``call()``, ignoring a failed box. A callable, not a coroutine: a task
+    cancelled before it starts (at close) then leaves no coroutine never awaited."""
     with contextlib.suppress(OSError, CorralError):
-        await call
+        await call()
 
 
 async def _feed(writer: OutStream, data: bytes | str) -> None:
@@ -838,7 +840,7 @@ class Files:
         finally:
             if not finished and conn.failure is None:
                 # failed or cancelled half-way: the agent drops the temp file
-                self._sb._spawn(_quietly(conn.call({"op": "abort_write", "target": ident})))
+                self._sb._spawn(_quietly(lambda: conn.call({"op": "abort_write", "target": ident})))
             self._sb._forget(ident)
 
     async def read(self, path: str) -> bytes:
