@@ -1,0 +1,107 @@
+"""Attacks on the fixes for issue 11: each test names the claim it tries to break
+and asserts the safe behaviour.
+
+Network rule: every connection a test here makes ends at a listener on
+127.0.0.1 (were a guard broken, that listener is all that is reached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from corral._netrules import Rules
+from corral._proxy import Proxy
+
+# -- the proxy: plain HTTP inside a tunnel to a port a rule names ---------------------
+
+
+@asynccontextmanager
+async def _proxy_to_raw_server() -> AsyncIterator[tuple[int, int, list[bytes]]]:
+    """A proxy on 127.0.0.1 allowing ``plain.test:<port>`` (which resolves to a raw
+    server on 127.0.0.1 that records what reaches it); yields (proxy port,
+    server port, payloads)."""
+    arrived: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        with contextlib.suppress(OSError, TimeoutError):
+            while chunk := await asyncio.wait_for(reader.read(65536), 2):
+                data += chunk
+        arrived.append(data)
+        writer.close()
+        await writer.wait_closed()
+
+    upstream = await asyncio.start_server(record, "127.0.0.1", 0)
+    port = upstream.sockets[0].getsockname()[1]
+    # the name rule names the port (other protocols may pass); the address rule
+    # lets the SSRF guard through to the loopback listener, which is the point
+    rules = Rules((f"plain.test:{port}", f"127.0.0.1:{port}"), ())
+    proxy = Proxy(rules, hosts={"plain.test": "127.0.0.1"})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    await proxy.serve(sock)
+    try:
+        yield sock.getsockname()[1], port, arrived
+    finally:
+        await proxy.close()
+        upstream.close()
+        await upstream.wait_closed()
+
+
+async def _through_tunnel(opening: bytes) -> bytes:
+    """Send ``opening`` in a CONNECT tunnel to plain.test's named port; return what
+    reached the upstream server."""
+    async with _proxy_to_raw_server() as (proxy_port, port, arrived):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+        writer.write(f"CONNECT plain.test:{port} HTTP/1.1\r\nHost: plain.test\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        writer.write(opening)
+        await writer.drain()
+        writer.write_eof()
+        with contextlib.suppress(OSError, TimeoutError):
+            while await asyncio.wait_for(reader.read(65536), 5):
+                pass
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):
+            if arrived:
+                break
+            await asyncio.sleep(0.05)
+        return b"".join(arrived)
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [
+        # RFC 9112 2.2: servers SHOULD skip empty lines before the request line
+        # (nginx and llhttp do)
+        b"\r\nGET / HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+        b"\n\r\n\nGET / HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+        # RFC 9112 3: recipients MAY take any whitespace as the separator
+        # (Python's http.server splits the request line on whitespace)
+        b"GET\t/ HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+        b"GET\x0c/\x0cHTTP/1.1\r\nHost: evil.test\r\n\r\n",
+    ],
+    ids=["crlf_before", "empty_lines_before", "tab_after_method", "formfeeds"],
+)
+async def test_http_in_a_named_port_tunnel_cannot_name_another_host(opening: bytes) -> None:
+    """Claim (SECURITY.md, proxy): "an HTTP/1 request opening such a tunnel gets
+    the plain-HTTP checks (Host ... must name the tunnel's host)". An opening
+    the proxy does not recognise as HTTP went up untouched, its Host header
+    naming another virtual host of the allowed server."""
+    arrived = await _through_tunnel(opening)
+    assert b"evil.test" not in arrived, arrived
+
+
+async def test_a_plain_http_request_in_a_named_port_tunnel_still_goes_up() -> None:
+    """The control for the test above: a well-formed request is rewritten, not refused."""
+    arrived = await _through_tunnel(b"GET /x HTTP/1.1\r\nHost: plain.test\r\n\r\n")
+    assert arrived.startswith(b"GET /x HTTP/1.1\r\nHost: plain.test:"), arrived
+    assert arrived.endswith(b"Connection: close\r\n\r\n"), arrived
