@@ -105,3 +105,46 @@ async def test_a_plain_http_request_in_a_named_port_tunnel_still_goes_up() -> No
     arrived = await _through_tunnel(b"GET /x HTTP/1.1\r\nHost: plain.test\r\n\r\n")
     assert arrived.startswith(b"GET /x HTTP/1.1\r\nHost: plain.test:"), arrived
     assert arrived.endswith(b"Connection: close\r\n\r\n"), arrived
+
+
+# -- the agent: commands.list() never hides a live process -----------------------------
+
+# A daemon whose main thread ends by the raw exit syscall (the thread, not the
+# process): /proc/<pid>/stat then says "Z" for the group leader while its
+# other thread runs on, writing a heartbeat.
+_ZOMBIE_LEADER = r"""
+import ctypes, os, sys, threading, time
+if os.fork() == 0:
+    os.setsid()
+    def beat():
+        while True:
+            with open("heartbeat", "a") as f:
+                f.write(".")
+            time.sleep(0.2)
+    threading.Thread(target=beat).start()
+    time.sleep(0.3)
+    ctypes.CDLL(None).syscall(60, 0)  # SYS_exit: this thread only
+print("started", flush=True)
+"""
+
+
+async def test_a_process_whose_main_thread_exited_is_still_listed() -> None:
+    """Claim (SECURITY.md, agent): "commands.list() shows every live process no
+    running command accounts for". A process whose leader thread exited shows
+    state Z in /proc/<pid>/stat, and the agent skipped every Z as a zombie."""
+    from corral import AsyncSandbox
+
+    async with AsyncSandbox(runtime=None) as sb:
+        result = await sb.commands.run(["python3", "-c", _ZOMBIE_LEADER])
+        assert result.stdout == b"started\n", result.stderr
+        await asyncio.sleep(1)
+        before = len(await sb.files.read("heartbeat"))
+        await asyncio.sleep(1)
+        assert len(await sb.files.read("heartbeat")) > before  # it runs on
+        left = await sb.commands.list()
+        assert [p.argv[:2] for p in left] == [("python3", "-c")], left
+        assert await sb.commands.kill(left[0].pid)
+        await asyncio.sleep(0.5)
+        stopped = len(await sb.files.read("heartbeat"))
+        await asyncio.sleep(1)
+        assert len(await sb.files.read("heartbeat")) == stopped
