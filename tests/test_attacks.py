@@ -148,3 +148,41 @@ async def test_a_process_whose_main_thread_exited_is_still_listed() -> None:
         stopped = len(await sb.files.read("heartbeat"))
         await asyncio.sleep(1)
         assert len(await sb.files.read("heartbeat")) == stopped
+
+
+# Double fork: the grandchild, orphaned to the agent, ends its main thread so
+# /proc/<pid>/environ (the leader's memory) reads empty: its mark is unreadable
+_ZOMBIE_LEADER_ORPHAN = r"""
+import ctypes, os, sys, threading, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        def beat():
+            while True:
+                with open("heartbeat", "a") as f:
+                    f.write(".")
+                time.sleep(0.2)
+        threading.Thread(target=beat).start()
+        time.sleep(0.3)
+        ctypes.CDLL(None).syscall(60, 0)  # SYS_exit: this thread only
+    os._exit(0)
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+async def test_a_timed_out_command_takes_its_orphan_whose_main_thread_exited() -> None:
+    """Claim (SECURITY.md, agent): a command's tree is "its process's descendants
+    plus the orphans carrying its mark", killed at its timeout. An orphan whose
+    leader thread exited has an empty /proc/<pid>/environ: its mark was not
+    seen, and it outlived the command's timeout without clearing anything."""
+    from corral import AsyncSandbox
+
+    async with AsyncSandbox(runtime=None) as sb:
+        result = await sb.commands.run(["python3", "-c", _ZOMBIE_LEADER_ORPHAN], timeout_s=2)
+        assert result.limit_hit == "timeout", result
+        await asyncio.sleep(0.5)
+        stopped = len(await sb.files.read("heartbeat"))
+        await asyncio.sleep(1)
+        assert len(await sb.files.read("heartbeat")) == stopped  # nothing beats on
+        assert await sb.commands.list() == []
