@@ -700,8 +700,31 @@ def _process_table() -> dict[int, tuple[int, str]]:
                     fields = f.read().rsplit(b")", 1)[1].split()
             except (OSError, IndexError):
                 continue  # gone meanwhile
-            table[int(entry)] = (int(fields[1]), fields[0].decode())
+            state = fields[0].decode()
+            if state == "Z":
+                # a leader thread that exited alone (the raw exit syscall) shows Z
+                # while its other threads run on: read as a zombie, the process
+                # went unlisted by commands.list() (a live process hidden)
+                state = _live_thread_state(entry) or state
+            table[int(entry)] = (int(fields[1]), state)
     return table
+
+
+def _live_thread_state(pid: str) -> str | None:
+    """The state of a thread of ``pid`` other than its exited leader, if one lives."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return state
+    return None
 
 
 def _tree(roots: set[int], table: dict[int, tuple[int, str]]) -> set[int]:
@@ -746,11 +769,9 @@ def _signal_tree(roots: Callable[[dict[int, tuple[int, str]]], set[int]], signum
 
 def _mark(pid: int) -> int | None:
     """The command id a process carries in its environment, if readable."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            data = f.read(1 << 20)
-    except OSError:
-        return None
+    # through a live thread if the leader exited alone: else such an orphan
+    # escaped its command's kill without clearing anything
+    data = _proc_read(pid, "environ", 1 << 20)
     prefix = MARK.encode() + b"="
     for item in data.split(b"\0"):
         if item.startswith(prefix):
@@ -760,12 +781,32 @@ def _mark(pid: int) -> int | None:
 
 
 def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read(4096)
-    except OSError:
-        return []
+    raw = _proc_read(pid, "cmdline", 4096)
     return [a.decode(errors="replace")[:256] for a in raw.split(b"\0") if a][:16]
+
+
+def _proc_read(pid: int, name: str, size: int) -> bytes:
+    """/proc/<pid>/<name> (cmdline, environ), or b"". A leader thread that exited
+    alone (the raw exit syscall) leaves these empty or unreadable while its
+    other threads run on: then they are read through one of those threads."""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            data = f.read(size)
+        if data:
+            return data
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return b""
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/{name}", "rb") as f:
+                data = f.read(size)
+        except OSError:
+            continue
+        if data:
+            return data
+    return b""
 
 
 def _remove_tree(top: str) -> None:

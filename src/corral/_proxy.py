@@ -677,34 +677,50 @@ async def _http_in_tunnel(reader: asyncio.StreamReader, data: bytes, host: str, 
     """Plain HTTP/1 inside a tunnel gets the plain-HTTP path's checks (else another
     virtual host on the allowed server is one Host header away); other protocols
     go through as they are."""
-    # an HTTP request opens with a method token and a space: read until the
+    # servers skip empty lines before a request line (RFC 9112 2.2: nginx and
+    # llhttp do), so the request is looked for after them: else "\r\nGET ..."
+    # passed as another protocol, its Host naming any virtual host
+    start = 0
+    while True:
+        while start < len(data) and data[start] in b"\r\n":
+            start += 1
+        if start < len(data):
+            break
+        if start > 64:
+            raise _Refused("only empty lines at the start of a tunnel")
+        data += await reader.readexactly(1)
+    # an HTTP request opens with a method token and whitespace: read until the
     # token ends, then until the first line ends
-    while (token := _TOKEN.match(data)) is not None and token.end() == len(data):
-        if len(data) > 64:
+    while (token := _TOKEN.match(data, start)) is not None and token.end() == len(data):
+        if len(data) - start > 64:
             return data  # no method is that long: not HTTP
         data += await reader.readexactly(1)
-    if token is None or token.end() == 0 or data[token.end()] != 0x20:
+    # any whitespace after the method, not only SP: servers MAY split the line
+    # on it (RFC 9112 3; Python's http.server does), so "GET\t/ HTTP/1.1" is
+    # HTTP too, and refused below as a malformed request line
+    if token is None or token.end() == start or data[token.end()] not in b" \t\x0b\x0c\r":
         return data
-    while b"\n" not in data:
+    while b"\n" not in data[start:]:
         if len(data) > HEAD_LIMIT:
             raise _Refused("a request line longer than 64 KiB in a tunnel")
         chunk = await reader.read(HEAD_LIMIT)
         if not chunk:
             raise asyncio.IncompleteReadError(data, None)
         data += chunk
-    line = data.split(b"\n", 1)[0]
+    line = data[start:].split(b"\n", 1)[0]
     if b"HTTP/" not in line.upper():
         return data  # a line-based protocol (SMTP's EHLO, Redis), not HTTP
     if line.startswith(b"PRI * HTTP/2"):
         raise _Refused("HTTP/2 without TLS (h2c) in a tunnel: its authority cannot be checked")
-    while b"\r\n\r\n" not in data:
+    while b"\r\n\r\n" not in data[start:]:
         if len(data) > HEAD_LIMIT:
             raise _Refused("a request head larger than 64 KiB in a tunnel")
         chunk = await reader.read(HEAD_LIMIT)
         if not chunk:
             raise asyncio.IncompleteReadError(data, None)
         data += chunk
-    raw_head, rest = data.split(b"\r\n\r\n", 1)
+    # the empty lines before the request are not sent on
+    raw_head, rest = data[start:].split(b"\r\n\r\n", 1)
     head = _parse_head(raw_head)
     if isinstance(head, tuple):
         raise _Refused(f"HTTP in a tunnel: {head[1]}")
