@@ -76,6 +76,68 @@ async def test_bash_and_javascript_keep_state() -> None:
         assert ex.error.name == "ReferenceError"
 
 
+async def test_bash_keeps_stderr_apart_and_names_the_exit_status() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        ex = await sb.run_code("echo out; echo err >&2; ls /no-such-dir", language="bash")
+        assert ex.logs.stdout == ("out\n",)
+        stderr = "".join(ex.logs.stderr)
+        assert stderr.startswith("err\n")
+        assert "No such file or directory" in stderr
+        assert ex.error is not None
+        assert ex.error.name == "ExitStatus"
+        assert "exited with status 2" in ex.error.value
+        ex = await sb.run_code("false", language="bash")
+        assert ex.error is not None
+        assert "exited with status 1" in ex.error.value
+        assert (await sb.run_code("true", language="bash")).error is None
+        # a multi-line cell, and a background job's late stderr stays with its own cell
+        ex = await sb.run_code(
+            "(sleep 0.5; echo late >&2) &\nif true; then\n  echo in\nfi", language="bash"
+        )
+        assert (ex.logs.stdout, ex.error) == (("in\n",), None)
+        ex = await sb.run_code("sleep 1.5; echo mine", language="bash")
+        assert ex.logs.stdout == ("mine\n",)
+        assert "late" not in "".join(ex.logs.stderr)
+        # an interrupted bash cell keeps the shell's state
+        await sb.run_code("KEPT=yes", language="bash")
+        ex = await sb.run_code("sleep 60", language="bash", timeout_s=1)
+        assert ex.error is not None
+        assert ex.error.limit_hit == "timeout"
+        assert not ex.restarted
+        assert (await sb.run_code("echo $KEPT", language="bash")).logs.stdout == ("yes\n",)
+
+
+async def test_no_tool_state_in_the_workspace() -> None:
+    """After cells in every language (and with their contexts ended), the
+    workspace holds only what the cells wrote: no .ipython, .bash_history,
+    Jupyter runtime files or Deno caches."""
+    async with AsyncSandbox(timeout_s=120) as sb:
+        cells = {
+            "python": "import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()\n"
+            "open('p.txt', 'w').write('p')",
+            "bash": "echo secret-cell-text > b.txt",
+            "javascript": "Deno.writeTextFileSync('j.txt', 'j')",
+            "typescript": "const t: string = 't'; Deno.writeTextFileSync('t.txt', t)",
+        }
+        contexts = []
+        for language, code in cells.items():
+            contexts.append(await sb.create_code_context(language))
+            ex = await sb.run_code(code, context=contexts[-1])
+            assert ex.error is None, (language, ex.error)
+        listing = await sb.commands.run("ls -A /workspace")
+        assert listing.stdout.decode().split() == ["b.txt", "j.txt", "p.txt", "t.txt"]
+        for context in contexts:
+            await sb.remove_code_context(context)
+        listing = await sb.commands.run("ls -A /workspace; grep -rl secret-cell-text /workspace")
+        assert listing.stdout.decode().split() == [
+            "b.txt",
+            "j.txt",
+            "p.txt",
+            "t.txt",
+            "/workspace/b.txt",
+        ]
+
+
 async def test_contexts_are_independent_and_restartable() -> None:
     # 20 kernels: ~60 MiB and a dozen threads each
     policy = Policy.preset("dev").with_limits(memory_bytes=3 << 30, pids=1024)

@@ -37,10 +37,16 @@ The host treats all of it as untrusted data, like everything from the box.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import ctypes
 import json
 import os
+import select
+import shlex
 import sys
+import tempfile
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import zmq.asyncio  # type: ignore[import-not-found,unused-ignore]
@@ -48,7 +54,7 @@ from jupyter_client.manager import AsyncKernelManager  # type: ignore[import-not
 
 KERNEL_NAMES = {
     "python": "python3",
-    "bash": "bash",
+    "bash": "corral-bash",
     "javascript": "corral-deno",
     "typescript": "corral-deno",
 }
@@ -91,15 +97,24 @@ class Channel:
         await self.writer.drain()
 
 
+# Tool state goes to /tmp, never to the workspace (HOME), which stays
+# downloadable after the sandbox ended: set for the driver itself (jupyter_client
+# asks IPython for its directory, which creates ~/.ipython; connection files)
+# and inherited by every kernel.
+TOOL_STATE = {
+    "IPYTHONDIR": "/tmp/.corral/ipython",
+    "MPLCONFIGDIR": "/tmp/.corral/matplotlib",
+    "JUPYTER_RUNTIME_DIR": "/tmp/.corral/jupyter",
+    "JUPYTER_DATA_DIR": "/tmp/.corral/jupyter-data",
+    "JUPYTER_CONFIG_DIR": "/tmp/.corral/jupyter-config",
+    "DENO_DIR": "/tmp/.corral/deno",
+    "DENO_NO_UPDATE_CHECK": "1",
+    "XDG_CACHE_HOME": "/tmp/.corral/cache",
+}
+
+
 def kernel_env(language: str) -> dict[str, str]:
     env = dict(os.environ)
-    # keep the workspace clean of tool state: it all goes to /tmp
-    env.setdefault("IPYTHONDIR", "/tmp/.corral/ipython")
-    env.setdefault("MPLCONFIGDIR", "/tmp/.corral/matplotlib")
-    env.setdefault("JUPYTER_RUNTIME_DIR", "/tmp/.corral/jupyter")
-    env.setdefault("JUPYTER_DATA_DIR", "/tmp/.corral/jupyter-data")
-    env.setdefault("DENO_DIR", "/tmp/.corral/deno")
-    env.setdefault("DENO_NO_UPDATE_CHECK", "1")
     if language in ("javascript", "typescript"):
         env.setdefault("NO_COLOR", "1")  # plain tracebacks
     env.pop("MPLBACKEND", None)  # inline figures
@@ -373,6 +388,216 @@ class Driver:
             )
 
 
+# -- the bash kernel ---------------------------------------------------------------------
+
+# corral's bash kernel is bash_kernel with three changes, and is this file run
+# with ``bash-kernel``: pexpect sends without its 50 ms "delaybeforesend" (two
+# sends a cell made a warm cell 100 ms slower than Python's), each cell's
+# stderr goes to a FIFO of its own instead of the shared terminal (so it comes
+# back as stderr, labelled with its own cell even when a background job writes
+# it later), bash keeps no history file (it recorded every cell's text in the
+# workspace, which stays downloadable after the sandbox ended), and job control
+# is off (no "[1] 42" / "Done" notices in a cell's output).
+BASH_KERNEL = "corral-bash"
+_KERNELS_DIR = "/tmp/.corral/kernels"
+
+
+def _register_bash_kernel() -> None:
+    spec = os.path.join(_KERNELS_DIR, "kernels", BASH_KERNEL)
+    os.makedirs(spec, exist_ok=True)
+    argv = [sys.executable, "-s", os.path.abspath(__file__), "bash-kernel"]
+    with open(os.path.join(spec, "kernel.json"), "w") as file:
+        json.dump(
+            {
+                "argv": [*argv, "-f", "{connection_file}"],
+                "display_name": "Bash",
+                "language": "bash",
+                "interrupt_mode": "signal",
+                "env": {"PS1": "$"},
+            },
+            file,
+        )
+    paths = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = _KERNELS_DIR + (os.pathsep + paths if paths else "")
+
+
+class StderrPump:
+    """Reads each bash cell's stderr FIFO and sends what it holds as that cell's
+    stderr stream, under that cell's parent header, from a thread of its own
+    (late writes of a background job included, until its last writer closed)."""
+
+    def __init__(self, send: Callable[[dict[str, Any], str], None]) -> None:
+        self.send = send
+        self.lock = threading.Lock()
+        self.cells: dict[int, tuple[dict[str, Any], codecs.IncrementalDecoder]] = {}
+        self.wake_r, self.wake_w = os.pipe()
+        threading.Thread(target=self._run, name="corral-stderr", daemon=True).start()
+
+    def add(self, fd: int, parent: dict[str, Any]) -> None:
+        with self.lock:
+            self.cells[fd] = (parent, codecs.getincrementaldecoder("utf-8")("replace"))
+        os.write(self.wake_w, b".")
+
+    def drain(self, fd: int) -> None:
+        """Send what is in the FIFO now (all the cell wrote, once it ended)."""
+        with self.lock:
+            self._read(fd)
+
+    def _read(self, fd: int) -> None:  # holding the lock
+        entry = self.cells.get(fd)
+        if entry is None:
+            return
+        parent, decoder = entry
+        text = []
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not data:  # its last writer is gone
+                text.append(decoder.decode(b"", final=True))
+                del self.cells[fd]
+                os.close(fd)
+                break
+            text.append(decoder.decode(data))
+        if joined := "".join(text):
+            self.send(parent, joined)
+
+    def _run(self) -> None:
+        while True:
+            poller = select.poll()
+            poller.register(self.wake_r, select.POLLIN)
+            with self.lock:
+                for fd in self.cells:
+                    poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll():
+                if fd == self.wake_r:
+                    os.read(self.wake_r, 4096)
+                else:
+                    with self.lock:
+                        self._read(fd)
+
+
+def _bash_kernel_main() -> None:
+    import signal
+
+    import pexpect  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    from bash_kernel.display import build_cmds  # type: ignore[import-not-found,unused-ignore]
+    from bash_kernel.kernel import BashKernel, IREPLWrapper  # type: ignore[import-not-found,unused-ignore]
+    from ipykernel.kernelapp import IPKernelApp  # type: ignore[import-not-found,unused-ignore]
+
+    class CorralBashKernel(BashKernel):  # type: ignore[misc]
+        def __init__(self, **kwargs: Any) -> None:
+            self.fifos = tempfile.mkdtemp(prefix="bash-", dir="/tmp/.corral")
+            self.cells = 0
+            super().__init__(**kwargs)
+            self.pump = StderrPump(self._send_stderr)
+
+        def _send_stderr(self, parent: dict[str, Any], text: str) -> None:
+            # from the pump's thread: ipykernel's IOPub socket takes sends from any thread
+            self.session.send(
+                self.iopub_socket,
+                "stream",
+                {"name": "stderr", "text": text},
+                parent,
+                ident=self._topic("stream"),
+            )
+
+        def _start_bash(self) -> None:
+            # bash_kernel's own start, sending without pexpect's 50 ms delay
+            old_sigint = signal.signal(signal.SIGINT, signal.SIG_DFL)
+            old_sigpipe = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            try:
+                bashrc = os.path.join(os.path.dirname(pexpect.__file__), "bashrc.sh")
+                child = pexpect.spawn(
+                    "bash",
+                    ["--rcfile", bashrc],
+                    echo=False,
+                    encoding="utf-8",
+                    codec_errors="replace",
+                )
+                child.delaybeforesend = None
+                ps1 = self.unique_prompt + r"\[\]" + ">"
+                ps2 = self.unique_prompt + r"\[\]" + "+"
+                prompt_change = f"PS1='{ps1}' PS2='{ps2}' PROMPT_COMMAND=''"
+                self.bashwrapper = IREPLWrapper(
+                    child,
+                    r"\$",
+                    prompt_change,
+                    self.unique_prompt,
+                    extra_init_cmd="export PAGER=cat; unset HISTFILE; set +m",
+                    line_output_callback=self.process_output,
+                )
+            finally:
+                signal.signal(signal.SIGINT, old_sigint)
+                signal.signal(signal.SIGPIPE, old_sigpipe)
+            self.bashwrapper.run_command(
+                "bind 'set enable-bracketed-paste off' >/dev/null 2>&1 || true"
+            )
+            self.bashwrapper.run_command(build_cmds())
+
+        def do_execute(
+            self,
+            code: str,
+            silent: bool,
+            store_history: bool = True,
+            user_expressions: Any = None,
+            allow_stdin: bool = False,
+        ) -> dict[str, Any]:
+            if not code.strip() or code.strip().endswith("\\"):
+                return BashKernel.do_execute(  # type: ignore[no-any-return]
+                    self, code, silent, store_history, user_expressions, allow_stdin
+                )
+            self.silent = silent
+            self.cells += 1
+            path = os.path.join(self.fifos, f"{self.cells}.err")
+            os.mkfifo(path, 0o600)
+            read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            # our own writer until the cell ended: no end-of-file before bash opened it
+            write_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            self.pump.add(read_fd, self.get_parent())
+            interrupted = False
+            try:
+                # the cell as one group whose stderr is the FIFO (bash's prompts,
+                # which bash writes to stderr, stay on the terminal pexpect reads)
+                self.bashwrapper.run_command(
+                    "{\n" + code.rstrip() + "\n} 2>" + shlex.quote(path), timeout=None
+                )
+            except KeyboardInterrupt:
+                self.bashwrapper.child.sendintr()
+                interrupted = True
+                self.bashwrapper._expect_prompt()
+                self.process_output(self.bashwrapper.child.before)
+            except pexpect.EOF:
+                output = self.bashwrapper.child.before + "Restarting Bash"
+                self._start_bash()
+                self.process_output(output)
+            finally:
+                os.unlink(path)
+                self.pump.drain(read_fd)
+                os.close(write_fd)
+            if interrupted:
+                return {"status": "abort", "execution_count": self.execution_count}
+            try:
+                status = self.bashwrapper.run_command("{ echo $?; } 2>/dev/null")
+                exit_status = int(status.rstrip().split("\r\n")[0])
+            except Exception:
+                exit_status = 1
+            if exit_status == 0:
+                return {
+                    "status": "ok",
+                    "execution_count": self.execution_count,
+                    "payload": [],
+                    "user_expressions": {},
+                }
+            message = f"the cell's last command exited with status {exit_status}"
+            error = {"ename": "ExitStatus", "evalue": message, "traceback": [message]}
+            self.send_response(self.iopub_socket, "error", error)
+            return {**error, "status": "error", "execution_count": self.execution_count}
+
+    IPKernelApp.launch_instance(kernel_class=CorralBashKernel, argv=sys.argv[2:])
+
+
 def _no_dumps() -> None:
     # non-dumpable: code under the same uid can neither ptrace the driver nor
     # reopen its channel pipes through /proc/<pid>/fd and write fake events
@@ -409,7 +634,13 @@ async def _main(fd_in: int, fd_out: int) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["bash-kernel"]:
+        _bash_kernel_main()
+        return
     _no_dumps()
+    for name, value in TOOL_STATE.items():
+        os.environ.setdefault(name, value)
+    _register_bash_kernel()
     fd_in, fd_out = _private_channel()
     asyncio.run(_main(fd_in, fd_out))
 
