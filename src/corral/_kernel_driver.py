@@ -41,6 +41,7 @@ import codecs
 import ctypes
 import json
 import os
+import re
 import select
 import shlex
 import sys
@@ -73,6 +74,104 @@ def _corral_threads_keep_their_cell():
     threading.Thread.start = start_in_context
 _corral_threads_keep_their_cell()
 del _corral_threads_keep_their_cell
+"""
+# Run in each Python kernel before the first cell: E2B's result shapes. A
+# matplotlib figure also gives its chart data (E2B's own extractor, e2b-charts,
+# from the runtime), a DataFrame its columns as lists, a dict or list last
+# expression its JSON; PIL's Image.show() displays the image in the cell (the
+# box has no image viewer). Each hook is lazy: nothing is imported up front.
+# (MIME types application/vnd.corral.chart+json and application/vnd.corral.data+json;
+# frames of more than a million cells give no data)
+_RICH_RESULTS = """
+def _corral_rich_results():
+    import importlib.abc, importlib.util, json, sys
+    from IPython import get_ipython
+    from IPython.core.formatters import BaseFormatter
+    from traitlets import ObjectName, Unicode
+
+    display_formatter = get_ipython().display_formatter
+
+    def add(mime, module, name, function):
+        # by isinstance on the class once its module is loaded, not through the
+        # formatter's type registry: the inline backend pops every Figure printer
+        class Formatter(BaseFormatter):
+            format_type = Unicode(mime)
+            print_method = ObjectName("_repr_corral_none_")
+            _return_type = dict
+
+            def __call__(self, obj):
+                kind = getattr(sys.modules.get(module), name, None)
+                if kind is None or not isinstance(obj, kind):
+                    return None
+                try:
+                    return function(obj) or None
+                except Exception:
+                    return None
+        display_formatter.formatters[mime] = Formatter(parent=display_formatter)
+
+    def chart(figure):
+        try:
+            from e2b_charts import chart_figure_to_dict
+        except ImportError:  # a runtime built without it
+            return None
+        return chart_figure_to_dict(figure)
+
+    def data(frame):
+        if frame.size > 1_000_000:
+            return None
+        split = json.loads(frame.to_json(orient="split", date_format="iso"))
+        rows = split["data"]
+        return {str(c): [row[i] for row in rows] for i, c in enumerate(split["columns"])}
+
+    add("application/vnd.corral.chart+json", "matplotlib.figure", "Figure", chart)
+    add("application/vnd.corral.data+json", "pandas", "DataFrame", data)
+
+    def plain_json(value):
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return None
+        return value
+
+    for kind in (dict, list):
+        display_formatter.formatters["application/json"].for_type(kind, plain_json)
+
+    def shows_inline(image_show):
+        class Inline(image_show.Viewer):
+            def show(self, image, **options):
+                from IPython.display import display
+                display(image)
+                return 1
+        image_show.register(Inline(), -1)
+
+    class PilShowsInline(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "PIL.ImageShow":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.loader is not None:
+                run = spec.loader.exec_module
+                def exec_module(module):
+                    run(module)
+                    shows_inline(module)
+                spec.loader.exec_module = exec_module
+            return spec
+
+    if "PIL.ImageShow" in sys.modules:
+        shows_inline(sys.modules["PIL.ImageShow"])
+    else:
+        sys.meta_path.insert(0, PilShowsInline())
+_corral_rich_results()
+del _corral_rich_results
+"""
+_FONTS_CONF = """<?xml version="1.0"?>
+<!DOCTYPE fontconfig SYSTEM "urn:fontconfig:fonts.dtd">
+<fontconfig>
+  <dir>/usr/share/fonts</dir>
+  <dir>/usr/local/share/fonts</dir>
+  <cachedir>/tmp/.corral/fontconfig</cachedir>
+</fontconfig>
 """
 # Every thread counts against the box's pids limit: one ZeroMQ context (two
 # threads) serves all the driver's kernel clients instead of one per context,
@@ -121,6 +220,46 @@ def kernel_env(language: str) -> dict[str, str]:
     return env
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_code(language: str, envs: dict[str, str]) -> tuple[str, str]:
+    """Code that sets ``envs`` in a kernel for one cell, and code that puts
+    back what was there before (set or not); ("", "") for no envs."""
+    if not envs:
+        return "", ""
+    names = sorted(envs)
+    if language == "python":
+        setup = (
+            "exec('import os, sys\\n"
+            "sys._corral_env = {k: os.environ.get(k) for k in envs}\\n"
+            f"os.environ.update(envs)', {{'envs': {envs!r}}})"
+        )
+        teardown = (
+            "exec('import os, sys\\n"
+            'for k, v in sys.__dict__.pop("_corral_env", {}).items():\\n'
+            "    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)', {})"
+        )
+        return setup, teardown
+    if language == "bash":
+        quoted = " ".join(names)
+        exports = " ".join(f"{k}={shlex.quote(envs[k])}" for k in names)
+        setup = f"__corral_env=$(declare -p {quoted} 2>/dev/null); export {exports}"
+        teardown = f'unset {quoted}; eval "$__corral_env"; unset __corral_env'
+        return setup, teardown
+    setup = (
+        f"globalThis.__corralEnv = Object.fromEntries({json.dumps(names)}.map("
+        "(k) => [k, Deno.env.get(k)])); "
+        f"for (const [k, v] of Object.entries({json.dumps(envs)})) Deno.env.set(k, v);"
+    )
+    teardown = (
+        "for (const [k, v] of Object.entries(globalThis.__corralEnv ?? {})) "
+        "{ if (v === undefined) Deno.env.delete(k); else Deno.env.set(k, v); } "
+        "delete globalThis.__corralEnv;"
+    )
+    return setup, teardown
+
+
 class Run:
     """One execution: its request id, its deadline on the loop's clock, its fate."""
 
@@ -161,6 +300,7 @@ class Context:
                 extra += [
                     *_PYTHON_ARGS,
                     f"--IPKernelApp.exec_lines=exec({_THREADS_KEEP_THEIR_CELL!r})",
+                    f"--IPKernelApp.exec_lines=exec({_RICH_RESULTS!r})",
                 ]
             await self.km.start_kernel(
                 cwd=self.cwd, env=kernel_env(self.language), extra_arguments=extra
@@ -203,14 +343,22 @@ class Context:
         elif (task := self.tasks.get(target)) is not None:
             task.cancel("cancelled")  # still waiting for the context: never runs
 
-    async def execute(self, ident: int, code: str, timeout: float | None) -> None:
+    async def execute(
+        self, ident: int, code: str, timeout: float | None, envs: dict[str, str] | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
             async with self.lock:
                 run = Run(ident, None if timeout is None else loop.time() + timeout)
                 self.current = run
+                setup, teardown = env_code(self.language, envs or {})
                 try:
+                    if setup:
+                        await self._silent(setup)
+                    kernel = self.kc
                     await self._execute(run, code)
+                    if teardown and self.kc is kernel:  # (a restarted kernel has no envs to undo)
+                        await self._silent(teardown)
                 finally:
                     self.current = None
         except asyncio.CancelledError as exc:
@@ -220,6 +368,13 @@ class Context:
             )
         finally:
             self.tasks.pop(ident, None)
+
+    async def _silent(self, code: str) -> None:
+        """Run ``code`` before or after a cell, unseen: its messages name a
+        request nobody matches; the kernel runs it in turn with the cells."""
+        if self.km is None or not await self.km.is_alive():
+            await self.restart()
+        self.kc.execute(code, silent=True, store_history=False, stop_on_error=False)
 
     async def _done(self, run: Run, restarted: bool) -> None:
         await self.channel.emit(
@@ -304,14 +459,21 @@ class Context:
             await self.channel.emit(
                 {"id": ident, "event": "stream", "name": content["name"], "text": content["text"]}
             )
-        elif kind in ("execute_result", "display_data"):
+        elif kind in ("execute_result", "display_data", "update_display_data"):
+            transient = content.get("transient") or {}
             await self.channel.emit(
                 {
                     "id": ident,
                     "event": "result",
                     "data": content.get("data", {}),
                     "main": kind == "execute_result",
+                    "display_id": transient.get("display_id"),
+                    "update": kind == "update_display_data",
                 }
+            )
+        elif kind == "clear_output":
+            await self.channel.emit(
+                {"id": ident, "event": "clear", "wait": bool(content.get("wait"))}
             )
         elif kind == "error":
             if run.status == "ok":
@@ -364,7 +526,15 @@ class Driver:
                 self.contexts[name] = context
                 await self.channel.emit({"id": ident, "event": "reply", "error": None})
             elif op == "execute":
-                await self.contexts[name].execute(ident, request["code"], request.get("timeout"))
+                envs = request.get("envs") or {}
+                if not isinstance(envs, dict) or not all(
+                    isinstance(k, str) and ENV_NAME.fullmatch(k) and isinstance(v, str)
+                    for k, v in envs.items()
+                ):
+                    raise ValueError("envs must map variable names to strings")
+                await self.contexts[name].execute(
+                    ident, request["code"], request.get("timeout"), envs
+                )
             elif op == "interrupt":
                 if name in self.contexts:
                     self.contexts[name].interrupt(int(request["target"]))
@@ -400,6 +570,18 @@ class Driver:
 # is off (no "[1] 42" / "Done" notices in a cell's output).
 BASH_KERNEL = "corral-bash"
 _KERNELS_DIR = "/tmp/.corral/kernels"
+
+
+def _font_configuration() -> None:
+    """The box sees the host's fonts but not its /etc/fonts: without a
+    configuration, fc-list (which matplotlib runs for its first plot) prints
+    "Fontconfig error: Cannot load default config file" into the cell."""
+    if os.path.exists("/etc/fonts/fonts.conf") or "FONTCONFIG_FILE" in os.environ:
+        return
+    os.makedirs("/tmp/.corral", exist_ok=True)
+    with open("/tmp/.corral/fonts.conf", "w") as file:
+        file.write(_FONTS_CONF)
+    os.environ["FONTCONFIG_FILE"] = "/tmp/.corral/fonts.conf"
 
 
 def _register_bash_kernel() -> None:
@@ -640,6 +822,7 @@ def main() -> None:
     _no_dumps()
     for name, value in TOOL_STATE.items():
         os.environ.setdefault(name, value)
+    _font_configuration()
     _register_bash_kernel()
     fd_in, fd_out = _private_channel()
     asyncio.run(_main(fd_in, fd_out))
