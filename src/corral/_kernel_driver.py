@@ -173,6 +173,32 @@ _FONTS_CONF = """<?xml version="1.0"?>
   <cachedir>/tmp/.corral/fontconfig</cachedir>
 </fontconfig>
 """
+# Run in each Deno kernel before the first cell: Deno labels console output
+# with the cell running when it is printed, so a timer or promise of an ended
+# cell would print into a later one. Each cell starts with
+# ``__corral.enter(id)``, which sets an AsyncLocalStorage that every timer,
+# promise and callback the cell creates inherits; console methods called from
+# an earlier cell's continuation print nothing (late output is dropped, as in
+# the other kernels). Writes to Deno.stdout or process.stdout are not covered.
+_DENO_CELLS_KEEP_THEIR_OUTPUT = """
+const { AsyncLocalStorage } = await import("node:async_hooks");
+Object.defineProperty(globalThis, "__corral", { enumerable: false, value: {
+  cell: new AsyncLocalStorage(),
+  current: 0,
+  enter(id) { this.current = id; this.cell.enterWith(id); },
+} });
+for (const name of ["log", "info", "debug", "warn", "error", "trace", "dir", "dirxml",
+                    "table", "assert", "count", "group", "groupCollapsed", "timeLog",
+                    "timeEnd"]) {
+  const original = console[name];
+  if (typeof original !== "function") continue;
+  console[name] = function (...args) {
+    const cell = globalThis.__corral.cell.getStore();
+    if (cell !== undefined && cell !== globalThis.__corral.current) return;
+    return original.apply(this, args);
+  };
+}
+"""
 # Every thread counts against the box's pids limit: one ZeroMQ context (two
 # threads) serves all the driver's kernel clients instead of one per context,
 # and IPython keeps no history database (its saving thread, and a file).
@@ -308,6 +334,8 @@ class Context:
             self.kc = self.km.client()
             self.kc.start_channels()
             await self.kc.wait_for_ready(timeout=START_TIMEOUT_S)
+            if self.language in ("javascript", "typescript"):
+                self.kc.execute(_DENO_CELLS_KEEP_THEIR_OUTPUT, silent=True, store_history=False)
         except BaseException:
             await self.stop()  # a half-started kernel must not linger
             raise
@@ -394,6 +422,9 @@ class Context:
             await self.channel.emit(
                 {"id": run.ident, "event": "notice", "text": "the kernel had died; restarted"}
             )
+        if self.language in ("javascript", "typescript"):
+            # on the cell's first line: line numbers in tracebacks stay the user's
+            code = f"globalThis.__corral?.enter({run.ident}); {code}"
         msg_id = self.kc.execute(code, allow_stdin=False)
         while True:
             now = loop.time()
