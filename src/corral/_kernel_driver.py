@@ -3,8 +3,9 @@
 It runs inside the box with the runtime's Python (which has jupyter_client,
 ipykernel and bash_kernel), started by the host through the agent like any
 background command. Each code context is one Jupyter kernel: Python
-(ipykernel), bash (bash_kernel), JavaScript and TypeScript (Deno's ``deno
-jupyter``), spoken to over the box's own loopback.
+(ipykernel), bash (bash_kernel, subclassed below: this file run with
+``bash-kernel``), JavaScript and TypeScript (Deno's ``deno jupyter``), spoken
+to over the box's own loopback.
 
 The channel to the host is the pipe pair the agent gave the driver as stdin
 and stdout, moved at start-up to private descriptors that no other process
@@ -16,7 +17,8 @@ under the same uid cannot reopen the pipe through ``/proc/<pid>/fd``.
 Requests, one JSON object a line::
 
     {"id": 1, "op": "create", "context": "c1", "language": "python", "cwd": "/workspace"}
-    {"id": 2, "op": "execute", "context": "c1", "code": "1+1", "timeout": 30}
+    {"id": 2, "op": "execute", "context": "c1", "code": "1+1", "timeout": 30,
+     "envs": {"NAME": "value"}}   (envs: optional, for this cell only)
     {"id": 3, "op": "restart" | "remove", "context": "c1"}
     {"id": 4, "op": "interrupt", "context": "c1", "target": 2}   (no answer)
 
@@ -25,7 +27,9 @@ of a kernel are matched to their execution by the kernel's own parent header,
 so output that arrives after its cell ended is dropped, never re-labelled)::
 
     {"id": 2, "event": "stream", "name": "stdout", "text": "..."}
-    {"id": 2, "event": "result", "data": {"text/plain": "2"}, "main": true}
+    {"id": 2, "event": "result", "data": {"text/plain": "2"}, "main": true,
+     "display_id": null | "...", "update": false}   (update: update_display_data)
+    {"id": 2, "event": "clear", "wait": false}   (clear_output)
     {"id": 2, "event": "error", "name": "ZeroDivisionError", "value": "...", "traceback": [...]}
     {"id": 2, "event": "done", "count": 1, "status": "ok" | "error" | "timeout" | "died"
      | "restarted" | "cancelled", "restarted": false}
