@@ -214,6 +214,7 @@ async def test_kernels_die_with_the_box() -> None:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert "ipykernel_launcher" not in ps
     assert "bash_kernel" not in ps
+    assert "kernel_driver.py bash-kernel" not in ps
 
 
 async def test_a_missing_runtime_says_how_to_build_it() -> None:
