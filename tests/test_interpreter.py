@@ -76,6 +76,68 @@ async def test_bash_and_javascript_keep_state() -> None:
         assert ex.error.name == "ReferenceError"
 
 
+async def test_bash_keeps_stderr_apart_and_names_the_exit_status() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        ex = await sb.run_code("echo out; echo err >&2; ls /no-such-dir", language="bash")
+        assert ex.logs.stdout == ("out\n",)
+        stderr = "".join(ex.logs.stderr)
+        assert stderr.startswith("err\n")
+        assert "No such file or directory" in stderr
+        assert ex.error is not None
+        assert ex.error.name == "ExitStatus"
+        assert "exited with status 2" in ex.error.value
+        ex = await sb.run_code("false", language="bash")
+        assert ex.error is not None
+        assert "exited with status 1" in ex.error.value
+        assert (await sb.run_code("true", language="bash")).error is None
+        # a multi-line cell, and a background job's late stderr stays with its own cell
+        ex = await sb.run_code(
+            "(sleep 0.5; echo late >&2) &\nif true; then\n  echo in\nfi", language="bash"
+        )
+        assert (ex.logs.stdout, ex.error) == (("in\n",), None)
+        ex = await sb.run_code("sleep 1.5; echo mine", language="bash")
+        assert ex.logs.stdout == ("mine\n",)
+        assert "late" not in "".join(ex.logs.stderr)
+        # an interrupted bash cell keeps the shell's state
+        await sb.run_code("KEPT=yes", language="bash")
+        ex = await sb.run_code("sleep 60", language="bash", timeout_s=1)
+        assert ex.error is not None
+        assert ex.error.limit_hit == "timeout"
+        assert not ex.restarted
+        assert (await sb.run_code("echo $KEPT", language="bash")).logs.stdout == ("yes\n",)
+
+
+async def test_no_tool_state_in_the_workspace() -> None:
+    """After cells in every language (and with their contexts ended), the
+    workspace holds only what the cells wrote: no .ipython, .bash_history,
+    Jupyter runtime files or Deno caches."""
+    async with AsyncSandbox(timeout_s=120) as sb:
+        cells = {
+            "python": "import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()\n"
+            "open('p.txt', 'w').write('p')",
+            "bash": "echo secret-cell-text > b.txt",
+            "javascript": "Deno.writeTextFileSync('j.txt', 'j')",
+            "typescript": "const t: string = 't'; Deno.writeTextFileSync('t.txt', t)",
+        }
+        contexts = []
+        for language, code in cells.items():
+            contexts.append(await sb.create_code_context(language))
+            ex = await sb.run_code(code, context=contexts[-1])
+            assert ex.error is None, (language, ex.error)
+        listing = await sb.commands.run("ls -A /workspace")
+        assert listing.stdout.decode().split() == ["b.txt", "j.txt", "p.txt", "t.txt"]
+        for context in contexts:
+            await sb.remove_code_context(context)
+        listing = await sb.commands.run("ls -A /workspace; grep -rl secret-cell-text /workspace")
+        assert listing.stdout.decode().split() == [
+            "b.txt",
+            "j.txt",
+            "p.txt",
+            "t.txt",
+            "/workspace/b.txt",
+        ]
+
+
 async def test_contexts_are_independent_and_restartable() -> None:
     # 20 kernels: ~60 MiB and a dozen threads each
     policy = Policy.preset("dev").with_limits(memory_bytes=3 << 30, pids=1024)
@@ -152,6 +214,7 @@ async def test_kernels_die_with_the_box() -> None:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert "ipykernel_launcher" not in ps
     assert "bash_kernel" not in ps
+    assert "kernel_driver.py bash-kernel" not in ps
 
 
 async def test_a_missing_runtime_says_how_to_build_it() -> None:
@@ -402,3 +465,120 @@ async def test_a_promise_that_never_resolves_times_out() -> None:
         assert ex.error.limit_hit == "timeout"
         assert ex.restarted  # Deno's kernel cannot be interrupted: it is restarted
         assert (await sb.run_code("1+1", language="js")).text == "2"
+
+
+async def test_javascript_late_output_stays_with_its_own_cell() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        ex = await sb.run_code(
+            "setTimeout(() => console.log('late'), 500);\n"
+            "Promise.resolve().then(() => new Promise((r) => setTimeout(r, 700)))"
+            ".then(() => console.error('late too'));\nconsole.log('now')",
+            language="js",
+        )
+        assert ex.logs.stdout == ("now\n",)
+        ex = await sb.run_code(
+            "await new Promise((r) => setTimeout(r, 1500)); console.log('mine')", language="js"
+        )
+        assert (ex.logs.stdout, ex.logs.stderr) == (("mine\n",), ())
+        # a cell's own timers and promises still print into it
+        ex = await sb.run_code(
+            "await new Promise((r) => setTimeout(() => { console.log('own'); r(1) }, 100))",
+            language="ts",
+        )
+        assert ex.logs.stdout == ("own\n",)
+
+
+async def test_e2b_result_shapes() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        # the first plot: chart data beside the image, and no Fontconfig noise
+        ex = await sb.run_code(
+            "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\n"
+            "ax.bar(['a', 'b'], [3, 5]); ax.set_title('Sales'); ax.set_xlabel('region')\n"
+            "plt.show()"
+        )
+        assert ex.error is None
+        assert ex.logs.stderr == ()
+        (figure,) = ex.results
+        assert figure.png is not None
+        assert figure.chart is not None
+        assert figure.chart["type"] == "bar"
+        assert (figure.chart["title"], figure.chart["x_label"]) == ("Sales", "region")
+        elements = figure.chart["elements"]
+        assert isinstance(elements, list)
+        assert [(e["label"], e["value"]) for e in elements] == [("a", 3.0), ("b", 5.0)]
+        ex = await sb.run_code("plt.plot([1, 2, 3], [2, 4, 8]); plt.title('Growth'); plt.show()")
+        assert ex.results[0].chart is not None
+        assert (ex.results[0].chart["type"], ex.results[0].chart["title"]) == ("line", "Growth")
+        # a DataFrame's columns, a dict's JSON, the main result and the others
+        ex = await sb.run_code(
+            "import pandas as pd\npd.DataFrame({'n': [1, None], 's': ['x', 'y']})"
+        )
+        assert ex.results[0].data == {"n": [1.0, None], "s": ["x", "y"]}
+        assert ex.results[0].is_main_result
+        ex = await sb.run_code("{'a': [1, 2], 'b': None}")
+        assert ex.results[0].json == {"a": [1, 2], "b": None}
+        assert (await sb.run_code("[1, 'two']")).results[0].json == [1, "two"]
+        assert (await sb.run_code("{'f': float('nan')}")).results[0].json is None
+        ex = await sb.run_code(
+            "from IPython.display import Latex, Javascript, Markdown, display\n"
+            "display(Latex('$x^2$'), Javascript('1 + 1'), Markdown('*m*'))\n"
+            "display({'application/x-corral-test': {'k': 1}, 'text/plain': 'raw'}, raw=True)\n"
+            "'last'"
+        )
+        latex, script, markdown, raw, last = ex.results
+        assert (latex.latex, script.javascript, markdown.markdown) == ("$x^2$", "1 + 1", "*m*")
+        assert raw.extra == {"application/x-corral-test": {"k": 1}}
+        assert [r.is_main_result for r in ex.results] == [False] * 4 + [True]
+        assert last.text == "'last'"
+        # a display updated by id shows its last value; clear_output clears the cell
+        ex = await sb.run_code(
+            "h = display('one', display_id=True)\nh.update('two')\nh.update('three')\n"
+            "display('other')"
+        )
+        assert [r.text for r in ex.results] == ["'three'", "'other'"]
+        ex = await sb.run_code(
+            "from IPython.display import clear_output\nprint('gone'); display('gone too')\n"
+            "clear_output()\nprint('a')\nclear_output(wait=True)\nprint('b')"
+        )
+        assert (ex.logs.stdout, ex.results) == (("b\n",), ())
+        # PIL's Image.show() displays the image
+        ex = await sb.run_code("from PIL import Image\nImage.new('RGB', (4, 4), 'red').show()")
+        assert ex.error is None
+        assert ex.results
+        assert ex.results[0].png is not None
+        assert ex.results[0].png.startswith(b"\x89PNG")
+
+
+async def test_envs_for_one_call_and_contexts_by_keyword_and_id() -> None:
+    async with AsyncSandbox(timeout_s=120) as sb:
+        await sb.run_code("import os; os.environ['KEEP'] = 'before'")
+        ex = await sb.run_code(
+            "os.environ['KEEP'], os.environ['NEW']", envs={"KEEP": "during", "NEW": "it's"}
+        )
+        assert ex.text == "('during', \"it's\")"
+        ex = await sb.run_code("os.environ['KEEP'], os.environ.get('NEW')")
+        assert ex.text == "('before', None)"
+        ex = await sb.run_code('echo "$NEW"', language="bash", envs={"NEW": "a b $x"})
+        assert ex.logs.stdout == ("a b $x\n",)
+        ex = await sb.run_code("echo ${NEW-unset}", language="bash")
+        assert ex.logs.stdout == ("unset\n",)
+        ex = await sb.run_code("Deno.env.get('NEW')", language="js", envs={"NEW": "js"})
+        assert ex.text == '"js"'
+        ex = await sb.run_code("Deno.env.get('NEW') ?? 'unset'", language="js")
+        assert ex.text == '"unset"'
+        with pytest.raises(ValueError, match="not an environment variable name"):
+            await sb.run_code("1", envs={"A;rm": "x"})
+        with pytest.raises(ValueError, match="NUL"):
+            await sb.run_code("1", envs={"A": "x\0y"})
+        context = await sb.create_code_context(language="bash", cwd="sub")
+        assert (context.language, context.cwd) == ("bash", "/workspace/sub")
+        assert context in sb.list_code_contexts()
+        assert {c.language for c in sb.list_code_contexts()} == {"python", "javascript", "bash"}
+        ex = await sb.run_code("pwd; X=1", context=context.id)
+        assert ex.logs.stdout == ("/workspace/sub\n",)
+        await sb.restart_code_context(context.id)
+        assert (await sb.run_code("echo ${X-gone}", context=context)).logs.stdout == ("gone\n",)
+        await sb.remove_code_context(context.id)
+        assert context not in sb.list_code_contexts()
+        with pytest.raises(CorralError, match="does not exist"):
+            await sb.remove_code_context(context.id)

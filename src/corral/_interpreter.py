@@ -43,6 +43,11 @@ CONTEXT_TIMEOUT_S = 75.0
 DRIVER = "/run/corral/kernel_driver.py"
 RUNTIME_PYTHON = "/opt/corral/runtime/bin/python"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# structured data the Python kernel adds to a figure's and a DataFrame's bundle
+# (see _kernel_driver: e2b-charts for figures, columns as lists for frames)
+_CHART_MIME = "application/vnd.corral.chart+json"
+_DATA_MIME = "application/vnd.corral.data+json"
 _MAX_LINE = 64 << 20  # one event (a large image) at most
 _BINARY = {"image/png": "png", "image/jpeg": "jpeg", "application/pdf": "pdf"}
 _TEXT = {
@@ -57,7 +62,19 @@ _TEXT = {
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """One rich output of a cell: a Jupyter MIME bundle."""
+    """One rich output of a cell: a Jupyter MIME bundle, in E2B's shape.
+
+    ``text``, ``html``, ``markdown``, ``svg``, ``latex``, ``javascript`` are
+    strings; ``png``, ``jpeg``, ``pdf`` bytes; ``json`` the parsed
+    ``application/json`` (a dict or list last expression gives it).
+    ``chart`` is a matplotlib figure's data as E2B's extractor (e2b-charts)
+    gives it: ``{"type": "line" | "bar" | "scatter" | "pie" |
+    "box_and_whisker" | "superchart" | "unknown", "title", "x_label",
+    "y_label", "elements": [...]}``. ``data`` is a DataFrame's columns as
+    ``{column: [values]}`` (JSON values: NaN is None, times ISO strings).
+    ``is_main_result`` marks the cell's last expression; ``extra`` holds every
+    other MIME type the kernel sent, by MIME type.
+    """
 
     text: str | None = None
     html: str | None = None
@@ -69,6 +86,8 @@ class Result:
     latex: str | None = None
     json: object | None = None
     javascript: str | None = None
+    chart: dict[str, object] | None = None
+    data: dict[str, object] | None = None
     is_main_result: bool = False
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -85,6 +104,8 @@ class Result:
             "latex",
             "json",
             "javascript",
+            "chart",
+            "data",
         )
         return [n for n in names if getattr(self, n) is not None]
 
@@ -160,6 +181,10 @@ def _result(data: object, main: bool) -> Result:
                 raise SandboxBroken(f"the kernel driver sent malformed {mime}") from None
         elif mime == "application/json":
             fields["json"] = value
+        elif mime == _CHART_MIME and isinstance(value, dict):
+            fields["chart"] = value
+        elif mime == _DATA_MIME and isinstance(value, dict):
+            fields["data"] = value
         else:
             extra[str(mime)] = value
     return Result(**fields, extra=extra)
@@ -365,22 +390,28 @@ class CodeInterpreter:
             if queue is not None:
                 queue.put_nowait({"event": "done", "status": status, "restarted": True})
 
-    async def restart_context(self, context: CodeContext) -> None:
-        self._known(context)
+    def list_contexts(self) -> list[CodeContext]:
+        """The sandbox's live code contexts, oldest first (defaults included)."""
+        return list(self._contexts.values())
+
+    async def restart_context(self, context: CodeContext | str) -> None:
+        context = self._known(context)
         self._end_running(context, "restarted")
         await self._simple({"op": "restart", "context": context.id})
 
-    async def remove_context(self, context: CodeContext) -> None:
-        self._known(context)
+    async def remove_context(self, context: CodeContext | str) -> None:
+        context = self._known(context)
         self._end_running(context, "removed")
         await self._simple({"op": "remove", "context": context.id})
         del self._contexts[context.id]
 
-    def _known(self, context: CodeContext) -> None:
-        if self._contexts.get(context.id) != context:
-            raise CorralError(
-                f"code context {context.id} does not exist (any more) in this sandbox"
-            )
+    def _known(self, context: CodeContext | str) -> CodeContext:
+        """The live context ``context`` names (itself, or its id); CorralError if none."""
+        ident = context if isinstance(context, str) else context.id
+        known = self._contexts.get(ident)
+        if known is None or (isinstance(context, CodeContext) and known != context):
+            raise CorralError(f"code context {ident} does not exist (any more) in this sandbox")
+        return known
 
     async def _default(self, language: str) -> CodeContext:
         language = _language(language)
@@ -418,28 +449,38 @@ class CodeInterpreter:
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: dict[str, str] | None = None,
         timeout_s: float | None = None,
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
         on_result: ResultCallback | None = None,
         on_error: ErrorCallback | None = None,
     ) -> Execution:
+        envs = _check_envs(envs)
         if context is None:
             context = await self._default(language)
         else:
-            self._known(context)
+            context = self._known(context)
         if timeout_s is None:
             timeout_s = self._sb.policy.limits.wall_time_s
         started = time.monotonic()
         deadline = None if timeout_s is None else started + timeout_s + HOST_GRACE_S
         before = self._sb._limit_counters()
         ident = await self._send(
-            {"op": "execute", "context": context.id, "code": code, "timeout": timeout_s}
+            {
+                "op": "execute",
+                "context": context.id,
+                "code": code,
+                "timeout": timeout_s,
+                **({"envs": envs} if envs else {}),
+            }
         )
         running = self._running.setdefault(context.id, set())
         running.add(ident)
         results: list[Result] = []
+        displays: dict[str, int] = {}  # display id -> its index in results
+        clear_pending = False  # clear_output(wait=True): clear when the next output comes
         stdout: list[str] = []
         stderr: list[str] = []
         error: ExecutionError | None = None
@@ -473,12 +514,27 @@ class CodeInterpreter:
                 limit_hit="timeout",
             )
 
+        def clear() -> None:
+            nonlocal clear_pending
+            clear_pending = False
+            results.clear()
+            displays.clear()
+            stdout.clear()
+            stderr.clear()
+
         finished = False
         try:
             while True:
                 event = await self._next_event(ident, deadline)
                 kind = event.get("event")
-                if kind == "stream":
+                if clear_pending and kind in ("stream", "result"):
+                    clear()
+                if kind == "clear":
+                    if event.get("wait"):
+                        clear_pending = True
+                    else:
+                        clear()
+                elif kind == "stream":
                     text = str(event.get("text", ""))
                     data = text.encode(errors="surrogatepass")
                     allowed = room(len(data))
@@ -497,6 +553,14 @@ class CodeInterpreter:
                     size = _size(result)
                     if room(size) < size:
                         continue
+                    display = event.get("display_id")
+                    if isinstance(display, str) and display in displays and event.get("update"):
+                        # a display updated by id shows its last value
+                        results[displays[display]] = result
+                        _call(on_result, result)
+                        continue
+                    if isinstance(display, str):
+                        displays[display] = len(results)
                     results.append(result)
                     _call(on_result, result)
                 elif kind == "error":
@@ -603,6 +667,18 @@ def _language(language: str) -> str:
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, not {language!r}")
     return _ALIASES.get(language, language)
+
+
+def _check_envs(envs: dict[str, str] | None) -> dict[str, str]:
+    """``envs`` checked: variable names to strings without NUL; ValueError if not."""
+    if envs is None:
+        return {}
+    for name, value in envs.items():
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"envs: {name!r} is not an environment variable name")
+        if not isinstance(value, str) or "\0" in value:
+            raise ValueError(f"envs: the value of {name} must be a string without NUL")
+    return dict(envs)
 
 
 def _call(callback: Callable[[Any], object] | None, value: object) -> None:

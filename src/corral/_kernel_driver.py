@@ -3,8 +3,9 @@
 It runs inside the box with the runtime's Python (which has jupyter_client,
 ipykernel and bash_kernel), started by the host through the agent like any
 background command. Each code context is one Jupyter kernel: Python
-(ipykernel), bash (bash_kernel), JavaScript and TypeScript (Deno's ``deno
-jupyter``), spoken to over the box's own loopback.
+(ipykernel), bash (bash_kernel, subclassed below: this file run with
+``bash-kernel``), JavaScript and TypeScript (Deno's ``deno jupyter``), spoken
+to over the box's own loopback.
 
 The channel to the host is the pipe pair the agent gave the driver as stdin
 and stdout, moved at start-up to private descriptors that no other process
@@ -16,7 +17,8 @@ under the same uid cannot reopen the pipe through ``/proc/<pid>/fd``.
 Requests, one JSON object a line::
 
     {"id": 1, "op": "create", "context": "c1", "language": "python", "cwd": "/workspace"}
-    {"id": 2, "op": "execute", "context": "c1", "code": "1+1", "timeout": 30}
+    {"id": 2, "op": "execute", "context": "c1", "code": "1+1", "timeout": 30,
+     "envs": {"NAME": "value"}}   (envs: optional, for this cell only)
     {"id": 3, "op": "restart" | "remove", "context": "c1"}
     {"id": 4, "op": "interrupt", "context": "c1", "target": 2}   (no answer)
 
@@ -25,7 +27,9 @@ of a kernel are matched to their execution by the kernel's own parent header,
 so output that arrives after its cell ended is dropped, never re-labelled)::
 
     {"id": 2, "event": "stream", "name": "stdout", "text": "..."}
-    {"id": 2, "event": "result", "data": {"text/plain": "2"}, "main": true}
+    {"id": 2, "event": "result", "data": {"text/plain": "2"}, "main": true,
+     "display_id": null | "...", "update": false}   (update: update_display_data)
+    {"id": 2, "event": "clear", "wait": false}   (clear_output)
     {"id": 2, "event": "error", "name": "ZeroDivisionError", "value": "...", "traceback": [...]}
     {"id": 2, "event": "done", "count": 1, "status": "ok" | "error" | "timeout" | "died"
      | "restarted" | "cancelled", "restarted": false}
@@ -37,10 +41,17 @@ The host treats all of it as untrusted data, like everything from the box.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import ctypes
 import json
 import os
+import re
+import select
+import shlex
 import sys
+import tempfile
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import zmq.asyncio  # type: ignore[import-not-found,unused-ignore]
@@ -48,7 +59,7 @@ from jupyter_client.manager import AsyncKernelManager  # type: ignore[import-not
 
 KERNEL_NAMES = {
     "python": "python3",
-    "bash": "bash",
+    "bash": "corral-bash",
     "javascript": "corral-deno",
     "typescript": "corral-deno",
 }
@@ -67,6 +78,130 @@ def _corral_threads_keep_their_cell():
     threading.Thread.start = start_in_context
 _corral_threads_keep_their_cell()
 del _corral_threads_keep_their_cell
+"""
+# Run in each Python kernel before the first cell: E2B's result shapes. A
+# matplotlib figure also gives its chart data (E2B's own extractor, e2b-charts,
+# from the runtime), a DataFrame its columns as lists, a dict or list last
+# expression its JSON; PIL's Image.show() displays the image in the cell (the
+# box has no image viewer). Each hook is lazy: nothing is imported up front.
+# (MIME types application/vnd.corral.chart+json and application/vnd.corral.data+json;
+# frames of more than a million cells give no data)
+_RICH_RESULTS = """
+def _corral_rich_results():
+    import importlib.abc, importlib.util, json, sys
+    from IPython import get_ipython
+    from IPython.core.formatters import BaseFormatter
+    from traitlets import ObjectName, Unicode
+
+    display_formatter = get_ipython().display_formatter
+
+    def add(mime, module, name, function):
+        # by isinstance on the class once its module is loaded, not through the
+        # formatter's type registry: the inline backend pops every Figure printer
+        class Formatter(BaseFormatter):
+            format_type = Unicode(mime)
+            print_method = ObjectName("_repr_corral_none_")
+            _return_type = dict
+
+            def __call__(self, obj):
+                kind = getattr(sys.modules.get(module), name, None)
+                if kind is None or not isinstance(obj, kind):
+                    return None
+                try:
+                    return function(obj) or None
+                except Exception:
+                    return None
+        display_formatter.formatters[mime] = Formatter(parent=display_formatter)
+
+    def chart(figure):
+        try:
+            from e2b_charts import chart_figure_to_dict
+        except ImportError:  # a runtime built without it
+            return None
+        return chart_figure_to_dict(figure)
+
+    def data(frame):
+        if frame.size > 1_000_000:
+            return None
+        split = json.loads(frame.to_json(orient="split", date_format="iso"))
+        rows = split["data"]
+        return {str(c): [row[i] for row in rows] for i, c in enumerate(split["columns"])}
+
+    add("application/vnd.corral.chart+json", "matplotlib.figure", "Figure", chart)
+    add("application/vnd.corral.data+json", "pandas", "DataFrame", data)
+
+    def plain_json(value):
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return None
+        return value
+
+    for kind in (dict, list):
+        display_formatter.formatters["application/json"].for_type(kind, plain_json)
+
+    def shows_inline(image_show):
+        class Inline(image_show.Viewer):
+            def show(self, image, **options):
+                from IPython.display import display
+                display(image)
+                return 1
+        image_show.register(Inline(), -1)
+
+    class PilShowsInline(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "PIL.ImageShow":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.loader is not None:
+                run = spec.loader.exec_module
+                def exec_module(module):
+                    run(module)
+                    shows_inline(module)
+                spec.loader.exec_module = exec_module
+            return spec
+
+    if "PIL.ImageShow" in sys.modules:
+        shows_inline(sys.modules["PIL.ImageShow"])
+    else:
+        sys.meta_path.insert(0, PilShowsInline())
+_corral_rich_results()
+del _corral_rich_results
+"""
+_FONTS_CONF = """<?xml version="1.0"?>
+<!DOCTYPE fontconfig SYSTEM "urn:fontconfig:fonts.dtd">
+<fontconfig>
+  <dir>/usr/share/fonts</dir>
+  <dir>/usr/local/share/fonts</dir>
+  <cachedir>/tmp/.corral/fontconfig</cachedir>
+</fontconfig>
+"""
+# Run in each Deno kernel before the first cell: Deno labels console output
+# with the cell running when it is printed, so a timer or promise of an ended
+# cell would print into a later one. Each cell starts with
+# ``__corral.enter(id)``, which sets an AsyncLocalStorage that every timer,
+# promise and callback the cell creates inherits; console methods called from
+# an earlier cell's continuation print nothing (late output is dropped, as in
+# the other kernels). Writes to Deno.stdout or process.stdout are not covered.
+_DENO_CELLS_KEEP_THEIR_OUTPUT = """
+const { AsyncLocalStorage } = await import("node:async_hooks");
+Object.defineProperty(globalThis, "__corral", { enumerable: false, value: {
+  cell: new AsyncLocalStorage(),
+  current: 0,
+  enter(id) { this.current = id; this.cell.enterWith(id); },
+} });
+for (const name of ["log", "info", "debug", "warn", "error", "trace", "dir", "dirxml",
+                    "table", "assert", "count", "group", "groupCollapsed", "timeLog",
+                    "timeEnd"]) {
+  const original = console[name];
+  if (typeof original !== "function") continue;
+  console[name] = function (...args) {
+    const cell = globalThis.__corral.cell.getStore();
+    if (cell !== undefined && cell !== globalThis.__corral.current) return;
+    return original.apply(this, args);
+  };
+}
 """
 # Every thread counts against the box's pids limit: one ZeroMQ context (two
 # threads) serves all the driver's kernel clients instead of one per context,
@@ -91,19 +226,68 @@ class Channel:
         await self.writer.drain()
 
 
+# Tool state goes to /tmp, never to the workspace (HOME), which stays
+# downloadable after the sandbox ended: set for the driver itself (jupyter_client
+# asks IPython for its directory, which creates ~/.ipython; connection files)
+# and inherited by every kernel.
+TOOL_STATE = {
+    "IPYTHONDIR": "/tmp/.corral/ipython",
+    "MPLCONFIGDIR": "/tmp/.corral/matplotlib",
+    "JUPYTER_RUNTIME_DIR": "/tmp/.corral/jupyter",
+    "JUPYTER_DATA_DIR": "/tmp/.corral/jupyter-data",
+    "JUPYTER_CONFIG_DIR": "/tmp/.corral/jupyter-config",
+    "DENO_DIR": "/tmp/.corral/deno",
+    "DENO_NO_UPDATE_CHECK": "1",
+    "XDG_CACHE_HOME": "/tmp/.corral/cache",
+}
+
+
 def kernel_env(language: str) -> dict[str, str]:
     env = dict(os.environ)
-    # keep the workspace clean of tool state: it all goes to /tmp
-    env.setdefault("IPYTHONDIR", "/tmp/.corral/ipython")
-    env.setdefault("MPLCONFIGDIR", "/tmp/.corral/matplotlib")
-    env.setdefault("JUPYTER_RUNTIME_DIR", "/tmp/.corral/jupyter")
-    env.setdefault("JUPYTER_DATA_DIR", "/tmp/.corral/jupyter-data")
-    env.setdefault("DENO_DIR", "/tmp/.corral/deno")
-    env.setdefault("DENO_NO_UPDATE_CHECK", "1")
     if language in ("javascript", "typescript"):
         env.setdefault("NO_COLOR", "1")  # plain tracebacks
     env.pop("MPLBACKEND", None)  # inline figures
     return env
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_code(language: str, envs: dict[str, str]) -> tuple[str, str]:
+    """Code that sets ``envs`` in a kernel for one cell, and code that puts
+    back what was there before (set or not); ("", "") for no envs."""
+    if not envs:
+        return "", ""
+    names = sorted(envs)
+    if language == "python":
+        setup = (
+            "exec('import os, sys\\n"
+            "sys._corral_env = {k: os.environ.get(k) for k in envs}\\n"
+            f"os.environ.update(envs)', {{'envs': {envs!r}}})"
+        )
+        teardown = (
+            "exec('import os, sys\\n"
+            'for k, v in sys.__dict__.pop("_corral_env", {}).items():\\n'
+            "    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)', {})"
+        )
+        return setup, teardown
+    if language == "bash":
+        quoted = " ".join(names)
+        exports = " ".join(f"{k}={shlex.quote(envs[k])}" for k in names)
+        setup = f"__corral_env=$(declare -p {quoted} 2>/dev/null); export {exports}"
+        teardown = f'unset {quoted}; eval "$__corral_env"; unset __corral_env'
+        return setup, teardown
+    setup = (
+        f"globalThis.__corralEnv = Object.fromEntries({json.dumps(names)}.map("
+        "(k) => [k, Deno.env.get(k)])); "
+        f"for (const [k, v] of Object.entries({json.dumps(envs)})) Deno.env.set(k, v);"
+    )
+    teardown = (
+        "for (const [k, v] of Object.entries(globalThis.__corralEnv ?? {})) "
+        "{ if (v === undefined) Deno.env.delete(k); else Deno.env.set(k, v); } "
+        "delete globalThis.__corralEnv;"
+    )
+    return setup, teardown
 
 
 class Run:
@@ -146,6 +330,7 @@ class Context:
                 extra += [
                     *_PYTHON_ARGS,
                     f"--IPKernelApp.exec_lines=exec({_THREADS_KEEP_THEIR_CELL!r})",
+                    f"--IPKernelApp.exec_lines=exec({_RICH_RESULTS!r})",
                 ]
             await self.km.start_kernel(
                 cwd=self.cwd, env=kernel_env(self.language), extra_arguments=extra
@@ -153,6 +338,8 @@ class Context:
             self.kc = self.km.client()
             self.kc.start_channels()
             await self.kc.wait_for_ready(timeout=START_TIMEOUT_S)
+            if self.language in ("javascript", "typescript"):
+                self.kc.execute(_DENO_CELLS_KEEP_THEIR_OUTPUT, silent=True, store_history=False)
         except BaseException:
             await self.stop()  # a half-started kernel must not linger
             raise
@@ -188,14 +375,22 @@ class Context:
         elif (task := self.tasks.get(target)) is not None:
             task.cancel("cancelled")  # still waiting for the context: never runs
 
-    async def execute(self, ident: int, code: str, timeout: float | None) -> None:
+    async def execute(
+        self, ident: int, code: str, timeout: float | None, envs: dict[str, str] | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
             async with self.lock:
                 run = Run(ident, None if timeout is None else loop.time() + timeout)
                 self.current = run
+                setup, teardown = env_code(self.language, envs or {})
                 try:
+                    if setup:
+                        await self._silent(setup)
+                    kernel = self.kc
                     await self._execute(run, code)
+                    if teardown and self.kc is kernel:  # (a restarted kernel has no envs to undo)
+                        await self._silent(teardown)
                 finally:
                     self.current = None
         except asyncio.CancelledError as exc:
@@ -205,6 +400,13 @@ class Context:
             )
         finally:
             self.tasks.pop(ident, None)
+
+    async def _silent(self, code: str) -> None:
+        """Run ``code`` before or after a cell, unseen: its messages name a
+        request nobody matches; the kernel runs it in turn with the cells."""
+        if self.km is None or not await self.km.is_alive():
+            await self.restart()
+        self.kc.execute(code, silent=True, store_history=False, stop_on_error=False)
 
     async def _done(self, run: Run, restarted: bool) -> None:
         await self.channel.emit(
@@ -224,6 +426,9 @@ class Context:
             await self.channel.emit(
                 {"id": run.ident, "event": "notice", "text": "the kernel had died; restarted"}
             )
+        if self.language in ("javascript", "typescript"):
+            # on the cell's first line: line numbers in tracebacks stay the user's
+            code = f"globalThis.__corral?.enter({run.ident}); {code}"
         msg_id = self.kc.execute(code, allow_stdin=False)
         while True:
             now = loop.time()
@@ -289,14 +494,21 @@ class Context:
             await self.channel.emit(
                 {"id": ident, "event": "stream", "name": content["name"], "text": content["text"]}
             )
-        elif kind in ("execute_result", "display_data"):
+        elif kind in ("execute_result", "display_data", "update_display_data"):
+            transient = content.get("transient") or {}
             await self.channel.emit(
                 {
                     "id": ident,
                     "event": "result",
                     "data": content.get("data", {}),
                     "main": kind == "execute_result",
+                    "display_id": transient.get("display_id"),
+                    "update": kind == "update_display_data",
                 }
+            )
+        elif kind == "clear_output":
+            await self.channel.emit(
+                {"id": ident, "event": "clear", "wait": bool(content.get("wait"))}
             )
         elif kind == "error":
             if run.status == "ok":
@@ -349,7 +561,15 @@ class Driver:
                 self.contexts[name] = context
                 await self.channel.emit({"id": ident, "event": "reply", "error": None})
             elif op == "execute":
-                await self.contexts[name].execute(ident, request["code"], request.get("timeout"))
+                envs = request.get("envs") or {}
+                if not isinstance(envs, dict) or not all(
+                    isinstance(k, str) and ENV_NAME.fullmatch(k) and isinstance(v, str)
+                    for k, v in envs.items()
+                ):
+                    raise ValueError("envs must map variable names to strings")
+                await self.contexts[name].execute(
+                    ident, request["code"], request.get("timeout"), envs
+                )
             elif op == "interrupt":
                 if name in self.contexts:
                     self.contexts[name].interrupt(int(request["target"]))
@@ -371,6 +591,228 @@ class Driver:
             await self.channel.emit(
                 {"id": ident, "event": "reply", "error": f"{type(exc).__name__}: {exc}"}
             )
+
+
+# -- the bash kernel ---------------------------------------------------------------------
+
+# corral's bash kernel is bash_kernel with three changes, and is this file run
+# with ``bash-kernel``: pexpect sends without its 50 ms "delaybeforesend" (two
+# sends a cell made a warm cell 100 ms slower than Python's), each cell's
+# stderr goes to a FIFO of its own instead of the shared terminal (so it comes
+# back as stderr, labelled with its own cell even when a background job writes
+# it later), bash keeps no history file (it recorded every cell's text in the
+# workspace, which stays downloadable after the sandbox ended), and job control
+# is off (no "[1] 42" / "Done" notices in a cell's output).
+BASH_KERNEL = "corral-bash"
+_KERNELS_DIR = "/tmp/.corral/kernels"
+
+
+def _font_configuration() -> None:
+    """The box sees the host's fonts but not its /etc/fonts: without a
+    configuration, fc-list (which matplotlib runs for its first plot) prints
+    "Fontconfig error: Cannot load default config file" into the cell."""
+    if os.path.exists("/etc/fonts/fonts.conf") or "FONTCONFIG_FILE" in os.environ:
+        return
+    os.makedirs("/tmp/.corral", exist_ok=True)
+    with open("/tmp/.corral/fonts.conf", "w") as file:
+        file.write(_FONTS_CONF)
+    os.environ["FONTCONFIG_FILE"] = "/tmp/.corral/fonts.conf"
+
+
+def _register_bash_kernel() -> None:
+    spec = os.path.join(_KERNELS_DIR, "kernels", BASH_KERNEL)
+    os.makedirs(spec, exist_ok=True)
+    argv = [sys.executable, "-s", os.path.abspath(__file__), "bash-kernel"]
+    with open(os.path.join(spec, "kernel.json"), "w") as file:
+        json.dump(
+            {
+                "argv": [*argv, "-f", "{connection_file}"],
+                "display_name": "Bash",
+                "language": "bash",
+                "interrupt_mode": "signal",
+                "env": {"PS1": "$"},
+            },
+            file,
+        )
+    paths = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = _KERNELS_DIR + (os.pathsep + paths if paths else "")
+
+
+class StderrPump:
+    """Reads each bash cell's stderr FIFO and sends what it holds as that cell's
+    stderr stream, under that cell's parent header, from a thread of its own
+    (late writes of a background job included, until its last writer closed)."""
+
+    def __init__(self, send: Callable[[dict[str, Any], str], None]) -> None:
+        self.send = send
+        self.lock = threading.Lock()
+        self.cells: dict[int, tuple[dict[str, Any], codecs.IncrementalDecoder]] = {}
+        self.wake_r, self.wake_w = os.pipe()
+        threading.Thread(target=self._run, name="corral-stderr", daemon=True).start()
+
+    def add(self, fd: int, parent: dict[str, Any]) -> None:
+        with self.lock:
+            self.cells[fd] = (parent, codecs.getincrementaldecoder("utf-8")("replace"))
+        os.write(self.wake_w, b".")
+
+    def drain(self, fd: int) -> None:
+        """Send what is in the FIFO now (all the cell wrote, once it ended)."""
+        with self.lock:
+            self._read(fd)
+
+    def _read(self, fd: int) -> None:  # holding the lock
+        entry = self.cells.get(fd)
+        if entry is None:
+            return
+        parent, decoder = entry
+        text = []
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not data:  # its last writer is gone
+                text.append(decoder.decode(b"", final=True))
+                del self.cells[fd]
+                os.close(fd)
+                break
+            text.append(decoder.decode(data))
+        if joined := "".join(text):
+            self.send(parent, joined)
+
+    def _run(self) -> None:
+        while True:
+            poller = select.poll()
+            poller.register(self.wake_r, select.POLLIN)
+            with self.lock:
+                for fd in self.cells:
+                    poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll():
+                if fd == self.wake_r:
+                    os.read(self.wake_r, 4096)
+                else:
+                    with self.lock:
+                        self._read(fd)
+
+
+def _bash_kernel_main() -> None:
+    import signal
+
+    import pexpect  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    from bash_kernel.display import build_cmds  # type: ignore[import-not-found,unused-ignore]
+    from bash_kernel.kernel import BashKernel, IREPLWrapper  # type: ignore[import-not-found,unused-ignore]
+    from ipykernel.kernelapp import IPKernelApp  # type: ignore[import-not-found,unused-ignore]
+
+    class CorralBashKernel(BashKernel):  # type: ignore[misc]
+        def __init__(self, **kwargs: Any) -> None:
+            self.fifos = tempfile.mkdtemp(prefix="bash-", dir="/tmp/.corral")
+            self.cells = 0
+            super().__init__(**kwargs)
+            self.pump = StderrPump(self._send_stderr)
+
+        def _send_stderr(self, parent: dict[str, Any], text: str) -> None:
+            # from the pump's thread: ipykernel's IOPub socket takes sends from any thread
+            self.session.send(
+                self.iopub_socket,
+                "stream",
+                {"name": "stderr", "text": text},
+                parent,
+                ident=self._topic("stream"),
+            )
+
+        def _start_bash(self) -> None:
+            # bash_kernel's own start, sending without pexpect's 50 ms delay
+            old_sigint = signal.signal(signal.SIGINT, signal.SIG_DFL)
+            old_sigpipe = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            try:
+                bashrc = os.path.join(os.path.dirname(pexpect.__file__), "bashrc.sh")
+                child = pexpect.spawn(
+                    "bash",
+                    ["--rcfile", bashrc],
+                    echo=False,
+                    encoding="utf-8",
+                    codec_errors="replace",
+                )
+                child.delaybeforesend = None
+                ps1 = self.unique_prompt + r"\[\]" + ">"
+                ps2 = self.unique_prompt + r"\[\]" + "+"
+                prompt_change = f"PS1='{ps1}' PS2='{ps2}' PROMPT_COMMAND=''"
+                self.bashwrapper = IREPLWrapper(
+                    child,
+                    r"\$",
+                    prompt_change,
+                    self.unique_prompt,
+                    extra_init_cmd="export PAGER=cat; unset HISTFILE; set +m",
+                    line_output_callback=self.process_output,
+                )
+            finally:
+                signal.signal(signal.SIGINT, old_sigint)
+                signal.signal(signal.SIGPIPE, old_sigpipe)
+            self.bashwrapper.run_command(
+                "bind 'set enable-bracketed-paste off' >/dev/null 2>&1 || true"
+            )
+            self.bashwrapper.run_command(build_cmds())
+
+        def do_execute(
+            self,
+            code: str,
+            silent: bool,
+            store_history: bool = True,
+            user_expressions: Any = None,
+            allow_stdin: bool = False,
+        ) -> dict[str, Any]:
+            if not code.strip() or code.strip().endswith("\\"):
+                return BashKernel.do_execute(  # type: ignore[no-any-return]
+                    self, code, silent, store_history, user_expressions, allow_stdin
+                )
+            self.silent = silent
+            self.cells += 1
+            path = os.path.join(self.fifos, f"{self.cells}.err")
+            os.mkfifo(path, 0o600)
+            read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            # our own writer until the cell ended: no end-of-file before bash opened it
+            write_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            self.pump.add(read_fd, self.get_parent())
+            interrupted = False
+            try:
+                # the cell as one group whose stderr is the FIFO (bash's prompts,
+                # which bash writes to stderr, stay on the terminal pexpect reads)
+                self.bashwrapper.run_command(
+                    "{\n" + code.rstrip() + "\n} 2>" + shlex.quote(path), timeout=None
+                )
+            except KeyboardInterrupt:
+                self.bashwrapper.child.sendintr()
+                interrupted = True
+                self.bashwrapper._expect_prompt()
+                self.process_output(self.bashwrapper.child.before)
+            except pexpect.EOF:
+                output = self.bashwrapper.child.before + "Restarting Bash"
+                self._start_bash()
+                self.process_output(output)
+            finally:
+                os.unlink(path)
+                self.pump.drain(read_fd)
+                os.close(write_fd)
+            if interrupted:
+                return {"status": "abort", "execution_count": self.execution_count}
+            try:
+                status = self.bashwrapper.run_command("{ echo $?; } 2>/dev/null")
+                exit_status = int(status.rstrip().split("\r\n")[0])
+            except Exception:
+                exit_status = 1
+            if exit_status == 0:
+                return {
+                    "status": "ok",
+                    "execution_count": self.execution_count,
+                    "payload": [],
+                    "user_expressions": {},
+                }
+            message = f"the cell's last command exited with status {exit_status}"
+            error = {"ename": "ExitStatus", "evalue": message, "traceback": [message]}
+            self.send_response(self.iopub_socket, "error", error)
+            return {**error, "status": "error", "execution_count": self.execution_count}
+
+    IPKernelApp.launch_instance(kernel_class=CorralBashKernel, argv=sys.argv[2:])
 
 
 def _no_dumps() -> None:
@@ -409,7 +851,14 @@ async def _main(fd_in: int, fd_out: int) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["bash-kernel"]:
+        _bash_kernel_main()
+        return
     _no_dumps()
+    for name, value in TOOL_STATE.items():
+        os.environ.setdefault(name, value)
+    _font_configuration()
+    _register_bash_kernel()
     fd_in, fd_out = _private_channel()
     asyncio.run(_main(fd_in, fd_out))
 

@@ -1152,23 +1152,28 @@ class AsyncSandbox:
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: dict[str, str] | None = None,
         timeout_s: float | None = None,
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
         on_result: ResultCallback | None = None,
         on_error: ErrorCallback | None = None,
     ) -> Execution:
-        """Run a cell in a stateful context (the language's default one unless given).
+        """Run a cell in a stateful context (the language's default one unless
+        given, as a ``CodeContext`` or its id).
 
         Errors in the code are data (``Execution.error``). ``timeout_s``
         (default: the policy's ``wall_time_s``) interrupts the cell; the context
         keeps its state when the interrupt works, and is restarted otherwise.
+        ``envs`` are environment variables for this cell only (ValueError for a
+        name that is not one, or a value with NUL).
         """
         return await self._interpreter.run(
             code,
             language=language,
             context=context,
+            envs=envs,
             timeout_s=timeout_s,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
@@ -1221,10 +1226,14 @@ class AsyncSandbox:
     ) -> CodeContext:
         return await self._interpreter.create_context(language, cwd)
 
-    async def restart_code_context(self, context: CodeContext) -> None:
+    def list_code_contexts(self) -> list[CodeContext]:
+        """The live code contexts, oldest first (the languages' defaults included)."""
+        return self._interpreter.list_contexts()
+
+    async def restart_code_context(self, context: CodeContext | str) -> None:
         await self._interpreter.restart_context(context)
 
-    async def remove_code_context(self, context: CodeContext) -> None:
+    async def remove_code_context(self, context: CodeContext | str) -> None:
         await self._interpreter.remove_context(context)
 
     async def prewarm(self, language: str = "python") -> None:

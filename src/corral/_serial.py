@@ -92,6 +92,10 @@ def result_to_dict(result: Result) -> dict[str, Any]:
             out[name] = b64(getattr(result, name))
     if result.json is not None:
         out["json"] = result.json
+    if result.chart is not None:
+        out["chart"] = result.chart
+    if result.data is not None:
+        out["data"] = result.data
     if result.extra:
         out["extra"] = result.extra
     return out
@@ -106,6 +110,8 @@ def result_from_dict(data: Mapping[str, Any]) -> Result:
     extra = data.get("extra") or {}
     if not isinstance(extra, dict):
         raise SandboxBroken("malformed field 'extra' in a server reply")
+    for name in ("chart", "data"):
+        fields[name] = _opt(data, name, dict)
     return Result(**fields, json=data.get("json"), extra=extra)
 
 

@@ -385,7 +385,8 @@ class Sandbox:
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: dict[str, str] | None = None,
         timeout_s: float | None = None,
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
@@ -393,11 +394,27 @@ class Sandbox:
         on_error: ErrorCallback | None = None,
     ) -> Execution:
         """See ``AsyncSandbox.run_code``; callbacks run on the portal thread."""
+        if not isinstance(self._async, AsyncSandbox):  # (a remote sandbox: no envs, ids yet)
+            if envs or isinstance(context, str):
+                raise NotImplementedError("envs and context ids need a local sandbox")
+            return _call(
+                self._async.run_code(
+                    code,
+                    language=language,
+                    context=context,
+                    timeout_s=timeout_s,
+                    on_stdout=on_stdout,
+                    on_stderr=on_stderr,
+                    on_result=on_result,
+                    on_error=on_error,
+                )
+            )
         return _call(
             self._async.run_code(
                 code,
                 language=language,
                 context=context,
+                envs=envs,
                 timeout_s=timeout_s,
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
@@ -411,10 +428,20 @@ class Sandbox:
     ) -> CodeContext:
         return _call(self._async.create_code_context(language, cwd=cwd))
 
-    def restart_code_context(self, context: CodeContext) -> None:
+    def list_code_contexts(self) -> list[CodeContext]:
+        """See ``AsyncSandbox.list_code_contexts`` (a local sandbox's)."""
+        if not isinstance(self._async, AsyncSandbox):
+            raise NotImplementedError("list_code_contexts needs a local sandbox")
+        return self._async.list_code_contexts()
+
+    def restart_code_context(self, context: CodeContext | str) -> None:
+        if isinstance(context, str) and not isinstance(self._async, AsyncSandbox):
+            raise NotImplementedError("context ids need a local sandbox")
         _call(self._async.restart_code_context(context))
 
-    def remove_code_context(self, context: CodeContext) -> None:
+    def remove_code_context(self, context: CodeContext | str) -> None:
+        if isinstance(context, str) and not isinstance(self._async, AsyncSandbox):
+            raise NotImplementedError("context ids need a local sandbox")
         _call(self._async.remove_code_context(context))
 
     def prewarm(self, language: str = "python") -> None:
