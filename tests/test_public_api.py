@@ -31,3 +31,46 @@ def test_one_exception_tree() -> None:
     ):
         assert issubclass(getattr(corral, name), corral.CorralError)
     assert issubclass(corral.SandboxBroken, corral.SandboxError)
+
+
+def test_the_api_protocols_are_exported_and_paired() -> None:
+    """corral.abc lists every Protocol it defines, and each async one has its
+    generated sync twin with the same members (scripts/gen_sync.py)."""
+    from typing import Protocol
+
+    import corral.abc
+
+    assert corral.abc.__all__ == sorted(corral.abc.__all__)
+    defined = {
+        name
+        for name, value in vars(corral.abc).items()
+        if isinstance(value, type) and Protocol in value.__mro__ and value is not Protocol
+    }
+    assert defined == set(corral.abc.__all__)
+    dunders = {"__aenter__": "__enter__", "__aexit__": "__exit__", "__aiter__": "__iter__"}
+    for name in defined:
+        if not name.startswith("Async"):
+            continue
+        twin = getattr(corral.abc, name.removeprefix("Async"))
+        members = {
+            dunders.get(m, m)
+            for m in vars(getattr(corral.abc, name))
+            if not m.startswith("_") or m in dunders
+        }
+        assert members <= set(dir(twin)), (name, members - set(dir(twin)))
+    assert corral.AsyncSandboxAPI is corral.abc.AsyncSandboxAPI
+    assert corral.SandboxAPI is corral.abc.SandboxAPI
+
+
+def test_the_sync_facade_is_generated_and_current() -> None:
+    """_sync.py and abc.py's sync Protocols are what scripts/gen_sync.py makes
+    of the async Protocols: a hand edit, or an async change without a rerun, fails."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gen_sync.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
