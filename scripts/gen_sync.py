@@ -415,6 +415,12 @@ def generate() -> dict[Path, str]:
         sys.exit(f"gen_sync: abc.py must import {sorted(missing)} for its sync Protocols")
 
     body = "\n\n".join(facade_class(c, hand, sandbox, sandbox_src) for c in classes)
+    # mypy checks that each facade implements its sync Protocol
+    body += "\n\n# Each facade implements its sync Protocol (mypy checks).\n" + "".join(
+        f"_{sync_name(c.name).lower()}: type[{sync_name(c.name)}] = {FACADES[c.name]}\n"
+        for c in classes
+    )
+    table.update({sync_name(c.name): f"from .abc import {sync_name(c.name)}" for c in classes})
     defined = set(FACADES.values())
     sync = HEADER + "\nfrom __future__ import annotations\n\n"
     sync += with_imports(body + "\nAsyncSandbox", table, defined) + "\n" + body + "\n"

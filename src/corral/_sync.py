@@ -44,6 +44,14 @@ from .abc import (
     AsyncPtyAPI,
     AsyncPtyHandleAPI,
     AsyncSandboxAPI,
+    CommandHandleAPI,
+    CommandsAPI,
+    FileReaderAPI,
+    FilesAPI,
+    NetworkAPI,
+    PtyAPI,
+    PtyHandleAPI,
+    SandboxAPI,
 )
 
 
@@ -124,7 +132,7 @@ class SyncPtyHandle:
 
 
 class SyncFileReader:
-    """A file streamed out of the box: ``async for chunk in reader``, or ``read``.
+    """A file streamed out of the box: iterate it for its chunks, or ``read``.
 
     The sync facade of ``AsyncFileReaderAPI``.
     """
@@ -517,3 +525,14 @@ class Sandbox:
     def prewarm(self, language: str = "python") -> None:
         """Start the language's default context now, so the first cell is quick."""
         call(self._async.prewarm(language))
+
+
+# Each facade implements its sync Protocol (mypy checks).
+_commandhandleapi: type[CommandHandleAPI] = SyncCommandHandle
+_ptyhandleapi: type[PtyHandleAPI] = SyncPtyHandle
+_filereaderapi: type[FileReaderAPI] = SyncFileReader
+_commandsapi: type[CommandsAPI] = SyncCommands
+_filesapi: type[FilesAPI] = SyncFiles
+_ptyapi: type[PtyAPI] = SyncPty
+_networkapi: type[NetworkAPI] = SyncNetwork
+_sandboxapi: type[SandboxAPI] = Sandbox

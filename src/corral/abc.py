@@ -137,7 +137,7 @@ class AsyncPtyHandleAPI(Protocol):
 
 
 class AsyncFileReaderAPI(Protocol):
-    """A file streamed out of the box: ``async for chunk in reader``, or ``read``."""
+    """A file streamed out of the box: iterate it for its chunks, or ``read``."""
 
     @property
     def size(self) -> int:
@@ -510,7 +510,7 @@ class PtyHandleAPI(Protocol):
 
 
 class FileReaderAPI(Protocol):
-    """A file streamed out of the box: ``async for chunk in reader``, or ``read``.
+    """A file streamed out of the box: iterate it for its chunks, or ``read``.
 
     The sync variant of ``AsyncFileReaderAPI``.
     """
