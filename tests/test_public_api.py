@@ -74,3 +74,38 @@ def test_the_sync_facade_is_generated_and_current() -> None:
         [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_implementations_name_parameters_as_the_protocols_do() -> None:
+    """mypy checks that local and remote classes implement the Protocols, but
+    not the names of positional parameters (``rename(src=..., dst=...)`` must
+    work on every surface): those are compared here, against the Protocol."""
+    import inspect
+
+    import corral.abc
+    from corral import _client as remote
+    from corral import _sandbox as local
+
+    implementations = {
+        corral.abc.AsyncSandboxAPI: (local.AsyncSandbox, remote.RemoteSandbox),
+        corral.abc.AsyncCommandsAPI: (local.Commands, remote.RemoteCommands),
+        corral.abc.AsyncFilesAPI: (local.Files, remote.RemoteFiles),
+        corral.abc.AsyncPtyAPI: (local.Pty, remote.RemotePty),
+        corral.abc.AsyncNetworkAPI: (local.Network, remote.RemoteNetwork),
+        corral.abc.AsyncCommandHandleAPI: (local.CommandHandle, remote.RemoteCommandHandle),
+        corral.abc.AsyncPtyHandleAPI: (local.PtyHandle, remote.RemotePtyHandle),
+        corral.abc.AsyncFileReaderAPI: (local.FileReader, remote.RemoteFileReader),
+    }
+    assert set(implementations) == {
+        getattr(corral.abc, n) for n in corral.abc.__all__ if n.startswith("Async")
+    }
+    for protocol, classes in implementations.items():
+        for name, member in vars(protocol).items():
+            if not inspect.isfunction(member) or (
+                name.startswith("_") and name not in ("__aenter__", "__aexit__", "__aiter__")
+            ):
+                continue
+            want = [p.name for p in inspect.signature(member).parameters.values()]
+            for cls in classes:
+                got = [p.name for p in inspect.signature(getattr(cls, name)).parameters.values()]
+                assert got == want, f"{cls.__name__}.{name}{got} != {protocol.__name__}{want}"

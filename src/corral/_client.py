@@ -384,8 +384,10 @@ class Client:
         *,
         state: Literal["running", "ended"] | None = None,
         metadata: Mapping[str, str] | None = None,
+        limit: int = 100,
     ) -> list[SandboxInfo]:
-        return _call(self._async.list(state=state, metadata=metadata))
+        """This key's sandboxes, newest first, every page (``limit`` a page)."""
+        return _call(self._async.list(state=state, metadata=metadata, limit=limit))
 
     def kill(self, sandbox_id: str) -> SandboxInfo:
         return _call(self._async.kill(sandbox_id))

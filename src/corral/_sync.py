@@ -374,7 +374,8 @@ class SyncNetwork:
         self, *, allow: Sequence[str] | None = None, deny: Sequence[str] | None = None
     ) -> None:
         """New allow/deny rules for new connections (None keeps a list as it is).
-        SandboxError unless the network mode is ``allowlist``; PolicyError names a bad rule.
+        Refused unless the network mode is ``allowlist`` (``SandboxError`` locally,
+        ``RemoteError`` 409 remotely); ``PolicyError`` names a bad rule.
         """
         call(self._async.update(allow=allow, deny=deny))
 
