@@ -238,9 +238,10 @@ def test_closed_async_sandboxes_are_freed() -> None:
 @pytest.mark.timeout(300)
 def test_closed_sync_sandboxes_are_freed() -> None:
     """The same through the sync facade, whose portal loop outlives every box."""
-    from corral._sync import _Portal
+    from corral._portal import _Portal
+    from corral.abc import AsyncSandboxAPI
 
-    def cycles(n: int) -> list[weakref.ref[corral.AsyncSandbox]]:
+    def cycles(n: int) -> list[weakref.ref[AsyncSandboxAPI]]:
         refs = []
         for _ in range(n):
             with corral.Sandbox(runtime=None) as sb:

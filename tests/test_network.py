@@ -263,9 +263,9 @@ async def test_rules_change_while_the_box_runs(servers: Servers) -> None:
             "except Exception as e: print(e)",
         ]
         assert b"403" in (await sb.commands.run(get)).stdout
-        sb.network.update(allow=["127.0.0.1", "pypi.test"])
+        await sb.network.update(allow=["127.0.0.1", "pypi.test"])
         assert (await sb.commands.run(get)).stdout == b"200\n"
-        assert [e.allowed for e in sb.network.events()] == [False, True]
+        assert [e.allowed for e in await sb.network.events()] == [False, True]
 
 
 def test_rules_unit() -> None:

@@ -31,7 +31,7 @@ def run(coro: object) -> object:
 
 async def test_commands_and_files_share_one_box() -> None:
     async with AsyncSandbox(policy="default", timeout_s=60) as sb:
-        assert sb.is_running()
+        assert await sb.is_running()
         assert len(sb.id) == 16
         assert await sb.files.write("in/data.csv", b"a,b\n1,2\n") == 8
         result = await sb.commands.run("wc -l in/data.csv", timeout_s=10)
@@ -53,7 +53,7 @@ async def test_commands_and_files_share_one_box() -> None:
         # state persists between commands: cwd-relative files, environment per call
         result = await sb.commands.run("echo $GREETING", env={"GREETING": "hi"}, cwd="a")
         assert result.stdout == b"hi\n"
-    assert not sb.is_running()
+    assert not await sb.is_running()
 
 
 async def test_background_server_and_same_loopback() -> None:
@@ -253,7 +253,7 @@ async def test_agent_killed_from_inside_breaks_pending_calls_promptly() -> None:
         with pytest.raises(SandboxBroken):
             await slow
         assert time.monotonic() - started < 5
-        assert not sb.is_running()
+        assert not await sb.is_running()
         with pytest.raises(SandboxBroken):
             await sb.files.read("x")
 
@@ -271,12 +271,12 @@ async def test_agent_channel_is_not_reachable_from_user_code() -> None:
 
 async def test_lifetime_timeout_and_extension() -> None:
     async with AsyncSandbox(timeout_s=1.0) as sb:
-        sb.set_timeout(3.0)
+        await sb.set_timeout(3.0)
         await asyncio.sleep(1.5)
         assert (await sb.commands.run("echo alive")).stdout == b"alive\n"
         with pytest.raises(SandboxBroken, match="lifetime timeout"):
             await sb.commands.run("sleep 30", timeout_s=None)
-        assert not sb.is_running()
+        assert not await sb.is_running()
 
 
 async def test_close_while_a_command_runs() -> None:
@@ -457,7 +457,7 @@ async def test_each_command_has_its_own_cpu_budget_and_the_agent_none() -> None:
         while chunk := await terminal.read(timeout_s=10):
             out += chunk
         assert out.split()[3:5] == [b"2", b"3"], out
-        assert sb.is_running()
+        assert await sb.is_running()
 
 
 async def test_removing_a_symlink_removes_the_link_not_its_target() -> None:

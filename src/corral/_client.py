@@ -1,16 +1,14 @@
 """The remote client: the same ``Sandbox`` API, run by ``corral serve``.
 
-``AsyncClient.sandbox()`` returns a ``RemoteSandbox`` with the interface of
-``AsyncSandbox`` (commands, files, code, network); ``Client.sandbox()``
-returns the very ``Sandbox`` facade of the local library around it, so code
-moves between local and remote by changing one line. Streaming callbacks work
-remotely: output and rich results arrive as NDJSON events as they happen.
+``AsyncClient.sandbox()`` returns a ``RemoteSandbox``, which implements
+``corral.abc.AsyncSandboxAPI`` as ``AsyncSandbox`` does (mypy checks both);
+``Client.sandbox()`` returns the very ``Sandbox`` facade of the local library
+(generated, ``_sync.py``) around it, so code moves between local and remote by
+changing one line. Streaming callbacks work remotely: output and rich results
+arrive as NDJSON events as they happen.
 
 Differences that cannot be hidden, and how they show:
 - a terminal's ``read`` is one long-polling request per call;
-- ``network.events()``, ``network.update()``, ``set_timeout()`` and
-  ``is_running()`` are synchronous in the local API, so remotely they make a
-  short blocking request;
 - a remote sandbox always has a finite lifetime (``set_timeout(None)`` is refused);
 - the server's failures are ``RemoteError`` (``.code``: ``unauthorized``,
   ``quota_exceeded``…), and losing the server mid-call is ``SandboxBroken``.
@@ -50,6 +48,7 @@ from ._interpreter import (
     TextCallback,
 )
 from ._policy import Policy
+from ._portal import call as _call
 from ._proxy import Approval, NetworkEvent
 from ._runtime import DEFAULT as DEFAULT_RUNTIME
 from ._sandbox import (
@@ -64,12 +63,20 @@ from ._sandbox import (
     ProcessInfo,
     _chunks,
 )
-from ._sync import Sandbox, _call
+from ._sync import Sandbox
+from .abc import (
+    AsyncCommandHandleAPI,
+    AsyncCommandsAPI,
+    AsyncFileReaderAPI,
+    AsyncFilesAPI,
+    AsyncNetworkAPI,
+    AsyncPtyAPI,
+    AsyncPtyHandleAPI,
+    AsyncSandboxAPI,
+)
 
 if TYPE_CHECKING:
     import httpx
-
-    from ._sandbox import AsyncSandbox
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _API = "/v1/sandboxes"
@@ -187,8 +194,6 @@ class AsyncClient:
             limits=limits,
             transport=httpx.AsyncHTTPTransport(socket_options=keepalive, limits=limits),
         )
-        # for the few calls the local API makes synchronous (network.events()…)
-        self._sync_http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
 
     async def __aenter__(self) -> Self:
         return self
@@ -198,7 +203,6 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
-        self._sync_http.close()
 
     def sandbox(
         self,
@@ -290,17 +294,6 @@ class AsyncClient:
         except ValueError:
             raise SandboxBroken("the server sent malformed JSON") from None
 
-    def _sync_json(self, method: str, url: str, **kwargs: Any) -> Any:
-        import httpx
-
-        try:
-            response = self._sync_http.request(method, url, **kwargs)
-        except httpx.TransportError as exc:
-            raise _lost(exc) from exc
-        if response.status_code >= 400:
-            _raise_for(response.status_code, response.content)
-        return response.json()
-
     @contextlib.asynccontextmanager
     async def _stream(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
         import httpx
@@ -378,10 +371,10 @@ class Client:
             metadata=metadata,
             on_network_request=on_network_request,
         )
-        return Sandbox._around(cast("AsyncSandbox", remote))
+        return Sandbox._around(remote)
 
     def connect(self, sandbox_id: str) -> Sandbox:
-        return Sandbox._around(cast("AsyncSandbox", _call(self._async.connect(sandbox_id))))
+        return Sandbox._around(_call(self._async.connect(sandbox_id)))
 
     def get(self, sandbox_id: str) -> SandboxInfo:
         return _call(self._async.get(sandbox_id))
@@ -391,8 +384,10 @@ class Client:
         *,
         state: Literal["running", "ended"] | None = None,
         metadata: Mapping[str, str] | None = None,
+        limit: int = 100,
     ) -> list[SandboxInfo]:
-        return _call(self._async.list(state=state, metadata=metadata))
+        """This key's sandboxes, newest first, every page (``limit`` a page)."""
+        return _call(self._async.list(state=state, metadata=metadata, limit=limit))
 
     def kill(self, sandbox_id: str) -> SandboxInfo:
         return _call(self._async.kill(sandbox_id))
@@ -486,20 +481,21 @@ class RemoteSandbox:
             with contextlib.suppress(RemoteError, SandboxBroken):
                 await self._client._json("DELETE", url)
 
-    def is_running(self) -> bool:
+    async def is_running(self) -> bool:
+        """Whether the server runs the sandbox (False when it is out of reach)."""
         if self._closed or self.info is None:
             return False
         try:
-            info = self._client._sync_json("GET", self._url(""))
+            info = await self._client._json("GET", self._url(""))
         except SandboxBroken:  # the server is out of reach
             return False
         return bool(info.get("state") == "running")
 
-    def set_timeout(self, timeout_s: float | None) -> None:
+    async def set_timeout(self, timeout_s: float | None) -> None:
         """Give the sandbox ``timeout_s`` more seconds, counted from now."""
         if timeout_s is None:
             raise ValueError("timeout_s: a remote sandbox always has a finite lifetime")
-        self._client._sync_json("POST", self._url("/timeout"), json={"timeout_s": timeout_s})
+        await self._client._json("POST", self._url("/timeout"), json={"timeout_s": timeout_s})
 
     # -- code ---------------------------------------------------------------------
 
@@ -698,18 +694,18 @@ class RemoteNetwork:
     def __init__(self, sandbox: RemoteSandbox) -> None:
         self._sb = sandbox
 
-    def events(self) -> list[NetworkEvent]:
-        data = self._sb._client._sync_json("GET", self._sb._url("/network/events"))
+    async def events(self) -> list[NetworkEvent]:
+        data = await self._sb._client._json("GET", self._sb._url("/network/events"))
         return [s.network_event_from_dict(e) for e in data["events"]]
 
-    def update(
+    async def update(
         self, *, allow: Sequence[str] | None = None, deny: Sequence[str] | None = None
     ) -> None:
         body = {
             "allow": list(allow) if allow is not None else None,
             "deny": list(deny) if deny is not None else None,
         }
-        data = self._sb._client._sync_json("PUT", self._sb._url("/network/rules"), json=body)
+        data = await self._sb._client._json("PUT", self._sb._url("/network/rules"), json=body)
         self._sb.policy = self._sb.policy.with_network(
             allow=tuple(data["allow"]), deny=tuple(data["deny"])
         )
@@ -829,7 +825,21 @@ class RemoteCommands:
         stdin: bytes | str | bool | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-    ) -> RemoteCommandHandle: ...
+    ) -> AsyncCommandHandleAPI: ...
+
+    @overload
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        background: bool = False,
+        timeout_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | bool | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult | AsyncCommandHandleAPI: ...
 
     async def run(
         self,
@@ -842,8 +852,10 @@ class RemoteCommands:
         stdin: bytes | str | bool | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-    ) -> CommandResult | RemoteCommandHandle:
+    ) -> CommandResult | AsyncCommandHandleAPI:
         """See ``Commands.run`` of ``AsyncSandbox``."""
+        if not background and isinstance(stdin, bool):
+            raise TypeError("stdin=True is for background commands; give the bytes to send")
         data = stdin.encode() if isinstance(stdin, str) else stdin
         body: dict[str, Any] = {
             "command": command if isinstance(command, str) else list(command),
@@ -857,7 +869,7 @@ class RemoteCommands:
         if background:
             reply = await self._sb._client._json("POST", self._sb._url("/commands"), json=body)
             if reply.get("pid") is None:
-                return _Finished(s.command_result_from_dict(reply["result"]))  # type: ignore[return-value]
+                return _Finished(s.command_result_from_dict(reply["result"]))
             return RemoteCommandHandle(self._sb, int(reply["pid"]), on_stdout, on_stderr)
         if on_stdout is None and on_stderr is None:
             reply = await self._sb._client._json("POST", self._sb._url("/commands"), json=body)
@@ -1069,3 +1081,14 @@ class RemoteFiles:
         await self._sb._client._json(
             "POST", self._sb._url("/files/rename"), json={"src": src, "dst": dst}
         )
+
+
+# The remote classes implement the public Protocols, as the local ones do (mypy checks).
+_sandbox_api: type[AsyncSandboxAPI] = RemoteSandbox
+_commands_api: type[AsyncCommandsAPI] = RemoteCommands
+_files_api: type[AsyncFilesAPI] = RemoteFiles
+_pty_api: type[AsyncPtyAPI] = RemotePty
+_network_api: type[AsyncNetworkAPI] = RemoteNetwork
+_command_handle_api: tuple[type[AsyncCommandHandleAPI], ...] = (RemoteCommandHandle, _Finished)
+_pty_handle_api: type[AsyncPtyHandleAPI] = RemotePtyHandle
+_file_reader_api: type[AsyncFileReaderAPI] = RemoteFileReader

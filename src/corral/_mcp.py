@@ -114,7 +114,7 @@ class _Session:
         variables went."""
         async with self._lock:
             current = self.sandbox
-            if current is not None and current.is_running():
+            if current is not None and await current.is_running():
                 return current
             if current is not None:
                 self.sandbox = None
@@ -150,7 +150,7 @@ class _Session:
 
     async def forget_if_ended(self, sandbox: AsyncSandbox) -> bool:
         """Drop ``sandbox`` if it is no longer running (so the next call opens a fresh one)."""
-        if sandbox.is_running():
+        if await sandbox.is_running():
             return False
         if self.sandbox is sandbox:
             self.sandbox = None

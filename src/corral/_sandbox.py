@@ -534,6 +534,20 @@ class Commands:
         on_stderr: OutputCallback | None = None,
     ) -> CommandHandle: ...
 
+    @overload
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        background: bool = False,
+        timeout_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | bool | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult | CommandHandle: ...
+
     async def run(
         self,
         command: str | Sequence[str],
@@ -557,6 +571,8 @@ class Commands:
         counted (``truncated``) while the command keeps running; ``stdin=True``
         keeps its stdin open for ``send_stdin``.
         """
+        if not background and isinstance(stdin, bool):
+            raise TypeError("stdin=True is for background commands; give the bytes to send")
         open_stdin = stdin is not None and stdin is not False
         process, writer, _ = await self._start(
             command,
@@ -933,12 +949,12 @@ class Network:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sb = sandbox
 
-    def events(self) -> list[NetworkEvent]:
+    async def events(self) -> list[NetworkEvent]:
         """Every decision so far: host, port, address, allowed, rule, reason."""
         proxy = self._sb._box.proxy if self._sb._box is not None else None
         return list(proxy.events) if proxy is not None else []
 
-    def update(
+    async def update(
         self, *, allow: Sequence[str] | None = None, deny: Sequence[str] | None = None
     ) -> None:
         """Change the rules while the box runs; they apply to new connections."""
@@ -1059,7 +1075,7 @@ class AsyncSandbox:
                 )
             self._watch = asyncio.ensure_future(self._watch_box())
             self._watchdog_task = asyncio.ensure_future(self._watchdog())
-            self.set_timeout(self._timeout_s)
+            self._set_lifetime(self._timeout_s)
         except BaseException as exc:
             self._teardown()
             if isinstance(exc, TimeoutError | CorralError):
@@ -1110,8 +1126,11 @@ class AsyncSandbox:
                 reason = "the box was killed by its memory limit"
             self._connection.fail(SandboxBroken(reason))
 
-    def set_timeout(self, timeout_s: float | None) -> None:
+    async def set_timeout(self, timeout_s: float | None) -> None:
         """Give the box ``timeout_s`` more seconds to live, counted from now (None: no limit)."""
+        self._set_lifetime(timeout_s)
+
+    def _set_lifetime(self, timeout_s: float | None) -> None:
         if self._lifetime is not None:
             self._lifetime.cancel()
             self._lifetime = None
@@ -1248,7 +1267,8 @@ class AsyncSandbox:
                 f"build it with: corral runtime build {name}  (then start a new sandbox)",
             )
 
-    def is_running(self) -> bool:
+    async def is_running(self) -> bool:
+        """Whether the box is up (False once closed, broken or ended)."""
         return (
             self._connection is not None and self._connection.failure is None and not self._closed
         )

@@ -598,7 +598,7 @@ class Service:
         now, mono = time.time(), time.monotonic()
         for sandbox_id, live in list(self.live.items()):
             sb = live.sandbox
-            if not sb.is_running():
+            if not await sb.is_running():
                 if sb._oom_kills() > 0:
                     await self.end(sandbox_id, "limit", limit="memory", detail="out of memory")
                 else:
