@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from corral import SandboxBroken
-from corral import _wire as w
+from corral._box import _wire as w
 from corral._connection import Connection
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import corral
 from corral import Client
-from corral._cgroups import leftover_cgroups
+from corral.backends.linux._cgroups import leftover_cgroups
 
 from .server_helpers import ServerProcess
 
