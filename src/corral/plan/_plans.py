@@ -127,3 +127,13 @@ def make_plans(
         cgroup_controllers=usable,
         degraded=tuple(degraded),
     )
+
+
+def render(plans: Plans) -> str:
+    """The decisions of ``make_plans`` (degraded controls, cgroup writes, rlimits),
+    for golden files and debugging; mounts, namespaces and seccomp have their own."""
+    out = [f"degraded: {note}\n" for note in plans.degraded] or ["degraded: none\n"]
+    out.append(f"cgroup controllers: {', '.join(sorted(plans.cgroup_controllers)) or 'none'}\n")
+    out.append(_plan_cgroups.render(plans.cgroups))
+    out.append(_rlimits.render(plans.rlimits))
+    return "".join(out)
