@@ -274,7 +274,9 @@ class BwrapBox:
         fds.keep.append(self.pidfd)
         if self.cgroup is not None:
             try:
-                self.cgroup.add_process(box_pid)
+                # in a thread: a cgroup migration waits on the kernel (RCU) for
+                # 10-30 ms here, which would hold up every other box's I/O
+                await asyncio.to_thread(self.cgroup.add_process, box_pid)
             except SandboxError:
                 if self._exited.done():  # bwrap gave up while we were placing it
                     raise await self._setup_failed() from None
