@@ -21,8 +21,10 @@ from collections.abc import Callable
 
 import corral
 from corral import Policy
-from corral._bwrap import _Fds, find_bwrap, make_plans, render_argv
-from corral._identity import acquire_host_identity, release_host_identity
+from corral.backends.bwrap._argv import _Fds, find_bwrap, render_argv
+from corral.backends.linux._facts import gather_host_facts
+from corral.backends.linux._identity import acquire_host_identity, release_host_identity
+from corral.plan import make_plans
 
 PY = "/usr/bin/python3"
 FIB = (
@@ -50,7 +52,7 @@ def timeit(fn: Callable[[], object], n: int) -> float:
 def raw_bwrap(policy: Policy, command: list[str]) -> Callable[[], object]:
     """A bwrap command line with the flags corral renders (namespaces, mounts,
     seccomp, env), run directly: no cgroup, no rlimits, no supervision."""
-    plans = make_plans(policy, workspace_source=None)
+    plans = make_plans(policy, gather_host_facts())
 
     def go() -> None:
         fds = _Fds()

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from corral._cgroups import (
+from corral._errors import SandboxError, UnsupportedPolicy
+from corral._policy import Limits
+from corral.backends.linux._cgroups import (
     CgroupSupport,
     SandboxCgroup,
     detect_cgroups,
     leftover_cgroups,
 )
-from corral._errors import SandboxError, UnsupportedPolicy
-from corral._policy import Limits
 from corral.plan._cgroups import CgroupWrite, plan_cgroups, render
 
 Golden = Callable[[str, str], None]
@@ -270,7 +270,10 @@ def test_a_taken_name_is_refused_without_touching_the_owner(
 def test_an_unprivileged_user_is_told_why(world_readable_src: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to an unprivileged user")
-    code = "from corral._cgroups import detect_cgroups as d; s = d(); print(s.available, s.reason)"
+    code = (
+        "from corral.backends.linux._cgroups import detect_cgroups as d; "
+        "s = d(); print(s.available, s.reason)"
+    )
     proc = subprocess.run(
         [
             "setpriv",

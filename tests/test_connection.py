@@ -14,36 +14,9 @@ from pathlib import Path
 import pytest
 
 from corral import SandboxBroken
-from corral import _wire as w
+from corral._box import _wire as w
 from corral._connection import Connection
-
-
-class FakeAgent:
-    """The other end of two real pipes, speaking whatever the test makes it say."""
-
-    def __init__(self) -> None:
-        self.to_host_r, self.to_host_w = os.pipe()
-        self.from_host_r, self.from_host_w = os.pipe()
-        self.reader = self.to_host_r  # the host's ends
-        self.writer = self.from_host_w
-        self.numberer = w.Numberer()
-
-    async def say(self, frame: bytes, *, numbered: bool = True) -> None:
-        """Send one frame, numbered in turn (``numbered=False``: exactly as given)."""
-        out = bytearray()
-        if numbered:
-            self.numberer.queue(out, frame)
-        else:
-            out += frame
-        # from a worker thread: a frame larger than the pipe must not block the
-        # event loop that the host end reads it with
-        view = memoryview(out)
-        while view:
-            view = view[await asyncio.to_thread(os.write, self.to_host_w, view) :]
-
-    def close(self) -> None:
-        for fd in (self.to_host_w, self.from_host_r, self.to_host_r, self.from_host_w):
-            os.close(fd)
+from corral.testing import FakeAgent
 
 
 @pytest.fixture

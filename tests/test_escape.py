@@ -415,7 +415,9 @@ def test_the_hosts_keys_are_not_listed_in_the_box(mode: str, world_readable_src:
 def test_each_box_starts_in_a_fresh_session_keyring() -> None:
     """The third lock on keys: the box does not possess the caller's session
     keyring (nor share one with another box)."""
-    from corral._bwrap import _spawn_in_fresh_keyring
+    import asyncio
+
+    from corral.backends.bwrap._box import _spawn_in_fresh_keyring
 
     show = [
         SYSTEM_PYTHON,
@@ -424,7 +426,7 @@ def test_each_box_starts_in_a_fresh_session_keyring() -> None:
     ]
     ids = []
     for _ in range(2):
-        proc = _spawn_in_fresh_keyring(lambda: Popen(show, stdout=PIPE))
+        proc = asyncio.run(_spawn_in_fresh_keyring(lambda: Popen(show, stdout=PIPE)))
         out, _ = proc.communicate()
         ids.append(int(out))
     mine = int(subprocess.run(show, stdout=PIPE, check=True).stdout)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,8 +17,8 @@ import pytest
 
 import corral
 from corral import Policy
-from corral._cgroups import leftover_cgroups, sweep_orphans
-from corral._identity import DEFAULT_RANGE
+from corral.backends.linux._cgroups import leftover_cgroups, sweep_orphans
+from corral.backends.linux._identity import DEFAULT_RANGE
 
 from .conftest import py
 
@@ -71,11 +72,22 @@ def _descends_from_us(pid: int, parents: dict[int, int]) -> bool:
     return False
 
 
+def _theirs(text: str) -> bool:
+    """Made by a server another test session runs on this host at the same time."""
+    if "corral-test-serve-" in text:
+        return True
+    match = re.search(r"/box-(\d+)-", text)
+    return match is not None and int(match[1]) != os.getpid() and Path(f"/proc/{match[1]}").exists()
+
+
 def _snapshot() -> dict[str, object]:
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
     return {
         "fds": sorted(os.listdir("/proc/self/fd")),
-        "mounts": Path("/proc/self/mountinfo").read_text().count("\n"),
-        "tmp": sorted(p.name for p in Path("/tmp").iterdir() if "corral" in p.name),
+        "mounts": len([line for line in mounts if not _theirs(line)]),
+        "tmp": sorted(
+            p.name for p in Path("/tmp").iterdir() if "corral" in p.name and not _theirs(p.name)
+        ),
         "cgroups": [c for c in leftover_cgroups() if f"/box-{os.getpid()}-" in c],
         "box_processes": _box_uid_processes(),
     }

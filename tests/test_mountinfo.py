@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import corral
-from corral import AsyncSandbox, _workdir
+from corral import AsyncSandbox
+from corral.backends.linux import _workdir
 
 READ_BOTH = "cat /proc/self/mountinfo /proc/1/mountinfo"
 

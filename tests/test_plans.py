@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from corral import Policy
-from corral.plan import _capabilities, _mounts, _namespaces, _rlimits
+from corral import Policy, UnsupportedPolicy
+from corral.plan import HostFacts, _capabilities, _mounts, _namespaces, _rlimits, make_plans
+from corral.plan._plans import render
 
 Golden = Callable[[str, str], None]
 
@@ -124,3 +125,79 @@ def test_rlimits_skip_unlimited_fields() -> None:
     assert "RLIMIT_NOFILE" not in names
     assert "RLIMIT_CPU" not in names
     assert {"RLIMIT_CORE", "RLIMIT_STACK", "RLIMIT_FSIZE"} <= names
+
+
+# -- make_plans: the degrade-or-refuse decisions, from made-up hosts -------------------------
+
+FULL_HOST = HostFacts(
+    layout=DEBIAN,
+    cgroup_version=2,
+    cgroup_controllers=frozenset({"memory", "pids", "cpu"}),
+    net_tun=True,
+    image_support=None,
+    root=True,
+)
+NO_CGROUPS = HostFacts(
+    layout=DEBIAN,
+    cgroup_reason="no cgroup delegated to this user",
+    net_tun=False,
+    image_support="loop-mounted images need root",
+)
+OLD_LIBSECCOMP_V1 = HostFacts(
+    layout=SPLIT_USR,
+    cgroup_version=1,
+    cgroup_controllers=frozenset({"memory", "pids"}),
+    cgroup_reason="no cpu controller in this hierarchy",
+    net_tun=True,
+    seccomp_unfiltered=(("io_uring_setup", "unknown to libseccomp 2.3.1: NOT filtered"),),
+    image_support=None,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "facts"),
+    [("full_v2", FULL_HOST), ("no_cgroups", NO_CGROUPS), ("old_libseccomp_v1", OLD_LIBSECCOMP_V1)],
+)
+def test_make_plans_golden(name: str, facts: HostFacts, golden: Golden) -> None:
+    """Every host fact the planner reads is data: a host without cgroups gets the
+    rlimit fallback and says so in ``degraded``; no root, no kernel involved."""
+    golden(f"plans_{name}.txt", render(make_plans(Policy.preset("default"), facts)))
+
+
+def test_no_cgroups_degrades_every_limit_and_falls_back_to_rlimits() -> None:
+    plans = make_plans(Policy.preset("default"), NO_CGROUPS)
+    assert plans.cgroups == ()
+    assert {r.resource for r in plans.rlimits} >= {"RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_CPU"}
+    assert [note.split(" cgroup")[0] for note in plans.degraded] == [
+        "limits: no memory",
+        "limits: no pids",
+        "limits: no cpu",
+    ]
+    assert make_plans(Policy.preset("default"), FULL_HOST).degraded == ()
+
+
+def test_what_nothing_would_enforce_is_refused_naming_the_field() -> None:
+    quota_only = Policy.preset("default").with_limits(cpu_time_s=None)
+    with pytest.raises(UnsupportedPolicy) as info:
+        make_plans(quota_only, NO_CGROUPS)
+    assert info.value.field == "limits.cpu_cores"
+    make_plans(quota_only, FULL_HOST)  # a cpu cgroup enforces it
+    open_net = Policy.preset("default").with_network(mode="open")
+    with pytest.raises(UnsupportedPolicy) as info:
+        make_plans(open_net, NO_CGROUPS)
+    assert info.value.field == "network.mode"
+
+
+def test_the_workspace_disk_bound_is_degraded_only_without_an_image() -> None:
+    policy = Policy.preset("default")
+    fresh = make_plans(policy, FULL_HOST, workspace_source="/srv/ws", fresh_workdir=True)
+    assert not any("disk_bytes" in note for note in fresh.degraded)
+    handed_in = make_plans(policy, FULL_HOST, workspace_source="/srv/ws")
+    assert any("caller's files in place" in note for note in handed_in.degraded)
+    not_root = make_plans(policy, NO_CGROUPS, workspace_source="/srv/ws", fresh_workdir=True)
+    assert any("need root" in note for note in not_root.degraded)
+
+
+def test_an_agent_box_gets_no_rlimit_cpu_of_its_own() -> None:
+    plans = make_plans(Policy.preset("default"), FULL_HOST, per_command_cpu=True)
+    assert "RLIMIT_CPU" not in {r.resource for r in plans.rlimits}

@@ -558,3 +558,22 @@ async def test_list_shows_what_a_finished_command_left_running() -> None:
         assert await _escapees(sb, "4100") == []
         assert await sb.commands.list() == []
         assert not await sb.commands.kill(left[0].pid)
+
+
+async def test_every_task_a_sandbox_starts_has_ended_when_close_returns() -> None:
+    """A watchdog, a box watcher or a housekeeping task left running after
+    close() holds the sandbox (and its buffers) and keeps ticking."""
+    before = set(asyncio.all_tasks())
+    sb = AsyncSandbox(runtime=None, timeout_s=60)
+    await sb.start()
+    try:
+        await sb.commands.run("sleep 30", background=True)
+        term = await sb.pty.create()
+        await term.send("sleep 30\n")
+        slow = asyncio.ensure_future(sb.commands.run("sleep 30"))
+        await asyncio.sleep(0.05)
+    finally:
+        await sb.close()
+    left = set(asyncio.all_tasks()) - before - {slow}  # the caller's own task aside
+    await asyncio.gather(slow, return_exceptions=True)
+    assert left == set()

@@ -21,7 +21,7 @@ import pytest
 
 from corral._errors import SandboxError
 from corral._policy import SyscallPolicy
-from corral._seccomp import compile_bpf, libseccomp_version, skipped_rules
+from corral.backends.linux._seccomp import compile_bpf, libseccomp_version, skipped_rules
 from corral.plan._seccomp import ArgCmp, SeccompPlan, SeccompRule, plan_seccomp, render
 
 Golden = Callable[[str, str], None]
@@ -194,7 +194,8 @@ def test_a_missing_libseccomp_is_reported_not_crashed() -> None:
     maps = Path("/proc/self/maps").read_text().split()
     library = next(word for word in maps if "/libseccomp.so" in word)
     code = (
-        "from corral import _errors, _seccomp\n"
+        "from corral import _errors\n"
+        "from corral.backends.linux import _seccomp\n"
         "from corral.plan._seccomp import SeccompPlan\n"
         "assert _seccomp.libseccomp_version() is None\n"
         "try:\n"

@@ -14,8 +14,8 @@ import pytest
 
 import corral
 from corral import Client
-from corral._cgroups import leftover_cgroups
 from corral._portal import call
+from corral.backends.linux._cgroups import leftover_cgroups
 
 from .server_helpers import ServerProcess
 

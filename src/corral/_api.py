@@ -712,7 +712,6 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
 
 def _info(service: Service, row: SandboxRow) -> dict[str, Any]:
     live = service.live.get(row.id)
-    box = live.sandbox._box if live is not None else None
     return {
         "id": row.id,
         "state": row.state,
@@ -727,7 +726,7 @@ def _info(service: Service, row: SandboxRow) -> dict[str, Any]:
         "metadata": row.metadata,
         "runtime": row.runtime,
         "policy": row.policy,
-        "degraded": list(box.plans.degraded) if box is not None else [],
+        "degraded": list(live.sandbox.degraded) if live is not None else [],
     }
 
 

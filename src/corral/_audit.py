@@ -29,12 +29,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 from xml.etree import ElementTree
 
-from . import _cgroups
+from . import _runtime
 from ._errors import CorralError
 from ._policy import Policy
 from ._result import RunResult
 from ._run import run_async
 from ._sandbox import AsyncSandbox
+from .backends import Backend, resolve_backend
 
 Verdict = Literal["pass", "fail", "skip", "error"]
 BOX_PYTHON = "/usr/bin/python3"
@@ -93,11 +94,19 @@ class Context:
     """What a probe may use: the policy under audit, and ways to run boxes under it."""
 
     policy: Policy
-    backend: str = "bwrap"
+    backend: Backend = field(default_factory=lambda: resolve_backend(None))
     host_service_port: int = 0
 
     async def box(self, command: list[str], policy: Policy | None = None) -> RunResult:
-        return await run_async(command, policy=policy or self.policy)
+        return await run_async(command, policy=policy or self.policy, backend=self.backend)
+
+    def sandbox(
+        self, policy: Policy | None = None, *, runtime: str | None = _runtime.DEFAULT
+    ) -> AsyncSandbox:
+        """A long-lived sandbox (60 s) on the backend under audit."""
+        return AsyncSandbox(
+            policy or self.policy, timeout_s=60, runtime=runtime, backend=self.backend
+        )
 
     async def observe(self, body: str, policy: Policy | None = None) -> dict[str, str]:
         """Run ``PRELUDE + body`` in a box; the JSON it prints in ``out``."""
@@ -521,7 +530,7 @@ async def _dev(ctx: Context) -> Outcome:
     "the agent resolves paths inside the box; the host never follows them",
 )
 async def _symlink(ctx: Context) -> Outcome:
-    async with AsyncSandbox(ctx.policy, timeout_s=60) as sb:
+    async with ctx.sandbox() as sb:
         await sb.commands.run("ln -s /etc/passwd link; ln -s / root")
         outcomes = []
         for path in ("link", "root/etc/passwd"):
@@ -1069,8 +1078,8 @@ _CONNECT = [
 )
 async def _cross(ctx: Context) -> Outcome:
     async with (
-        AsyncSandbox(ctx.policy, timeout_s=60) as a,
-        AsyncSandbox(ctx.policy, timeout_s=60) as b,
+        ctx.sandbox() as a,
+        ctx.sandbox() as b,
     ):
         await a.commands.run("echo secret > /dev/shm/probe; echo secret > /tmp/probe")
         await a.commands.run(_LISTEN, background=True)
@@ -1145,10 +1154,10 @@ print(json.dumps({"inodes": inodes, "refused": refused, "getfd": getfd,
 """
 
 
-async def agent_channel_report(policy: Policy) -> dict[str, object]:
+async def agent_channel_report(policy: Policy, backend: Backend | None = None) -> dict[str, object]:
     """Start a sandbox, run ``CHANNEL_PROBE`` in it; what it reached, and the
     host's channel inodes, as JSON-able data (shared with tests/test_escape.py)."""
-    async with AsyncSandbox(policy, timeout_s=60) as sb:
+    async with AsyncSandbox(policy, timeout_s=60, backend=backend) as sb:
         box = sb._box
         if box is None or box.channel is None:
             raise ProbeError("the sandbox has no agent channel")
@@ -1188,7 +1197,7 @@ def judge_agent_channel(seen: dict[str, object]) -> Outcome:
     "agent non-dumpable; seccomp denies pidfd_getfd",
 )
 async def _agent_channel(ctx: Context) -> Outcome:
-    return judge_agent_channel(await agent_channel_report(ctx.policy))
+    return judge_agent_channel(await agent_channel_report(ctx.policy, ctx.backend))
 
 
 _KEY_SPEC_USER_KEYRING = -4
@@ -1401,7 +1410,7 @@ async def _threads(ctx: Context) -> Outcome:
     cores = ctx.policy.limits.cpu_cores
     if cores is None:
         return Outcome("fail", "limits.cpu_cores is not set: nothing caps CPU use")
-    if "cpu" not in _cgroups.detect_cgroups().controllers:
+    if any("no cpu cgroup" in note for note in ctx.backend.check(ctx.policy)):
         return Outcome(
             "skip",
             "no cpu cgroup on this host: the CPU rate is not limited, only "
@@ -1496,11 +1505,9 @@ async def _daemon(ctx: Context) -> Outcome:
     "the agent is the box's child subreaper and kills a command's whole tree",
 )
 async def _command_tree(ctx: Context) -> Outcome:
-    from ._sandbox import AsyncSandbox
-
     tag = f"{800000 + os.getpid() % 99999}"
     escape = f"setsid sleep {tag}1 & (setsid sleep {tag}2 &); sleep 300"
-    async with AsyncSandbox(ctx.policy, runtime=None, timeout_s=60) as sb:
+    async with ctx.sandbox(runtime=None) as sb:
         result = await sb.commands.run(escape, timeout_s=1)
         await asyncio.sleep(0.2)
         ps = await sb.commands.run(["ps", "-eo", "stat=,args="], timeout_s=10)
@@ -1575,16 +1582,16 @@ async def run_probes(
     policy: Policy,
     *,
     pattern: str | None = None,
-    backend: str = "bwrap",
+    backend: str | Backend | None = None,
     concurrency: int = 4,
 ) -> list[ProbeReport]:
-    if backend != "bwrap":
-        raise CorralError(f"backend {backend!r} is not available (only bwrap is implemented)")
+    """Run the probes (all, or those matching ``pattern``) against boxes of
+    ``backend`` (a name, a Backend, or None for the default) under ``policy``."""
     chosen = [p for p in PROBES if pattern is None or _matches(pattern, p.id)]
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
-    ctx = Context(policy, backend, int(server.getsockname()[1]))
+    ctx = Context(policy, resolve_backend(backend), int(server.getsockname()[1]))
     gate = asyncio.Semaphore(concurrency)
 
     async def one(p: Probe) -> ProbeReport:

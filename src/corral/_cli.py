@@ -74,11 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         help="reach HOST through corral's proxy (network mode allowlist); repeatable",
     )
     p_run.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p_run.add_argument("--backend", default="bwrap", help="what starts the box (default bwrap)")
     p_run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
 
     p_audit = sub.add_parser("audit", help="prove the walls hold: probes from inside a box")
     p_audit.add_argument("--policy", default="default", help="preset name or policy file")
-    p_audit.add_argument("--backend", default="bwrap")
+    p_audit.add_argument("--backend", default="bwrap", help="the backend under audit")
     p_audit.add_argument("--probe", help="only probes whose id matches (glob or substring)")
     p_audit.add_argument("--json", action="store_true", help="one object per probe")
     p_audit.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
@@ -96,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p_doc = sub.add_parser("doctor", help="what this host can enforce")
     p_doc.add_argument("--json", action="store_true")
+    p_doc.add_argument("--backend", default="bwrap", help="the backend to check (default bwrap)")
 
     p_pol = sub.add_parser("policy", help="show or check a policy")
     pol_sub = p_pol.add_subparsers(dest="policy_cmd", required=True)
@@ -171,7 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.allow_domain:
         allow = (*policy.network.allow, *args.allow_domain)
         policy = policy.with_network(mode="allowlist", allow=allow)
-    result = run(command, policy=policy, workdir=args.workdir)
+    result = run(command, policy=policy, workdir=args.workdir, backend=args.backend)
     if args.json:
         print(result.to_json())
     else:
@@ -217,9 +219,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(_audit.table(reports, colour=sys.stdout.isatty()))
     failed = any(r.result in ("fail", "error") for r in reports)
     if args.host:
-        from ._doctor import run_checks
+        from .backends import get_backend
 
-        hazards = [c for c in run_checks() if c.status != "ok"]
+        hazards = [c for c in get_backend(args.backend).doctor() if c.status != "ok"]
         for check in hazards:
             print(f"host: {check.status}: {check.name}: {check.detail}", file=sys.stderr)
             if check.fix:
@@ -245,9 +247,9 @@ def _cmd_runtime(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from ._doctor import run_checks
+    from .backends import get_backend
 
-    checks = run_checks()
+    checks = get_backend(args.backend).doctor()
     if args.json:
         print(json.dumps([c.to_dict() for c in checks], indent=2))
     else:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from . import _wire as w
+from ._box import _wire as w
 from ._errors import CorralError, SandboxBroken, SandboxClosed, SandboxError
 
 _READ_SIZE = 4 << 20

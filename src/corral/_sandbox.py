@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import io
 import math
 import os
@@ -29,12 +28,11 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, Literal, overload
 
 from . import _runtime
-from . import _wire as w
-from ._bwrap import Box
+from ._box import AGENT_DIR, box_files
+from ._box import _wire as w
 from ._connection import Connection, InStream, OutStream, field, raise_for_error
 from ._errors import CorralError, HostToolMissing, SandboxBroken, SandboxClosed, SandboxError
 from ._interpreter import (
@@ -49,9 +47,8 @@ from ._interpreter import (
 from ._policy import Bind, Policy
 from ._proxy import Approval, NetworkEvent
 from ._result import LimitEvidence, LimitKind, ProcessOutcome, decide_limits, not_run_message
-from .plan._mounts import File
+from .backends import Backend, Box, BoxSpec, resolve_backend
 
-AGENT_DIR = "/run/corral"
 BOX_PYTHON = "/usr/bin/python3"
 _HELLO_TIMEOUT_S = 30.0
 _DETACH_GRACE_S = 0.2
@@ -118,16 +115,6 @@ class EntryInfo:
     size: int
     mode: int
     mtime: float
-
-
-@functools.cache
-def _agent_files() -> tuple[File, ...]:
-    here = Path(__file__).parent
-    return (
-        File(f"{AGENT_DIR}/agent.py", (here / "_agent.py").read_bytes(), 0o444),
-        File(f"{AGENT_DIR}/_wire.py", (here / "_wire.py").read_bytes(), 0o444),
-        File(f"{AGENT_DIR}/kernel_driver.py", (here / "_kernel_driver.py").read_bytes(), 0o444),
-    )
 
 
 def _cpu_seconds(cpu_time_s: float | None) -> int:
@@ -951,21 +938,21 @@ class Network:
 
     async def events(self) -> list[NetworkEvent]:
         """Every decision so far: host, port, address, allowed, rule, reason."""
-        proxy = self._sb._box.proxy if self._sb._box is not None else None
+        proxy = self._sb._box.network if self._sb._box is not None else None
         return list(proxy.events) if proxy is not None else []
 
     async def update(
         self, *, allow: Sequence[str] | None = None, deny: Sequence[str] | None = None
     ) -> None:
         """Change the rules while the box runs; they apply to new connections."""
-        box = self._sb._box
-        if box is None or box.proxy is None:
+        proxy = self._sb._box.network if self._sb._box is not None else None
+        if proxy is None:
             raise SandboxError("this sandbox has no proxy (network mode is not 'allowlist')")
         net = self._sb.policy.network
         new_allow = tuple(allow) if allow is not None else net.allow
         new_deny = tuple(deny) if deny is not None else net.deny
         checked = self._sb.policy.with_network(allow=new_allow, deny=new_deny)  # names the field
-        box.proxy.update(checked.network.allow, checked.network.deny)
+        proxy.update(checked.network.allow, checked.network.deny)
         self._sb.policy = checked
 
 
@@ -986,9 +973,12 @@ class AsyncSandbox:
         runtime: str | None = _runtime.DEFAULT,
         on_network_request: Approval | None = None,
         on_network_event: Callable[[NetworkEvent], None] | None = None,
+        backend: str | Backend | None = None,
     ) -> None:
         """``on_network_request(host, port)`` approves hosts the rules do not
-        name; ``on_network_event`` sees every decision of the proxy as it happens."""
+        name; ``on_network_event`` sees every decision of the proxy as it happens.
+        ``backend``: a name (``corral.backends.available_backends()``) or a
+        Backend that starts the box (default ``"bwrap"``)."""
         if policy is None:
             policy = Policy.preset("default")
         elif isinstance(policy, str):
@@ -1002,6 +992,7 @@ class AsyncSandbox:
         self.pty = Pty(self)
         self.network = Network(self)
         self.runtime = runtime
+        self.backend = resolve_backend(backend)
         self._approve = on_network_request
         self._on_network_event = on_network_event
         self._own_workdir = False  # set by corral serve for its own workspace directories
@@ -1047,26 +1038,25 @@ class AsyncSandbox:
             binds = (*box_policy.filesystem.read_only, Bind(str(runtime.path), _runtime.BOX_PATH))
             box_policy = box_policy.with_filesystem(read_only=binds)
             self._runtime_bound = True
-        self._box = await Box.start(
-            argv,
-            box_policy,
-            workdir=self._workdir,
-            extra_files=_agent_files(),
-            stdin_pipe=True,
-            approve=self._approve,
-            on_network_event=self._on_network_event,
-            own_workdir=self._own_workdir,
-            per_command_cpu=True,
-            channel=True,  # the agent's private channel: see Box.start
+        self._box = await self.backend.launch(
+            BoxSpec(
+                command=tuple(argv),
+                policy=box_policy,
+                workdir=os.fspath(self._workdir) if self._workdir is not None else None,
+                own_workdir=self._own_workdir,
+                extra_files=box_files(),
+                stdio="channel",  # the agent's private channel: see BoxSpec
+                per_command_cpu=True,
+                on_network_request=self._approve,
+                on_network_event=self._on_network_event,
+            )
         )
         try:
-            proc = self._box.proc
-            assert proc is not None
-            assert proc.stderr is not None
             assert self._box.channel is not None
-            os.set_blocking(proc.stderr.fileno(), False)
-            asyncio.get_running_loop().add_reader(proc.stderr.fileno(), self._on_stderr)
-            self._stderr_open = True
+            if self._box.stderr is not None:
+                os.set_blocking(self._box.stderr, False)
+                asyncio.get_running_loop().add_reader(self._box.stderr, self._on_stderr)
+                self._stderr_open = True
             self._connection = Connection(*self._box.channel)
             hello = await asyncio.wait_for(self._connection.hello, _HELLO_TIMEOUT_S)
             if hello.get("version") != w.VERSION:
@@ -1077,7 +1067,7 @@ class AsyncSandbox:
             self._watchdog_task = asyncio.ensure_future(self._watchdog())
             self._set_lifetime(self._timeout_s)
         except BaseException as exc:
-            self._teardown()
+            await self._teardown()
             if isinstance(exc, TimeoutError | CorralError):
                 stderr = self._stderr()
                 raise SandboxError(
@@ -1092,9 +1082,8 @@ class AsyncSandbox:
     def _on_stderr(self) -> None:
         # drained always: a full stderr pipe would block the agent
         assert self._box is not None
-        assert self._box.proc is not None
-        assert self._box.proc.stderr is not None
-        fd = self._box.proc.stderr.fileno()
+        fd = self._box.stderr
+        assert fd is not None
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
@@ -1112,14 +1101,7 @@ class AsyncSandbox:
         """Notice the box dying underneath us and say why."""
         box = self._box
         assert box is not None
-        assert box.pidfd is not None
-        loop = asyncio.get_running_loop()
-        ended = asyncio.Event()
-        loop.add_reader(box.pidfd, ended.set)
-        try:
-            await ended.wait()
-        finally:
-            loop.remove_reader(box.pidfd)
+        await box.wait()
         if self._connection is not None and self._connection.failure is None:
             reason = "the box ended"
             if self._oom_kills() > 0:
@@ -1273,6 +1255,12 @@ class AsyncSandbox:
             self._connection is not None and self._connection.failure is None and not self._closed
         )
 
+    @property
+    def degraded(self) -> tuple[str, ...]:
+        """Controls this box enforces more weakly than its policy asks, each
+        saying what stands in (``()`` before ``start`` and where nothing is)."""
+        return self._box.degraded if self._box is not None else ()
+
     async def close(self) -> None:
         """Kill everything in the box and remove every trace of it (idempotent)."""
         if self._closed:
@@ -1280,13 +1268,12 @@ class AsyncSandbox:
         self._closed = True
         if self._connection is not None:
             self._connection.close()
-        self._teardown()
+        await self._teardown()
 
-    def _teardown(self) -> None:
-        if self._stderr_open and self._box is not None and self._box.proc is not None:
-            assert self._box.proc.stderr is not None
+    async def _teardown(self) -> None:
+        if self._stderr_open and self._box is not None and self._box.stderr is not None:
             with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self._box.proc.stderr.fileno())
+                asyncio.get_running_loop().remove_reader(self._box.stderr)
             self._stderr_open = False
         if self._lifetime is not None:
             self._lifetime.cancel()
@@ -1298,7 +1285,16 @@ class AsyncSandbox:
         if self._connection is not None and self._connection.failure is None:
             self._connection.close()
         if self._box is not None:
-            self._box.close()
+            await self._box.aclose()
+        # the tasks cancelled above have ended: none outlives close()
+        me = asyncio.current_task()
+        pending = [
+            t
+            for t in (self._watch, self._watchdog_task, *self._tasks)
+            if t is not None and t is not me
+        ]
+        if pending:
+            await asyncio.wait(pending, timeout=_KILL_GRACE_S)
 
     # -- helpers for the API objects -----------------------------------------------------
 
@@ -1329,20 +1325,18 @@ class AsyncSandbox:
         return self._limit_counters()[0]
 
     def _limit_counters(self) -> tuple[int, int]:
-        """The box cgroup's OOM kills and refused forks so far (0, 0 without one)."""
-        box = self._box
-        if box is None or box.cgroup is None:
+        """The box's OOM kills and refused forks so far (0, 0 where nothing counts them)."""
+        if self._box is None:
             return (0, 0)
-        with contextlib.suppress(CorralError, OSError):
-            return (box.cgroup.oom_kills(), box.cgroup.pids_limit_hits())
-        return (0, 0)
+        usage = self._box.usage()
+        return (usage.oom_kills, usage.pids_limit_hits)
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         return timeout_s if timeout_s is not None else self.policy.limits.wall_time_s
 
     def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
         # the box's own environment: the policy's, plus what the box needs (the proxy)
-        env = dict(self._box.policy.env if self._box is not None else self.policy.env)
+        env = dict(self._box.env if self._box is not None else self.policy.env)
         if extra:
             for key, value in extra.items():
                 if not isinstance(key, str) or not isinstance(value, str) or "=" in key or not key:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import _bwrap, _runtime
+from . import _runtime
 from ._errors import CorralError, PolicyError, SandboxClosed
 from ._interpreter import CodeContext
 from ._netrules import unsafe_allow_rule
@@ -41,6 +41,7 @@ from ._proxy import NetworkEvent
 from ._sandbox import AsyncSandbox, CommandHandle, EntryInfo, PathOutsideWorkspace, PtyHandle
 from ._serial import b64
 from ._store import ApiKey, SandboxRow, Store
+from .backends import get_backend
 
 EndReason = Literal[
     "closed",  # the client closed it
@@ -238,7 +239,7 @@ class Service:
         # boxes of a killed server died with it (pdeathsig); their cgroups,
         # mounts and workspace images stay: undone (and the workspaces' content
         # copied out) before anything reads a workspace
-        await asyncio.to_thread(_bwrap.sweep_orphans)
+        await get_backend().sweep()
         for row in self.store.list_sandboxes(state="running", limit=1_000_000):
             self.store.end_sandbox(
                 row.id,

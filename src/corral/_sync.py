@@ -53,6 +53,7 @@ from .abc import (
     PtyHandleAPI,
     SandboxAPI,
 )
+from .backends import Backend
 
 
 class SyncCommandHandle:
@@ -396,9 +397,12 @@ class Sandbox:
         runtime: str | None = _runtime.DEFAULT,
         on_network_request: Approval | None = None,
         on_network_event: Callable[[NetworkEvent], None] | None = None,
+        backend: str | Backend | None = None,
     ) -> None:
         """``on_network_request(host, port)`` approves hosts the rules do not
         name; ``on_network_event`` sees every decision of the proxy as it happens.
+        ``backend``: a name (``corral.backends.available_backends()``) or a
+        Backend that starts the box (default ``"bwrap"``).
 
         A local sandbox: ``AsyncSandbox(...)``, run on the portal.
         """
@@ -411,6 +415,7 @@ class Sandbox:
                 runtime=runtime,
                 on_network_request=on_network_request,
                 on_network_event=on_network_event,
+                backend=backend,
             )
         )
 

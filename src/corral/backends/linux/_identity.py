@@ -19,7 +19,7 @@ import random
 import threading
 from dataclasses import dataclass
 
-from ._errors import SandboxError
+from corral._errors import SandboxError
 
 # Far above login users (1000+) and the /etc/subuid ranges (100000+): no host
 # account or file owner uses these ids. CORRAL_UID_RANGE="start-end" overrides.

@@ -1,33 +1,18 @@
-"""``corral doctor``: what this host can enforce, and how to fix what is missing."""
+"""What a Linux host can enforce (``corral doctor``, through ``Backend.doctor``),
+and how to fix what is missing. Shared by every Linux backend."""
 
 from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
 
-from . import _cgroups, _seccomp, _workdir
-from ._bwrap import BWRAP_INSTALL_HINT, find_bwrap
-from ._errors import CorralError
-from ._policy import SyscallPolicy
-from .plan._seccomp import plan_seccomp
-
-Status = Literal["ok", "warn", "fail"]
+from corral._policy import SyscallPolicy
+from corral.backends._base import Check
+from corral.backends.linux import _cgroups, _seccomp, _workdir
+from corral.plan._seccomp import plan_seccomp
 
 _SYS_LANDLOCK_CREATE_RULESET = 444  # x86_64 and aarch64 share this number
 _LANDLOCK_CREATE_RULESET_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    name: str
-    status: Status
-    detail: str
-    fix: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _read(path: str) -> str | None:
@@ -50,14 +35,9 @@ def landlock_abi() -> int | None:
     return int(abi) if abi > 0 else None
 
 
-def run_checks() -> list[Check]:
+def linux_checks(*, landlock_note: str) -> list[Check]:
+    """User namespaces, cgroups, seccomp, landlock, tty, workspace disk, identity."""
     checks: list[Check] = []
-    try:
-        info = find_bwrap()
-        checks.append(Check("bwrap", "ok", f"{info.path} {'.'.join(map(str, info.version))}"))
-    except CorralError as exc:
-        checks.append(Check("bwrap", "fail", str(exc), BWRAP_INSTALL_HINT))
-
     max_ns = _read("/proc/sys/user/max_user_namespaces")
     clone = _read("/proc/sys/kernel/unprivileged_userns_clone")
     if max_ns == "0" or clone == "0":
@@ -111,7 +91,7 @@ def run_checks() -> list[Check]:
         Check(
             "landlock",
             "ok" if abi else "warn",
-            f"ABI {abi}" if abi else "not available (not used by the bwrap backend yet)",
+            f"ABI {abi}" if abi else f"not available ({landlock_note})",
         )
     )
 

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Literal, Self
 
-from ._errors import SandboxError
-from .plan._cgroups import CgroupWrite
+from corral._errors import SandboxError
+from corral.plan._cgroups import CgroupWrite
 
 PARENT_ENV = "CORRAL_CGROUP_PARENT"
 KILL_TIMEOUT_S = 5.0
@@ -422,6 +422,16 @@ class SandboxCgroup:
     def pids_limit_hits(self) -> int:
         """Forks ``pids.max`` has refused so far (``pids.events``, v1 and v2)."""
         return _keyed(self.dirs.get("pids"), "pids.events").get("max", 0)
+
+    def signal_all(self) -> None:
+        """SIGKILL every process in the sandbox cgroup once, without waiting
+        (``kill_all`` waits until it is empty): for an event loop."""
+        kill_file = f"{self.paths[0]}/cgroup.kill"
+        if self.version == 2 and os.path.exists(kill_file):
+            with contextlib.suppress(FileNotFoundError):
+                _write(kill_file, "1")  # the kernel kills the whole subtree at once
+        else:
+            self._sigkill(self.pids())
 
     def kill_all(self) -> None:
         """SIGKILL every process in the sandbox cgroup and wait until it is empty.

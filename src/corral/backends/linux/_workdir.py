@@ -40,7 +40,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from ._errors import HostToolMissing, SandboxError
+from corral._errors import HostToolMissing, SandboxError
 
 MOUNT_DIR = "/run/corral/mnt"
 

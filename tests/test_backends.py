@@ -1,0 +1,46 @@
+"""The conformance suite (``corral.testing``) against every backend on this host.
+
+A backend is skipped only with its own ``doctor`` reason (a check that failed);
+the audit's probes run in test_audit.py for the default backend, and here for
+every other one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.backends import Backend, available_backends, get_backend
+from corral.testing import BACKEND_CHECKS, check_backend
+
+
+def _usable(name: str) -> Backend:
+    backend = get_backend(name)
+    failed = [f"{c.name}: {c.detail}" for c in backend.doctor() if c.status == "fail"]
+    if failed:
+        pytest.skip(f"backend {name}: {'; '.join(failed)}")
+    return backend
+
+
+@pytest.mark.parametrize("check", sorted(BACKEND_CHECKS))
+@pytest.mark.parametrize("name", available_backends())
+async def test_backend_conforms(name: str, check: str) -> None:
+    await BACKEND_CHECKS[check](_usable(name))
+
+
+@pytest.mark.parametrize("name", [n for n in available_backends() if n != "bwrap"])
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_backend_passes_the_audit(name: str) -> None:
+    await check_backend(_usable(name), probes="*")
+
+
+async def test_check_backend_runs_the_probes_it_is_given() -> None:
+    await check_backend(_usable("bwrap"), probes="kernel.seccomp,fs.cwd")
+
+
+def test_an_unknown_backend_says_which_exist() -> None:
+    from corral import HostToolMissing
+
+    with pytest.raises(HostToolMissing, match="bwrap"):
+        get_backend("no-such-backend")
+    assert "bwrap" in available_backends()
