@@ -1268,8 +1268,8 @@ class AsyncSandbox:
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                for task in pending:
-                    task.cancel()
+                for late in pending:
+                    late.cancel()
                 await asyncio.wait(pending, timeout=0.1)
                 break
             await asyncio.wait(pending, timeout=remaining)
