@@ -1279,7 +1279,7 @@ class AsyncSandbox:
             self._lifetime.cancel()
         # every task the box started ends with it: a sleeping watchdog would hold
         # the sandbox (and its buffers) for good
-        for task in (self._watch, self._watchdog_task, *self._tasks):
+        for task in (self._watch, self._watchdog_task):
             if task is not None:
                 task.cancel()
         if self._connection is not None and self._connection.failure is None:
@@ -1287,14 +1287,23 @@ class AsyncSandbox:
         if self._box is not None:
             await self._box.aclose()
         # the tasks cancelled above have ended: none outlives close()
+        # housekeeping calls (a kill, an abort) fail at once on the closed
+        # connection: let them end (cancelled unstarted, the call they wrap would
+        # never be awaited); whatever still runs past the grace is cancelled
         me = asyncio.current_task()
-        pending = [
-            t
-            for t in (self._watch, self._watchdog_task, *self._tasks)
-            if t is not None and t is not me
-        ]
-        if pending:
-            await asyncio.wait(pending, timeout=_KILL_GRACE_S)
+        deadline = time.monotonic() + _KILL_GRACE_S
+        while True:
+            tasks = (self._watch, self._watchdog_task, *self._tasks)
+            pending = [t for t in tasks if t is not None and t is not me and not t.done()]
+            if not pending:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for late in pending:
+                    late.cancel()
+                await asyncio.wait(pending, timeout=0.1)
+                break
+            await asyncio.wait(pending, timeout=remaining)
 
     # -- helpers for the API objects -----------------------------------------------------
 
