@@ -623,11 +623,11 @@ async def test_fifty_concurrent_sandboxes_run_code(server: ServerProcess, key: s
 def test_openapi_document_is_checked_in(server: ServerProcess) -> None:
     served = httpx.get(f"{server.url}/openapi.json").json()
     checked_in = json.loads((Path(__file__).parent.parent / "docs" / "openapi.json").read_text())
-    assert served == checked_in, "regenerate with: python -m corral._api > docs/openapi.json"
+    assert served == checked_in, "regenerate with: python -m corral.server._app > docs/openapi.json"
 
 
 def test_infrastructure_errors_reach_clients_without_host_paths() -> None:
-    from corral._service import public_message
+    from corral.server._service import public_message
 
     raw = (
         "bwrap could not set up the box: bwrap: Can't find source path "

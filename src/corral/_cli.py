@@ -268,7 +268,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ._serve import default_data_dir, serve
+    from .server._serve import default_data_dir, serve
 
     return serve(
         data_dir=args.data_dir or default_data_dir(),
@@ -282,7 +282,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from ._serve import default_data_dir, open_store
+    from .server._serve import default_data_dir, open_store
 
     store = open_store(args.data_dir or default_data_dir())
     try:

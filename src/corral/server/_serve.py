@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._errors import CorralError
+from corral._errors import CorralError
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -97,7 +97,7 @@ def serve(
     ``CorralError`` with one line, not a traceback."""
     import uvicorn
 
-    from ._api import create_app
+    from ._app import create_app
     from ._service import Service, ServiceConfig, _prepare_data_dir
 
     store = open_store(data_dir)

@@ -32,14 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import _bwrap, _runtime
-from ._errors import CorralError, PolicyError, SandboxClosed
-from ._interpreter import CodeContext
-from ._netrules import unsafe_allow_rule
-from ._policy import Policy
-from ._proxy import NetworkEvent
-from ._sandbox import AsyncSandbox, CommandHandle, EntryInfo, PathOutsideWorkspace, PtyHandle
-from ._serial import b64
+from corral import _bwrap, _runtime
+from corral._errors import CorralError, PolicyError, SandboxClosed
+from corral._interpreter import CodeContext
+from corral._netrules import unsafe_allow_rule
+from corral._policy import Policy
+from corral._proxy import NetworkEvent
+from corral._sandbox import AsyncSandbox, CommandHandle, EntryInfo, PathOutsideWorkspace, PtyHandle
+from corral._serial import b64
+
 from ._store import ApiKey, SandboxRow, Store
 
 EndReason = Literal[

@@ -36,21 +36,22 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
-from . import _serial as s
-from ._errors import (
+from corral import __version__
+from corral import _serial as s
+from corral._errors import (
     CorralError,
     PolicyError,
     SandboxBroken,
     SandboxClosed,
     UnsupportedPolicy,
 )
-from ._sandbox import (
+from corral._sandbox import (
     CommandExit,
     CommandHandle,
     PathOutsideWorkspace,
     workspace_relative,
 )
+
 from ._service import (
     Live,
     OutputLog,
@@ -936,7 +937,7 @@ async def _too_large(
     await send({"type": "http.response.body", "body": body})
 
 
-if __name__ == "__main__":  # python -m corral._api > docs/openapi.json
+if __name__ == "__main__":  # python -m corral.server._app > docs/openapi.json
     import sys
     import tempfile
     from pathlib import Path
