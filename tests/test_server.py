@@ -627,7 +627,7 @@ def test_openapi_document_is_checked_in(server: ServerProcess) -> None:
 
 
 def test_infrastructure_errors_reach_clients_without_host_paths() -> None:
-    from corral.server._service import public_message
+    from corral._errors import public_message
 
     raw = (
         "bwrap could not set up the box: bwrap: Can't find source path "

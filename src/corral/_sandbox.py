@@ -37,6 +37,7 @@ from . import _wire as w
 from ._bwrap import Box
 from ._connection import Connection, InStream, OutStream, field, raise_for_error
 from ._errors import CorralError, HostToolMissing, SandboxBroken, SandboxClosed, SandboxError
+from ._errors import PathOutsideWorkspace as PathOutsideWorkspace  # re-exported: it lived here
 from ._interpreter import (
     CodeContext,
     CodeEvent,
@@ -62,10 +63,6 @@ _CHUNK = w.DATA_CHUNK
 
 Stream = Literal["stdout", "stderr"]
 OutputCallback = Callable[[bytes], object]
-
-
-class PathOutsideWorkspace(CorralError, ValueError):
-    """A file API path that resolves outside the sandbox's workspace."""
 
 
 @dataclass(frozen=True, slots=True)

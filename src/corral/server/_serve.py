@@ -98,7 +98,8 @@ def serve(
     import uvicorn
 
     from ._app import create_app
-    from ._service import Service, ServiceConfig, _prepare_data_dir
+    from ._service import Service, ServiceConfig
+    from ._workspace import prepare_data_dir
 
     store = open_store(data_dir)
     sock = None
@@ -109,7 +110,7 @@ def serve(
                 f"`corral keys create --name NAME --data-dir {data_dir}`"
             )
         try:
-            _prepare_data_dir(data_dir, data_dir / "workspaces")
+            prepare_data_dir(data_dir, data_dir / "workspaces")
         except OSError as exc:
             raise CorralError(
                 f"cannot use the data directory {data_dir}: {exc.strerror or exc}"
