@@ -44,6 +44,8 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
         version=__version__,
         summary="Isolated, stateful, resource-limited sandboxes over HTTP",
         lifespan=lifespan,
+        docs_url=None,  # served by _docs, from installed assets
+        redoc_url=None,  # ReDoc comes only from a CDN: not offered
     )
     app.state.service = service
     service.metrics.counts = service.store.count_by_state
@@ -51,7 +53,30 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    _docs(app)
     return app
+
+
+def _docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the installed ``swagger-ui-bundle-v2`` package,
+    not a CDN: the page works offline and runs no third-party script."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="corral API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+            oauth2_redirect_url=None,
+        )
 
 
 def openapi_document() -> dict[str, Any]:
