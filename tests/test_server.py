@@ -26,6 +26,7 @@ from corral._client import (
     RemotePty,
     RemotePtyHandle,
 )
+from corral._interpreter import LANGUAGES
 from corral._sandbox import CommandHandle, Commands, Files, Network, Pty, PtyHandle
 
 from .server_helpers import CORRAL, ServerProcess, serving
@@ -675,3 +676,26 @@ def test_revoked_keys_and_other_keys_audit(server: ServerProcess, client: Client
         with pytest.raises(RemoteError) as revoked:
             doomed.list()
         assert revoked.value.status == 401
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_every_language_of_the_interpreter_is_accepted_over_the_api(
+    server: ServerProcess, key: str, language: str
+) -> None:
+    """The API's ``language`` is ``_interpreter.Language``: js, typescript, ts too."""
+    headers = {"Authorization": f"Bearer {key}"}
+    schema = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
+    assert schema["RunCode"]["properties"]["language"]["enum"] == list(LANGUAGES)
+    if language not in ("ts", "typescript"):
+        return  # each is run by its own interpreter tests; TypeScript runs here
+    with Client(server.url, api_key=key) as c, c.sandbox(timeout_s=120) as sb:
+        reply = httpx.post(
+            f"{server.url}/v1/sandboxes/{sb.id}/code",
+            json={"code": "const n: number = 20 + 1; n * 2", "language": language},
+            headers=headers,
+            timeout=120,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["results"][0]["text"] == "42"
+        ex = sb.run_code("type T = {a: number}; const t: T = {a: 1}; t.a + 1", language=language)
+        assert ex.text == "2"
