@@ -205,18 +205,12 @@ async def test_a_timed_out_command_takes_its_orphan_whose_main_thread_exited() -
 _WALK_AS_USER = r"""
 import json, sys
 from pathlib import Path
-from corral._service import _usage
+from corral.server._workspace import _usage
 usage = _usage(Path(sys.argv[1]), 1 << 20, 200_000)
 print(json.dumps({"bytes": usage.bytes, "files": usage.files, "too_deep": usage.too_deep}))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_service.walk_beneath counts a directory it cannot read as empty; fix: "
-    "an unreadable directory makes the walk fail like TooDeep (what cannot be "
-    "counted is refused), _service.py is being moved by another helper",
-)
 def test_an_unreadable_directory_does_not_hide_bytes_from_the_disk_check(
     world_readable_src: Path,
 ) -> None:
@@ -268,13 +262,6 @@ def test_an_unreadable_directory_does_not_hide_bytes_from_the_disk_check(
 _DEEP = "import os\nfor _ in range(3000):\n    os.mkdir('d'); os.chdir('d')\nprint('deep')"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_service._purge uses shutil.rmtree, recursive on Python 3.11: RecursionError "
-    "past ~1000 levels (not an OSError, so ignore_errors lets it out). Fix: remove with "
-    "walk_beneath-style fd stack (iterative), and let one workspace's failure not stop "
-    "_purge_expired's loop; _service.py is being moved by another helper",
-)
 def test_a_deep_ended_workspace_is_freed() -> None:
     """Claim (SECURITY.md, serve): "Retention purges use shutil.rmtree, which
     walks by fds on Linux", and `DELETE /v1/sandboxes/{id}/workspace` frees an

@@ -236,3 +236,22 @@ def test_a_command_that_cannot_start_is_said_in_corrals_words(
         result = sb.commands.run([command])
     assert result.exit_code == status
     assert result.stderr.startswith(message)
+
+
+@pytest.mark.parametrize("command", [("mcp",), ("run", "--", "true")])
+def test_every_time_limit_option_takes_none_and_refuses_zero(command: tuple[str, ...]) -> None:
+    """One parser for time limits at the edge: ``corral mcp --timeout none``
+    failed while ``python -m corral._mcp --timeout none`` worked."""
+    sub, rest = command[0], command[1:]
+    # stdin closed: the MCP server ends at once, cleanly, if its options parsed
+    ok = subprocess.run(
+        [sys.executable, "-m", "corral", sub, "--timeout", "none", *rest],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr.decode()
+    refused = corral(sub, "--timeout", "0", *rest)
+    assert refused.returncode == 2
+    assert b"a time limit must be more than 0 (or none)" in refused.stderr

@@ -216,3 +216,28 @@ def test_only_the_owners_files_are_writable_through_the_mapping(tmp_path: Path) 
     assert result.exit_code != 0
     assert "Permission denied" in result.stderr_text
     assert other.read_text() == "theirs\n"
+
+
+async def test_what_the_box_leaves_cannot_grow_on_the_way_out(fresh_workspace: Path) -> None:
+    """The copy out of the image is no way around the bound: a sparse file larger than the image
+    file stays sparse on the host, and a tree nested past PATH_MAX (which cp
+    cannot copy) loses only that tree, never the teardown: no mount, image or
+    loop device is left, and the rest of the workspace is kept."""
+    sb = AsyncSandbox(_disk_policy(96), runtime=None)
+    sb._workdir = fresh_workspace
+    sb._own_workdir = True
+    await sb.start()
+    try:
+        deep = "import os\nfor _ in range(2500):\n    os.mkdir('d'); os.chdir('d')\n"
+        made = await sb.commands.run(
+            f'truncate -s 200M sparse && echo kept > kept && python3 -c "{deep}"'
+        )
+        assert made.exit_code == 0, made.stderr
+    finally:
+        await sb.close()
+    sparse = fresh_workspace / "sparse"
+    assert sparse.stat().st_size == 200 * MIB  # over the 64 MiB image
+    assert sparse.stat().st_blocks * 512 < MIB
+    assert (fresh_workspace / "kept").read_text() == "kept\n"
+    assert _leftovers() == []
+    subprocess.run(["rm", "-rf", str(fresh_workspace / "d")], check=True)

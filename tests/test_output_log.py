@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from corral._service import OutputLog
+from corral.server._output import OutputLog
 
 
 class _Handle:

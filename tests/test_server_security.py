@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from corral import Client, Policy, RemoteError, Sandbox
-from corral._service import _MAX_DEPTH, _UPLOAD_PREFIX, _usage, walk_beneath
+from corral.server._workspace import _MAX_DEPTH, _UPLOAD_PREFIX, _usage, walk_beneath
 
 from .conftest import SYSTEM_PYTHON, unprivileged_user
 from .server_helpers import CORRAL, serving

@@ -556,7 +556,7 @@ async def _symlink(ctx: Context) -> Outcome:
 )
 async def _server_walk(ctx: Context) -> Outcome:
     try:
-        from ._service import walk_beneath
+        from .server._workspace import walk_beneath
     except ImportError:
         return Outcome("skip", "corral serve is not installed here")
 

@@ -20,7 +20,7 @@ from typing import Any
 from ._errors import CorralError
 from ._policy import Policy
 from ._run import run
-from ._units import parse_duration, parse_size
+from ._units import parse_duration, parse_size, timeout_arg
 
 EXIT_LIMIT = 124
 EXIT_CORRAL = 125
@@ -63,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     p_run.add_argument("--memory", type=_size, help="memory limit, e.g. 256M")
     p_run.add_argument("--cpus", type=float, help="CPU quota in cores, e.g. 0.5")
     p_run.add_argument("--pids", type=int, help="maximum number of processes")
-    p_run.add_argument("--timeout", type=_duration, help="wall-clock limit, e.g. 10s")
+    p_run.add_argument(
+        "--timeout",
+        type=timeout_arg,
+        default=argparse.SUPPRESS,  # absent: the policy's own; none: no limit
+        help="wall-clock limit, e.g. 10s, or none",
+    )
     p_run.add_argument("--workdir", help="host directory bound as the workspace")
     p_run.add_argument("--env", type=_env_arg, action="append", default=[], metavar="K=V")
     p_run.add_argument(
@@ -127,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     p_kc.add_argument("--name", required=True)
     p_kc.add_argument("--max-sandboxes", type=int, help="running at once")
     p_kc.add_argument("--max-memory", type=_size, help="memory of its running sandboxes")
-    p_kc.add_argument("--max-lifetime", type=_duration, help="lifetime of one sandbox")
+    p_kc.add_argument("--max-lifetime", type=timeout_arg, help="lifetime of one sandbox")
     p_kc.add_argument(
         "--max-disk",
         type=_size,
@@ -142,7 +147,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p_mcp = sub.add_parser("mcp", help="an MCP server (stdio, or streamable HTTP)")
     p_mcp.add_argument("--policy", default="default", help="preset name or policy file")
-    p_mcp.add_argument("--timeout", type=_duration, default=600.0, help="sandbox lifetime")
+    p_mcp.add_argument(
+        "--timeout", type=timeout_arg, default=600.0, help="sandbox lifetime (or none)"
+    )
     p_mcp.add_argument("--http", action="store_true", help="streamable HTTP at /mcp")
     p_mcp.add_argument("--host", default="127.0.0.1")
     p_mcp.add_argument("--port", type=int, default=8765)
@@ -164,7 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         changes["cpu_cores"] = args.cpus
     if args.pids is not None:
         changes["pids"] = args.pids
-    if args.timeout is not None:
+    if "timeout" in vars(args):
         changes["wall_time_s"] = args.timeout
     if changes:
         policy = policy.with_limits(**changes)
@@ -270,7 +277,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ._serve import default_data_dir, serve
+    from .server._serve import default_data_dir, serve
 
     return serve(
         data_dir=args.data_dir or default_data_dir(),
@@ -284,7 +291,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from ._serve import default_data_dir, open_store
+    from .server._serve import default_data_dir, open_store
 
     store = open_store(args.data_dir or default_data_dir())
     try:

@@ -32,12 +32,11 @@ from typing import TYPE_CHECKING, Any, Literal, Self, cast, overload
 from . import _serial as s
 from ._errors import (
     CorralError,
-    PolicyError,
     RemoteError,
     SandboxBroken,
     SandboxClosed,
     SandboxError,
-    UnsupportedPolicy,
+    from_wire,
 )
 from ._interpreter import (
     CodeContext,
@@ -58,7 +57,6 @@ from ._sandbox import (
     CommandResult,
     EntryInfo,
     OutputCallback,
-    PathOutsideWorkspace,
     Payload,
     ProcessInfo,
     _chunks,
@@ -125,32 +123,14 @@ def _raise_for(status: int, body: bytes) -> None:
     _raise_code(status, code, message, error.get("field"))
 
 
-# the OSError each code stands for (OSError(errno, ...) picks the subclass)
-_OS_ERRNOS: dict[str, int] = {}
-for _number, (_, _code) in s.OS_ERRORS.items():
-    _OS_ERRNOS.setdefault(_code, _number)
-
-
 def _raise_code(status: int, code: str, message: str, fieldname: object = None) -> None:
-    if code == "invalid_policy":
-        name, _, reason = message.partition(": ")
-        raise PolicyError(str(fieldname or name), reason or message)
-    if code == "unsupported_policy":
-        name, _, reason = message.partition(": ")
-        raise UnsupportedPolicy(name, reason)
-    if code == "path_outside_workspace":
-        raise PathOutsideWorkspace(message)
-    if code in ("invalid_request", "invalid_path", "too_large"):
-        raise _InvalidRequest(status, code, message)
-    if code in _OS_ERRNOS:
-        raise OSError(_OS_ERRNOS[code], message)
-    if code == "sandbox_ended":
-        raise SandboxBroken(message)
-    raise RemoteError(status, code, message)
-
-
-class _InvalidRequest(RemoteError, ValueError):
-    """Bad arguments: a ValueError, as the local library raises."""
+    """Raise the class ``corral._errors.WIRE`` names for ``code``, from the
+    ``RemoteError`` that says what the server answered (httpx's idiom)."""
+    remote = RemoteError(status, code, message)
+    mapped = from_wire(status, code, message, fieldname)
+    if isinstance(mapped, RemoteError):
+        raise mapped
+    raise mapped from remote
 
 
 def _lost(exc: Exception) -> SandboxBroken:

@@ -67,7 +67,7 @@ from ._errors import CorralError
 from ._interpreter import Execution, Language, Result
 from ._policy import Policy
 from ._sandbox import AsyncSandbox, EntryInfo, PathOutsideWorkspace
-from ._units import parse_duration
+from ._units import timeout_arg
 
 __all__ = ["build_server", "main"]
 
@@ -640,18 +640,6 @@ def main(*, policy: Policy, timeout_s: float | None, http: bool, host: str, port
     return 0
 
 
-def _timeout_arg(value: str) -> float | None:
-    if value.lower() == "none":
-        return None
-    try:
-        seconds = parse_duration(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"{value!r}: a sandbox lifetime must be more than 0")
-    return seconds
-
-
 def _policy_arg(value: str) -> Policy:
     try:
         if "/" in value or value.endswith((".toml", ".json")):
@@ -670,7 +658,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8765, help="TCP port (--http)")
     parser.add_argument("--policy", type=_policy_arg, default="default", help="preset or file")
     parser.add_argument(
-        "--timeout", type=_timeout_arg, default=600.0, help="each sandbox's lifetime (or none)"
+        "--timeout", type=timeout_arg, default=600.0, help="each sandbox's lifetime (or none)"
     )
     args = parser.parse_args(argv)
     return main(

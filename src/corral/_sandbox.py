@@ -35,6 +35,7 @@ from ._box import AGENT_DIR, box_files
 from ._box import _wire as w
 from ._connection import Connection, InStream, OutStream, field, raise_for_error
 from ._errors import CorralError, HostToolMissing, SandboxBroken, SandboxClosed, SandboxError
+from ._errors import PathOutsideWorkspace as PathOutsideWorkspace  # re-exported: it lived here
 from ._interpreter import (
     CodeContext,
     CodeEvent,
@@ -59,10 +60,6 @@ _CHUNK = w.DATA_CHUNK
 
 Stream = Literal["stdout", "stderr"]
 OutputCallback = Callable[[bytes], object]
-
-
-class PathOutsideWorkspace(CorralError, ValueError):
-    """A file API path that resolves outside the sandbox's workspace."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -22,25 +21,6 @@ from ._sandbox import CommandResult, EntryInfo, ProcessInfo
 
 _RESULT_TEXT = ("text", "html", "markdown", "svg", "latex", "javascript")
 _RESULT_BINARY = ("png", "jpeg", "pdf")
-
-
-# OS errors as the HTTP API names them (errno -> status, code); the client
-# turns a code back into the OSError subclass of its first errno here
-OS_ERRORS: dict[int, tuple[int, str]] = {
-    errno.ENOENT: (404, "file_not_found"),
-    errno.EISDIR: (400, "is_a_directory"),
-    errno.ENOTDIR: (400, "not_a_directory"),
-    errno.EEXIST: (409, "file_exists"),
-    errno.EACCES: (403, "permission_denied"),
-    errno.EPERM: (403, "permission_denied"),
-    errno.ENOTEMPTY: (409, "directory_not_empty"),
-    errno.ENOSPC: (507, "no_space"),
-    errno.EFBIG: (413, "too_large"),
-    errno.ENAMETOOLONG: (400, "invalid_path"),
-    errno.EINVAL: (400, "invalid_request"),
-    errno.ENXIO: (403, "permission_denied"),
-    errno.ELOOP: (400, "invalid_path"),
-}
 
 
 def b64(data: bytes) -> str:

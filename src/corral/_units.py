@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
@@ -38,6 +40,26 @@ def parse_duration(value: str | float) -> float:
         raise ValueError(f"{value!r} is not a duration (examples: 10, 1.5s, 250ms, 2m)")
     number, unit = match.groups()
     return float(number) * _DURATION_FACTORS[(unit or "s").lower()]
+
+
+def parse_timeout(value: str | float | None) -> float | None:
+    """Seconds for a limit: a duration (``parse_duration``) that is finite and
+    above 0, or ``None`` for no limit, spelt ``none`` (any case) in text."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    seconds = parse_duration(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{value!r}: a time limit must be more than 0 (or none)")
+    return seconds
+
+
+def timeout_arg(value: str) -> float | None:
+    """``parse_timeout`` as an argparse ``type=``: every command line that takes
+    a time limit (``corral run``, ``corral mcp``, ``python -m corral._mcp``) parses it here."""
+    try:
+        return parse_timeout(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_size(n: int) -> str:

@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from corral._errors import HostToolMissing, SandboxError
 
 MOUNT_DIR = "/run/corral/mnt"
+_log = logging.getLogger("corral")
 
 _SYS_OPEN_TREE = 428
 _SYS_MOVE_MOUNT = 429
@@ -183,7 +185,9 @@ class Workdir:
         return st.f_bavail * st.f_frsize < _FULL_BYTES
 
     def close(self) -> None:
-        """Unmount, copy a fresh workspace's content out, remove the image. Idempotent."""
+        """Unmount, copy a fresh workspace's content out, remove the image.
+        Idempotent; OSError if a mount could not be undone (its record stays,
+        and the next sweep tries again)."""
         _undo(self.name, self.source, copy_out=self.image is not None)
         self.image = None
 
@@ -205,46 +209,75 @@ def _state_path(name: str) -> str:
 
 
 def _undo(name: str, source: str, *, copy_out: bool) -> None:
-    """Tear down box ``name``'s mounts and image, each step even if one before failed."""
+    """Tear down box ``name``'s mounts and image, each step even if one before
+    failed. The image and its record go only once every mount is gone: else
+    OSError, and the next sweep tries again (a record removed early would
+    leave a mount and a loop device no sweep knows of)."""
+    failed: list[OSError] = []
     try:
         _umount(_mount_point(name))  # the box's idmapped view first
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(_mount_point(name))
-        root = _image_root(name)
-        if os.path.ismount(root):
+    except OSError as exc:
+        failed.append(exc)
+    with contextlib.suppress(OSError):
+        os.rmdir(_mount_point(name))
+    root = _image_root(name)
+    if os.path.ismount(root):
+        try:
             if os.path.ismount(source) and os.path.samestat(os.stat(source), os.stat(root)):
                 _umount(source)  # the host's view at the workspace path
-            if copy_out:
-                _copy_out(root, source)
-            _umount(root)
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(root)
-    finally:
+        except OSError as exc:
+            failed.append(exc)
+        if copy_out:
+            _copy_out(root, source)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(_image_file(name))
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(_state_path(name))
+            _umount(root)
+        except OSError as exc:
+            failed.append(exc)
+    with contextlib.suppress(OSError):
+        os.rmdir(root)
+    if failed:
+        raise failed[0]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_image_file(name))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_state_path(name))
 
 
 def _copy_out(root: str, dest: str) -> None:
-    """The image's content into ``dest``, symlinks as symlinks (never followed)."""
+    """The image's content into ``dest``, symlinks as symlinks (never followed),
+    holes kept (a sparse file of the box's is not written out in full).
+
+    coreutils' ``cp -a`` goes on past what it cannot copy: entries whose path
+    passes PATH_MAX (a box's thousands of nested directories) are dropped and
+    logged, the rest is kept; it never stops the teardown."""
     with contextlib.suppress(FileNotFoundError, OSError):
         os.rmdir(f"{root}/lost+found")
     if not os.listdir(root):
         return
     cp = shutil.which("cp", path="/usr/bin:/bin") or "cp"
-    # -a: ownership, modes, times, symlinks as links; --no-dereference so a
-    # link the box planted is copied as a link, never as the host file it names
+    # -a: ownership, modes, times, hard links, symlinks as links; --no-dereference
+    # so a link the box planted is copied as a link, never as the host file it names
     proc = subprocess.run(
-        [cp, "-a", "--no-dereference", "--reflink=never", "--", f"{root}/.", f"{dest}/"],
+        [
+            cp,
+            "-a",
+            "--no-dereference",
+            "--sparse=auto",  # a sparse file stays sparse: no terabytes of zeros
+            "--reflink=never",
+            "--",
+            f"{root}/.",
+            f"{dest}/",
+        ],
         capture_output=True,
         env={},
     )
     if proc.returncode != 0:
-        raise SandboxError(
-            f"cannot copy the workspace out of its image: {proc.stderr.decode(errors='replace')}"
+        lines = proc.stderr.decode(errors="replace").splitlines()
+        _log.warning(
+            "corral: %d entries of the workspace %s could not be kept: %s",
+            len(lines),
+            dest,
+            lines[0][:300] if lines else "cp failed",
         )
 
 
@@ -285,7 +318,8 @@ def prepare(
         _idmapped_mount(view_of, target, os.stat(source), uid, gid)
         work.path = target
     except BaseException as exc:
-        _undo(name, source, copy_out=False)
+        with contextlib.suppress(OSError):  # else its record stays for the sweep
+            _undo(name, source, copy_out=False)
         if isinstance(exc, OSError):
             raise SandboxError(f"cannot prepare the workdir for the box: {exc}") from exc
         raise
@@ -355,7 +389,43 @@ def sweep_orphans() -> list[str]:
         with contextlib.suppress(OSError, SandboxError):
             _undo(name, source, copy_out=copy_out and os.path.isdir(source))
             swept.append(name)
+    for name, source in _recordless_orphans().items():
+        with contextlib.suppress(OSError, SandboxError):
+            _undo(name, source, copy_out=os.path.isdir(source))
+            swept.append(name)
     return swept
+
+
+def _recordless_orphans() -> dict[str, str]:
+    """Image mounts of dead owners that lost their record (a teardown cut
+    short by an older corral): box name -> the workspace the image is also
+    mounted on ("/nonexistent" if none), from /proc/self/mountinfo."""
+    by_dev: dict[str, list[str]] = {}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                # mount points are octal-escaped (a space is \040)
+                point = fields[4].encode().decode("unicode_escape")
+                by_dev.setdefault(fields[2], []).append(point)
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for points in by_dev.values():
+        for point in points:
+            base = os.path.basename(point)
+            if not (os.path.dirname(point) == MOUNT_DIR and base.startswith("box-")):
+                continue
+            name = base.removesuffix(".image")
+            try:
+                owner = int(name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if _alive(owner) or os.path.exists(_state_path(name)):
+                continue
+            others = [p for p in points if not p.startswith(MOUNT_DIR + "/")]
+            found[name] = others[0] if len(others) == 1 else "/nonexistent"
+    return found
 
 
 def _alive(pid: int) -> bool:

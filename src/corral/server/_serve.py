@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._errors import CorralError
+from corral._errors import CorralError
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -97,8 +97,9 @@ def serve(
     ``CorralError`` with one line, not a traceback."""
     import uvicorn
 
-    from ._api import create_app
-    from ._service import Service, ServiceConfig, _prepare_data_dir
+    from ._app import create_app
+    from ._service import Service, ServiceConfig
+    from ._workspace import prepare_data_dir
 
     store = open_store(data_dir)
     sock = None
@@ -109,7 +110,7 @@ def serve(
                 f"`corral keys create --name NAME --data-dir {data_dir}`"
             )
         try:
-            _prepare_data_dir(data_dir, data_dir / "workspaces")
+            prepare_data_dir(data_dir, data_dir / "workspaces")
         except OSError as exc:
             raise CorralError(
                 f"cannot use the data directory {data_dir}: {exc.strerror or exc}"
