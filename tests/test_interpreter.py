@@ -572,13 +572,17 @@ async def test_envs_for_one_call_and_contexts_by_keyword_and_id() -> None:
             await sb.run_code("1", envs={"A": "x\0y"})
         context = await sb.create_code_context(language="bash", cwd="sub")
         assert (context.language, context.cwd) == ("bash", "/workspace/sub")
-        assert context in sb.list_code_contexts()
-        assert {c.language for c in sb.list_code_contexts()} == {"python", "javascript", "bash"}
+        assert context in await sb.list_code_contexts()
+        assert {c.language for c in await sb.list_code_contexts()} == {
+            "python",
+            "javascript",
+            "bash",
+        }
         ex = await sb.run_code("pwd; X=1", context=context.id)
         assert ex.logs.stdout == ("/workspace/sub\n",)
         await sb.restart_code_context(context.id)
         assert (await sb.run_code("echo ${X-gone}", context=context)).logs.stdout == ("gone\n",)
         await sb.remove_code_context(context.id)
-        assert context not in sb.list_code_contexts()
+        assert context not in await sb.list_code_contexts()
         with pytest.raises(CorralError, match="does not exist"):
             await sb.remove_code_context(context.id)

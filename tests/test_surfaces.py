@@ -226,4 +226,14 @@ async def test_run_code(open_sandbox: OpenSandbox) -> None:
         assert ("stdout", "s\n") in events
         context = await sb.create_code_context()
         assert (await sb.run_code("'x' in dir()", context=context)).text == "False"
-        await sb.remove_code_context(context)
+        # E2B's shapes: per-call envs, contexts listed and addressed by id
+        envs = {"CELL_ONLY": "it's $here"}
+        code = "import os; os.environ.get('CELL_ONLY')"
+        assert (await sb.run_code(code, envs=envs)).text == '"it\'s $here"'
+        assert (await sb.run_code(code)).text is None  # None: not kept after the cell
+        assert context.id in {c.id for c in await sb.list_code_contexts()}
+        await sb.run_code("y = 1", context=context.id)
+        await sb.restart_code_context(context.id)
+        assert (await sb.run_code("'y' in dir()", context=context)).text == "False"
+        await sb.remove_code_context(context.id)
+        assert context.id not in {c.id for c in await sb.list_code_contexts()}

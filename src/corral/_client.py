@@ -484,7 +484,8 @@ class RemoteSandbox:
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
@@ -492,7 +493,7 @@ class RemoteSandbox:
         on_error: ErrorCallback | None = None,
     ) -> Execution:
         """See ``AsyncSandbox.run_code``."""
-        body = _code_body(code, language, context, timeout_s)
+        body = _code_body(code, language, context, envs, timeout_s)
         if not (on_stdout or on_stderr or on_result or on_error):
             return s.execution_from_dict(
                 await self._client._json("POST", self._url("/code"), json=body)
@@ -517,11 +518,13 @@ class RemoteSandbox:
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> AsyncGenerator[CodeEvent, None]:
         """See ``AsyncSandbox.stream_code``."""
-        async for event in self._code_events(_code_body(code, language, context, timeout_s)):
+        body = _code_body(code, language, context, envs, timeout_s)
+        async for event in self._code_events(body):
             yield event
             if event[0] == "done":
                 return
@@ -540,11 +543,15 @@ class RemoteSandbox:
         )
         return s.context_from_dict(data)
 
-    async def restart_code_context(self, context: CodeContext) -> None:
-        await self._client._json("POST", self._url(f"/contexts/{context.id}/restart"))
+    async def list_code_contexts(self) -> list[CodeContext]:
+        data = await self._client._json("GET", self._url("/contexts"))
+        return [s.context_from_dict(c) for c in data["contexts"]]
 
-    async def remove_code_context(self, context: CodeContext) -> None:
-        await self._client._json("DELETE", self._url(f"/contexts/{context.id}"))
+    async def restart_code_context(self, context: CodeContext | str) -> None:
+        await self._client._json("POST", self._url(f"/contexts/{_context_id(context)}/restart"))
+
+    async def remove_code_context(self, context: CodeContext | str) -> None:
+        await self._client._json("DELETE", self._url(f"/contexts/{_context_id(context)}"))
 
     async def prewarm(self, language: str = "python") -> None:
         await self._client._json("POST", self._url("/prewarm"), json={"language": language})
@@ -588,13 +595,22 @@ class RemoteSandbox:
                     )
 
 
+def _context_id(context: CodeContext | str) -> str:
+    return context if isinstance(context, str) else context.id
+
+
 def _code_body(
-    code: str, language: str, context: CodeContext | None, timeout_s: float | None
+    code: str,
+    language: str,
+    context: CodeContext | str | None,
+    envs: Mapping[str, str] | None,
+    timeout_s: float | None,
 ) -> dict[str, Any]:
     return {
         "code": code,
         "language": language,
-        "context_id": context.id if context is not None else None,
+        "context_id": _context_id(context) if context is not None else None,
+        "envs": dict(envs) if envs is not None else None,
         "timeout_s": timeout_s,
     }
 

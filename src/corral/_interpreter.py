@@ -22,7 +22,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -450,7 +450,7 @@ class CodeInterpreter:
         *,
         language: str = "python",
         context: CodeContext | str | None = None,
-        envs: dict[str, str] | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
@@ -669,7 +669,7 @@ def _language(language: str) -> str:
     return _ALIASES.get(language, language)
 
 
-def _check_envs(envs: dict[str, str] | None) -> dict[str, str]:
+def _check_envs(envs: Mapping[str, str] | None) -> dict[str, str]:
     """``envs`` checked: variable names to strings without NUL; ValueError if not."""
     if envs is None:
         return {}

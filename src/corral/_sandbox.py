@@ -1151,7 +1151,7 @@ class AsyncSandbox:
         *,
         language: str = "python",
         context: CodeContext | str | None = None,
-        envs: dict[str, str] | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
@@ -1184,7 +1184,8 @@ class AsyncSandbox:
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> AsyncGenerator[CodeEvent, None]:
         """``run_code`` as an async iterator: ``("stdout" | "stderr", text)``,
@@ -1196,6 +1197,7 @@ class AsyncSandbox:
                 code,
                 language=language,
                 context=context,
+                envs=envs,
                 timeout_s=timeout_s,
                 on_stdout=lambda t: queue.put_nowait(("stdout", t)),
                 on_stderr=lambda t: queue.put_nowait(("stderr", t)),
@@ -1224,7 +1226,7 @@ class AsyncSandbox:
     ) -> CodeContext:
         return await self._interpreter.create_context(language, cwd)
 
-    def list_code_contexts(self) -> list[CodeContext]:
+    async def list_code_contexts(self) -> list[CodeContext]:
         """The live code contexts, oldest first (the languages' defaults included)."""
         return self._interpreter.list_contexts()
 

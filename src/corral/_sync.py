@@ -475,7 +475,8 @@ class Sandbox:
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
@@ -483,14 +484,18 @@ class Sandbox:
         on_error: ErrorCallback | None = None,
     ) -> Execution:
         """Run a cell in a stateful context (the language's default one unless
-        given). Errors in the code are data (``Execution.error``); ``timeout_s``
-        (default: the policy's ``wall_time_s``) interrupts the cell.
+        given, as a context or its id). Errors in the code are data
+        (``Execution.error``); ``envs`` are environment variables for this cell
+        only (ValueError for a bad name or a value with NUL), as E2B's
+        ``run_code(envs=...)``; ``timeout_s`` (default: the policy's
+        ``wall_time_s``) interrupts the cell.
         """
         return call(
             self._async.run_code(
                 code,
                 language=language,
                 context=context,
+                envs=envs,
                 timeout_s=timeout_s,
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
@@ -504,14 +509,17 @@ class Sandbox:
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> Generator[CodeEvent, None, None]:
         """``run_code`` as events: ``("stdout" | "stderr", text)``, ``("result",
         Result)``, ``("error", ExecutionError)`` as they happen, then ``("done", Execution)``.
         """
         return iterate(
-            self._async.stream_code(code, language=language, context=context, timeout_s=timeout_s)
+            self._async.stream_code(
+                code, language=language, context=context, envs=envs, timeout_s=timeout_s
+            )
         )
 
     def create_code_context(
@@ -520,12 +528,16 @@ class Sandbox:
         """A new independent context (its own kernel) for ``run_code(context=...)``."""
         return call(self._async.create_code_context(language, cwd=cwd))
 
-    def restart_code_context(self, context: CodeContext) -> None:
-        """Restart the context's kernel: its state is lost."""
+    def list_code_contexts(self) -> list[CodeContext]:
+        """The live code contexts, oldest first (the languages' defaults included)."""
+        return call(self._async.list_code_contexts())
+
+    def restart_code_context(self, context: CodeContext | str) -> None:
+        """Restart the context's kernel (a context or its id): its state is lost."""
         call(self._async.restart_code_context(context))
 
-    def remove_code_context(self, context: CodeContext) -> None:
-        """Shut the context's kernel down."""
+    def remove_code_context(self, context: CodeContext | str) -> None:
+        """Shut the context's kernel down (a context or its id)."""
         call(self._async.remove_code_context(context))
 
     def prewarm(self, language: str = "python") -> None:

@@ -394,7 +394,8 @@ class AsyncSandboxAPI(Protocol):
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
@@ -402,8 +403,11 @@ class AsyncSandboxAPI(Protocol):
         on_error: ErrorCallback | None = None,
     ) -> Execution:
         """Run a cell in a stateful context (the language's default one unless
-        given). Errors in the code are data (``Execution.error``); ``timeout_s``
-        (default: the policy's ``wall_time_s``) interrupts the cell."""
+        given, as a context or its id). Errors in the code are data
+        (``Execution.error``); ``envs`` are environment variables for this cell
+        only (ValueError for a bad name or a value with NUL), as E2B's
+        ``run_code(envs=...)``; ``timeout_s`` (default: the policy's
+        ``wall_time_s``) interrupts the cell."""
         ...
 
     def stream_code(
@@ -411,7 +415,8 @@ class AsyncSandboxAPI(Protocol):
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> AsyncGenerator[CodeEvent, None]:
         """``run_code`` as events: ``("stdout" | "stderr", text)``, ``("result",
@@ -424,12 +429,16 @@ class AsyncSandboxAPI(Protocol):
         """A new independent context (its own kernel) for ``run_code(context=...)``."""
         ...
 
-    async def restart_code_context(self, context: CodeContext) -> None:
-        """Restart the context's kernel: its state is lost."""
+    async def list_code_contexts(self) -> list[CodeContext]:
+        """The live code contexts, oldest first (the languages' defaults included)."""
         ...
 
-    async def remove_code_context(self, context: CodeContext) -> None:
-        """Shut the context's kernel down."""
+    async def restart_code_context(self, context: CodeContext | str) -> None:
+        """Restart the context's kernel (a context or its id): its state is lost."""
+        ...
+
+    async def remove_code_context(self, context: CodeContext | str) -> None:
+        """Shut the context's kernel down (a context or its id)."""
         ...
 
     async def prewarm(self, language: str = "python") -> None:
@@ -792,7 +801,8 @@ class SandboxAPI(Protocol):
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
@@ -800,8 +810,11 @@ class SandboxAPI(Protocol):
         on_error: ErrorCallback | None = None,
     ) -> Execution:
         """Run a cell in a stateful context (the language's default one unless
-        given). Errors in the code are data (``Execution.error``); ``timeout_s``
-        (default: the policy's ``wall_time_s``) interrupts the cell.
+        given, as a context or its id). Errors in the code are data
+        (``Execution.error``); ``envs`` are environment variables for this cell
+        only (ValueError for a bad name or a value with NUL), as E2B's
+        ``run_code(envs=...)``; ``timeout_s`` (default: the policy's
+        ``wall_time_s``) interrupts the cell.
         """
         ...
 
@@ -810,7 +823,8 @@ class SandboxAPI(Protocol):
         code: str,
         *,
         language: str = "python",
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
+        envs: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> Generator[CodeEvent, None, None]:
         """``run_code`` as events: ``("stdout" | "stderr", text)``, ``("result",
@@ -824,12 +838,16 @@ class SandboxAPI(Protocol):
         """A new independent context (its own kernel) for ``run_code(context=...)``."""
         ...
 
-    def restart_code_context(self, context: CodeContext) -> None:
-        """Restart the context's kernel: its state is lost."""
+    def list_code_contexts(self) -> list[CodeContext]:
+        """The live code contexts, oldest first (the languages' defaults included)."""
         ...
 
-    def remove_code_context(self, context: CodeContext) -> None:
-        """Shut the context's kernel down."""
+    def restart_code_context(self, context: CodeContext | str) -> None:
+        """Restart the context's kernel (a context or its id): its state is lost."""
+        ...
+
+    def remove_code_context(self, context: CodeContext | str) -> None:
+        """Shut the context's kernel down (a context or its id)."""
         ...
 
     def prewarm(self, language: str = "python") -> None:

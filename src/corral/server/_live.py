@@ -138,25 +138,35 @@ class Live:
         )
 
     async def run_code(
-        self, code: str, language: str, context: CodeContext | None, timeout_s: float | None
+        self,
+        code: str,
+        language: str,
+        context: CodeContext | None,
+        envs: dict[str, str] | None,
+        timeout_s: float | None,
     ) -> dict[str, Any]:
         """The execution as JSON types (``_serial.execution_to_dict``)."""
         started = asyncio.get_running_loop().time()
         execution = s.execution_to_dict(
             await self.sandbox.run_code(
-                code, language=language, context=context, timeout_s=timeout_s
+                code, language=language, context=context, envs=envs, timeout_s=timeout_s
             )
         )
         self._record_code(language, code, execution, asyncio.get_running_loop().time() - started)
         return execution
 
     async def stream_code(
-        self, code: str, language: str, context: CodeContext | None, timeout_s: float | None
+        self,
+        code: str,
+        language: str,
+        context: CodeContext | None,
+        envs: dict[str, str] | None,
+        timeout_s: float | None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Code events as JSON types, the last one ``done`` with the execution."""
         started = asyncio.get_running_loop().time()
         async for event in self.sandbox.stream_code(
-            code, language=language, context=context, timeout_s=timeout_s
+            code, language=language, context=context, envs=envs, timeout_s=timeout_s
         ):
             data = s.code_event_to_dict(event)
             if data["type"] == "done":
@@ -168,6 +178,14 @@ class Live:
         context = await self.sandbox.create_code_context(language, cwd=cwd)
         self.contexts[context.id] = context
         return s.context_to_dict(context)
+
+    async def list_contexts(self) -> list[dict[str, Any]]:
+        """Every live context, the languages' defaults included (each then
+        addressable by id through this API)."""
+        contexts = await self.sandbox.list_code_contexts()
+        for context in contexts:
+            self.contexts.setdefault(context.id, context)
+        return [s.context_to_dict(c) for c in contexts]
 
     async def restart_context(self, context_id: str) -> dict[str, Any]:
         context = find(self.contexts, context_id, "code context")

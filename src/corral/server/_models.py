@@ -48,6 +48,7 @@ class RunCode(_Body):
     code: str = Field(max_length=10 << 20)
     language: Language = "python"
     context_id: str | None = None
+    envs: dict[str, str] | None = Field(None, description="environment for this cell only")
     timeout_s: float | None = Field(None, gt=0)
     stream: bool = Field(False, description="NDJSON events as they happen, then done")
 
@@ -190,6 +191,10 @@ class CodeContext(BaseModel):
     id: str
     language: str
     cwd: str
+
+
+class CodeContexts(BaseModel):
+    contexts: list[CodeContext]
 
 
 class Removed(BaseModel):

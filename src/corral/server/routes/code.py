@@ -12,6 +12,7 @@ from corral.server._deps import Key, Svc
 from corral.server._http import NDJSON, json_reply, ndjson
 from corral.server._models import (
     CodeContext,
+    CodeContexts,
     ErrorReply,
     Execution,
     NewContext,
@@ -36,12 +37,16 @@ async def run_code(sandbox_id: str, body: RunCode, service: Svc, key: Key) -> Re
     context = service.get_live(key, sandbox_id).context(body.context_id)
     if not body.stream:
         async with service.using(key, sandbox_id) as live:
-            execution = await live.run_code(body.code, body.language, context, body.timeout_s)
+            execution = await live.run_code(
+                body.code, body.language, context, body.envs, body.timeout_s
+            )
             return json_reply(execution)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         async with service.using(key, sandbox_id) as live:
-            async for event in live.stream_code(body.code, body.language, context, body.timeout_s):
+            async for event in live.stream_code(
+                body.code, body.language, context, body.envs, body.timeout_s
+            ):
                 yield event
 
     return ndjson(events())
@@ -53,6 +58,12 @@ async def create_context(
 ) -> dict[str, Any]:
     async with service.using(key, sandbox_id) as live:
         return await live.create_context(body.language, body.cwd)
+
+
+@router.get("/contexts", response_model=CodeContexts)
+async def list_contexts(sandbox_id: str, service: Svc, key: Key) -> dict[str, Any]:
+    async with service.using(key, sandbox_id) as live:
+        return {"contexts": await live.list_contexts()}
 
 
 @router.post("/contexts/{context_id}/restart", response_model=CodeContext)
