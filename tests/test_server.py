@@ -381,6 +381,20 @@ def test_the_server_refuses_a_public_address_without_keys(tmp_path: Path) -> Non
     assert "refusing to listen on 0.0.0.0: no API keys exist" in proc.stderr
 
 
+def test_a_backend_that_is_not_there_is_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    proc = subprocess.run(
+        [*CORRAL, "serve", "--backend", "no-such", "--data-dir", str(data), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 125
+    assert proc.stderr.startswith("corral: the backend 'no-such' is not available")
+    assert len(proc.stderr.splitlines()) == 1
+    assert not data.exists()  # refused before anything was made
+
+
 # -- lifecycle ---------------------------------------------------------------------------
 
 

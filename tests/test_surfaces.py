@@ -23,6 +23,7 @@ from corral import AsyncClient, AsyncSandbox, Client, CommandExit, CommandOutput
 from corral._runtime import DEFAULT as DEFAULT_RUNTIME
 from corral._sync import SyncCommands, SyncFiles, SyncNetwork, SyncPty
 from corral.abc import AsyncSandboxAPI
+from corral.backends import get_backend
 
 from .server_helpers import ServerProcess, serving
 
@@ -191,8 +192,11 @@ async def test_pty(open_sandbox: OpenSandbox) -> None:
 async def test_lifetime_and_running(open_sandbox: OpenSandbox) -> None:
     sb = open_sandbox()
     assert not await sb.is_running()
+    assert sb.degraded == ()
     async with sb:
         assert await sb.is_running()
+        # what this host weakens, the same whichever surface asks
+        assert sb.degraded == get_backend().check(sb.policy)
         await sb.set_timeout(60)
         assert await sb.is_running()
         with pytest.raises(corral.SandboxError, match="started once"):

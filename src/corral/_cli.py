@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         help="let API policies allow loopback/private addresses and network mode open",
     )
     p_serve.add_argument("--log-level", default="info")
+    p_serve.add_argument("--backend", default="bwrap", help="what starts every box (default bwrap)")
 
     p_keys = sub.add_parser("keys", help="API keys of corral serve")
     keys_sub = p_keys.add_subparsers(dest="keys_cmd", required=True)
@@ -287,6 +288,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload,
         allow_private_network=args.allow_private_network,
         log_level=args.log_level,
+        backend=args.backend,
     )
 
 

@@ -461,6 +461,11 @@ class RemoteSandbox:
             with contextlib.suppress(RemoteError, SandboxBroken):
                 await self._client._json("DELETE", url)
 
+    @property
+    def degraded(self) -> tuple[str, ...]:
+        """See ``AsyncSandbox.degraded`` (as the server reported it at start)."""
+        return self.info.degraded if self.info is not None else ()
+
     async def is_running(self) -> bool:
         """Whether the server runs the sandbox (False when it is out of reach)."""
         if self._closed or self.info is None:

@@ -443,6 +443,13 @@ class Sandbox:
         """The policy it runs under (network rules as last updated)."""
         return self._async.policy
 
+    @property
+    def degraded(self) -> tuple[str, ...]:
+        """Controls the host enforces more weakly than the policy asks, each
+        saying what stands in (``()`` before ``start``).
+        """
+        return self._async.degraded
+
     def start(self) -> None:
         """Start the box (SandboxError when started twice)."""
         call(self._async.start())

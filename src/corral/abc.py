@@ -345,6 +345,12 @@ class AsyncSandboxAPI(Protocol):
         ...
 
     @property
+    def degraded(self) -> tuple[str, ...]:
+        """Controls the host enforces more weakly than the policy asks, each
+        saying what stands in (``()`` before ``start``)."""
+        ...
+
+    @property
     def commands(self) -> AsyncCommandsAPI:
         """Commands: run, background, stream, list, kill."""
         ...
@@ -748,6 +754,13 @@ class SandboxAPI(Protocol):
     @property
     def policy(self) -> Policy:
         """The policy it runs under (network rules as last updated)."""
+        ...
+
+    @property
+    def degraded(self) -> tuple[str, ...]:
+        """Controls the host enforces more weakly than the policy asks, each
+        saying what stands in (``()`` before ``start``).
+        """
         ...
 
     @property

@@ -91,16 +91,21 @@ def serve(
     max_upload_bytes: int,
     allow_private_network: bool = False,
     log_level: str = "info",
+    backend: str = "bwrap",
 ) -> int:
     """Run the server until SIGINT/SIGTERM; 0 after a clean stop. Start-up
-    failures (the data directory, the database, the address) raise
-    ``CorralError`` with one line, not a traceback."""
+    failures (the data directory, the database, the address, a backend
+    that is not there) raise ``CorralError`` with one line, not a traceback.
+    ``backend`` starts every box (``corral.backends``: bwrap by default)."""
     import uvicorn
+
+    from corral.backends import get_backend
 
     from ._app import create_app
     from ._service import Service, ServiceConfig
     from ._workspace import prepare_data_dir
 
+    get_backend(backend)  # HostToolMissing (one line) before anything is opened
     store = open_store(data_dir)
     sock = None
     try:
@@ -130,6 +135,7 @@ def serve(
                 retention_s=retention_s,
                 max_upload_bytes=max_upload_bytes,
                 allow_private_network=allow_private_network,
+                backend=backend,
             ),
         )
         config = uvicorn.Config(

@@ -77,6 +77,7 @@ class ServiceConfig:
     max_output_bytes: int = 64 << 20  # a command's kept output: it lives in the server's memory
     allow_private_network: bool = False  # address rules to private ranges, and mode open
     reap_interval_s: float = 0.5
+    backend: str = "bwrap"  # what starts every box (corral.backends)
 
 
 class Service:
@@ -116,7 +117,7 @@ class Service:
         # boxes of a killed server died with it (pdeathsig); their cgroups,
         # mounts and workspace images stay: undone (and the workspaces' content
         # copied out) before anything reads a workspace
-        await get_backend().sweep()
+        await get_backend(self.config.backend).sweep()
         for row in self.store.list_sandboxes(state="running", limit=1_000_000):
             self.store.end_sandbox(
                 row.id,
@@ -217,7 +218,9 @@ class Service:
         self._check_key_limits(key, policy)
         async with self._create_lock:  # quota check and insert as one step
             self._check_quota(key, policy)
-            sandbox = AsyncSandbox(policy, timeout_s=None, runtime=runtime)
+            sandbox = AsyncSandbox(
+                policy, timeout_s=None, runtime=runtime, backend=self.config.backend
+            )
             workspace = self.workspaces / sandbox.id
             workspace.mkdir(mode=0o700)
             now = time.time()
