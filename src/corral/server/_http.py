@@ -108,7 +108,8 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].endswith("/files/content"):
+        uploads = scope["path"].endswith("/files/content") or scope["path"] == "/e2b/sandbox/files"
+        if scope["type"] != "http" or uploads:
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):
