@@ -39,9 +39,9 @@ def _auth(request: Request) -> tuple[Service, ApiKey]:
     return service, key
 
 
-def _runtime_for(template: str) -> str | None:
+def _runtime_for(template: str) -> str:
     if template in _STOCK_TEMPLATES:
-        return None
+        return _runtime.DEFAULT
     try:
         found = _runtime.find(template) is not None
     except CorralError:
@@ -75,11 +75,11 @@ def _created(row: SandboxRow, template: str) -> dict[str, Any]:
 def _listed(row: SandboxRow) -> dict[str, Any]:
     limits = row.policy.get("limits", {})
     return {
-        "templateID": row.runtime or "base",
+        "templateID": row.runtime or "none",
         "sandboxID": row.id,
         "clientID": "corral",
         "startedAt": _iso(row.created_at),
-        "endAt": _iso(row.expires_at),
+        "endAt": _iso(row.expires_at or row.created_at),
         "cpuCount": int(limits.get("cpu_cores") or 1),
         "memoryMB": (row.memory_bytes or 0) >> 20,
         "diskSizeMB": (row.disk_bytes or 0) >> 20,
@@ -222,11 +222,12 @@ async def connect(
     service, key = _auth(request)
     row = _running(service, key, sandbox_id)
     timeout = (body or {}).get("timeout")
-    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0:
-        # connect never shortens a sandbox's life, as E2B's
-        if row.expires_at < datetime.datetime.now(datetime.UTC).timestamp() + timeout:
-            row = service.extend(key, sandbox_id, float(timeout))
-    return json_reply(_created(row, row.runtime or "base"))
+    valid = isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0
+    now = datetime.datetime.now(datetime.UTC).timestamp()
+    # connect never shortens a sandbox's life, as E2B's
+    if valid and (row.expires_at or 0) < now + timeout:
+        row = service.extend(key, sandbox_id, float(timeout))
+    return json_reply(_created(row, row.runtime or "none"))
 
 
 @router.api_route(

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import Response, StreamingResponse
 
-from corral.server._http import NDJSON, json_reply
+from corral.server._http import NDJSON, describe, json_reply
 from corral.server._service import Service
 
 from ._common import HOME, JUPYTER_PORT, E2bRoute, cwd_to_box, sandbox_live, unsupported
@@ -59,17 +59,21 @@ async def execute(request: Request, body: Annotated[dict[str, Any], Body()]) -> 
     service: Service = request.app.state.service
 
     async def lines() -> AsyncIterator[bytes]:
-        async with service.using(live.key, live.id) as used:
-            async for data in used.stream_code(code, language, context, None):
-                if data["type"] == "done":
-                    count = data["execution"].get("execution_count")
-                    if count is not None:
-                        yield _line({"type": "number_of_executions", "execution_count": count})
-                    yield _line({"type": "end_of_execution"})
-                    continue
-                event = _event(data)
-                if event is not None:
-                    yield _line(event)
+        try:
+            async with service.using(live.key, live.id) as used:
+                async for data in used.stream_code(code, language, context, None):
+                    if data["type"] == "done":
+                        count = data["execution"].get("execution_count")
+                        if count is not None:
+                            yield _line({"type": "number_of_executions", "execution_count": count})
+                        yield _line({"type": "end_of_execution"})
+                        continue
+                    event = _event(data)
+                    if event is not None:
+                        yield _line(event)
+        except Exception as exc:  # the status line is sent: the failure is the cell's error
+            _, code_name, message = describe(exc)
+            yield _line({"type": "error", "name": code_name, "value": message, "traceback": ""})
 
     return StreamingResponse(lines(), media_type=NDJSON)
 
