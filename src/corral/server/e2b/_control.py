@@ -222,11 +222,10 @@ async def connect(
     service, key = _auth(request)
     row = _running(service, key, sandbox_id)
     timeout = (body or {}).get("timeout")
-    valid = isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0
-    now = datetime.datetime.now(datetime.UTC).timestamp()
-    # connect never shortens a sandbox's life, as E2B's
-    if valid and (row.expires_at or 0) < now + timeout:
-        row = service.extend(key, sandbox_id, float(timeout))
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0:
+        now = datetime.datetime.now(datetime.UTC).timestamp()
+        if (row.expires_at or 0) < now + timeout:  # connect never shortens a life, as E2B's
+            row = service.extend(key, sandbox_id, float(timeout))
     return json_reply(_created(row, row.runtime or "none"))
 
 
