@@ -25,6 +25,7 @@ from corral import __version__
 
 from ._http import BodyLimit, install_error_handlers
 from ._service import Service
+from .e2b import ROUTERS as E2B_ROUTERS
 from .routes import ROUTERS
 
 
@@ -52,6 +53,8 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     install_error_handlers(app)
     for router in ROUTERS:
+        app.include_router(router)
+    for router in E2B_ROUTERS:  # the E2B-compatible API, over the same service
         app.include_router(router)
     _docs(app)
     return app

@@ -108,7 +108,12 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].endswith("/files/content"):
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or path.endswith("/files/content")
+            or path == "/e2b/sandbox/files"
+        ):
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):

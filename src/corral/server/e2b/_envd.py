@@ -1,0 +1,375 @@
+"""envd's protocol (port 49983) over a corral sandbox: processes and the
+filesystem as Connect RPC (``_connect``), bytes through ``/files``.
+
+Every process is a background command of the sandbox (``Live``): ``Start``
+streams its start, output and end, ``Connect`` follows it again, and
+``SendInput``, ``CloseStdin``, ``SendSignal`` and ``List`` reach it by pid.
+``Connect-Timeout-Ms`` bounds the command, as envd does. Paths: ``/home/user``
+is the workspace (``_common.to_box``). Not supported (answered
+``unimplemented``): PTYs, stdin streams, directory watches.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import posixpath
+import stat
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from corral._sandbox import EntryInfo
+from corral.server._live import Live, ServiceError
+from corral.server._service import Service
+
+from . import _connect as c
+from ._common import (
+    ENVD_PORT,
+    E2bRoute,
+    check_user,
+    cwd_to_box,
+    from_box,
+    sandbox_live,
+    to_box,
+    unsupported,
+)
+
+router = APIRouter(prefix="/e2b/sandbox", route_class=E2bRoute, include_in_schema=False)
+
+_SIGNALS = {"SIGNAL_SIGKILL": 9, "SIGNAL_SIGTERM": 15, 9: 9, 15: 15}
+_TYPES = {"file": "FILE_TYPE_FILE", "dir": "FILE_TYPE_DIRECTORY", "symlink": "FILE_TYPE_SYMLINK"}
+
+
+@router.get("/health", status_code=204)
+async def health(request: Request) -> Response:
+    sandbox_live(request, ENVD_PORT)
+    return Response(status_code=204)
+
+
+# -- process.Process ---------------------------------------------------------------
+
+
+def _timeout_s(request: Request) -> float | None:
+    value = request.headers.get("connect-timeout-ms", "")
+    return int(value) / 1000 if value.isdigit() and int(value) > 0 else None
+
+
+def _pid(message: dict[str, Any]) -> int:
+    selector = message.get("process") or {}
+    pid = selector.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise c.ConnectError(
+            "invalid_argument", "process.pid: a pid is required (tags are not kept)"
+        )
+    return pid
+
+
+def _end(result: dict[str, Any]) -> dict[str, Any]:
+    code = result["exit_code"]
+    end: dict[str, Any] = {"exitCode": code, "exited": result.get("signal") is None}
+    end["status"] = f"signal: {result['signal']}" if result.get("signal") else f"exit status {code}"
+    if result.get("limit_hit"):
+        end["error"] = f"corral: the {result['limit_hit']} limit was hit"
+    return {"event": {"end": end}}
+
+
+async def _events(live: Live, pid: int) -> AsyncIterator[dict[str, Any]]:
+    yield {"event": {"start": {"pid": pid}}}
+    async for event in live.follow(pid):
+        kind = event["type"]
+        if kind in ("stdout", "stderr"):
+            yield {"event": {"data": {kind: event["data"]}}}
+        elif kind == "exit":
+            yield _end(event["result"])
+        else:
+            error = event.get("error") or {}
+            raise c.ConnectError("unavailable", error.get("message", "the sandbox ended"))
+
+
+@router.post("/process.Process/Start")
+async def start(request: Request) -> StreamingResponse:
+    try:
+        live = sandbox_live(request, ENVD_PORT)
+        check_user(request)
+        message = await c.stream_request(request)
+        if message.get("pty"):
+            raise unsupported("a PTY")
+        config = message.get("process") or {}
+        cmd, args, envs = config.get("cmd"), config.get("args") or [], config.get("envs") or {}
+        if not isinstance(cmd, str) or not cmd or not all(isinstance(a, str) for a in args):
+            raise c.ConnectError("invalid_argument", "process.cmd: a command is required")
+        service: Service = request.app.state.service
+        async with service.using(live.key, live.id) as used:
+            pid, result = await used.start_background(
+                [cmd, *args],
+                timeout_s=_timeout_s(request),
+                env=dict(envs) or None,
+                cwd=cwd_to_box(used, config.get("cwd")),
+                stdin=None,
+                stdin_open=bool(message.get("stdin")),
+            )
+    except Exception as exc:
+        return c.stream_error(exc)
+    if pid is None:  # it could not start: its result says why (127, 126)
+        assert result is not None
+
+        async def failed() -> AsyncIterator[dict[str, Any]]:
+            yield {"event": {"start": {"pid": 0}}}
+            stderr = result["stderr"]
+            if stderr:
+                yield {"event": {"data": {"stderr": stderr}}}
+            yield _end(result)
+
+        return c.stream_reply(failed())
+    return c.stream_reply(_events(live, pid))
+
+
+@router.post("/process.Process/Connect")
+async def connect(request: Request) -> StreamingResponse:
+    try:
+        live = sandbox_live(request, ENVD_PORT)
+        pid = _pid(await c.stream_request(request))
+        events = _events(live, pid)
+        live.follow(pid)  # a missing pid is an error before the stream starts
+    except Exception as exc:
+        return c.stream_error(exc)
+    return c.stream_reply(events)
+
+
+async def _unary(
+    request: Request, method: str, live: Live, message: dict[str, Any]
+) -> dict[str, Any]:
+    if method == "List":
+        return {
+            "processes": [
+                {
+                    "pid": p["pid"],
+                    "config": {"cmd": p["argv"][0] if p["argv"] else "", "args": p["argv"][1:]},
+                }
+                for p in await live.processes()
+            ]
+        }
+    if method == "SendInput":
+        data = (message.get("input") or {}).get("stdin")
+        if not isinstance(data, str):
+            raise c.ConnectError(
+                "invalid_argument", "input.stdin: base64 bytes are required (no PTY)"
+            )
+        await live.send_stdin(_pid(message), base64.b64decode(data))
+        return {}
+    if method == "CloseStdin":
+        await live.close_stdin(_pid(message))
+        return {}
+    if method == "SendSignal":
+        signal = _SIGNALS.get(message.get("signal", 0))
+        if signal is None:
+            raise c.ConnectError("invalid_argument", "signal: SIGNAL_SIGKILL or SIGNAL_SIGTERM")
+        if not await live.kill(_pid(message), signal):
+            raise c.ConnectError("not_found", f"process {_pid(message)} not found")
+        return {}
+    if method in ("Update", "StreamInput"):
+        raise unsupported("PTY resize and stdin streams" if method == "Update" else "stdin streams")
+    raise c.ConnectError("unimplemented", f"process.Process/{method} does not exist")
+
+
+@router.post("/process.Process/{method}")
+async def process_unary(request: Request, method: str) -> Response:
+    try:
+        live = sandbox_live(request, ENVD_PORT)
+        check_user(request)
+        message = await c.unary_request(request)
+        service: Service = request.app.state.service
+        async with service.using(live.key, live.id) as used:
+            return c.unary_reply(await _unary(request, method, used, message))
+    except Exception as exc:
+        return c.unary_error(exc)
+
+
+# -- filesystem.Filesystem ---------------------------------------------------------
+
+
+def _entry(live: Live, entry: EntryInfo) -> dict[str, Any]:
+    mtime = datetime.datetime.fromtimestamp(entry.mtime, datetime.UTC)
+    return {
+        "name": entry.name,
+        "type": _TYPES.get(entry.type, "FILE_TYPE_UNSPECIFIED"),
+        "path": from_box(live, entry.path),
+        "size": entry.size,
+        "mode": entry.mode & 0o7777,
+        "permissions": stat.filemode(entry.mode),
+        "owner": "user",
+        "group": "user",
+        "modifiedTime": mtime.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def _path(message: dict[str, Any], name: str = "path") -> str:
+    path = message.get(name)
+    if not isinstance(path, str) or not path:
+        raise c.ConnectError("invalid_argument", f"{name}: a path is required")
+    return path
+
+
+async def _list(live: Live, path: str, depth: int) -> list[dict[str, Any]]:
+    entries = []
+    for entry in await live.sandbox.files.list(path):
+        entries.append(_entry(live, entry))
+        if entry.type == "dir" and depth > 1:
+            entries += await _list(live, posixpath.join(path, entry.name), depth - 1)
+    return entries
+
+
+async def _fs(method: str, live: Live, message: dict[str, Any]) -> dict[str, Any]:
+    files = live.sandbox.files
+    if method == "Stat":
+        return {"entry": _entry(live, await files.stat(to_box(live, _path(message))))}
+    if method == "ListDir":
+        depth = message.get("depth") or 1
+        if not isinstance(depth, int) or not 1 <= depth <= 32:
+            raise c.ConnectError("invalid_argument", "depth: 1 to 32")
+        return {"entries": await _list(live, to_box(live, _path(message)), depth)}
+    if method == "MakeDir":
+        path = to_box(live, _path(message))
+        if await files.exists(path):
+            raise c.ConnectError("already_exists", f"{_path(message)} exists")
+        parts = posixpath.relpath(path, live.sandbox.policy.filesystem.workspace).split("/")
+        for i in range(1, len(parts) + 1):  # with its parents, as envd
+            sub = posixpath.join(live.sandbox.policy.filesystem.workspace, *parts[:i])
+            if not await files.exists(sub):
+                await files.mkdir(sub)
+        return {"entry": _entry(live, await files.stat(path))}
+    if method == "Move":
+        dst = to_box(live, _path(message, "destination"))
+        await files.rename(to_box(live, _path(message, "source")), dst)
+        return {"entry": _entry(live, await files.stat(dst))}
+    if method == "Remove":
+        await files.remove(to_box(live, _path(message)))
+        return {}
+    if method in ("WatchDir", "CreateWatcher", "GetWatcherEvents", "RemoveWatcher"):
+        raise unsupported("watching directories (not yet)")
+    raise c.ConnectError("unimplemented", f"filesystem.Filesystem/{method} does not exist")
+
+
+@router.post("/filesystem.Filesystem/WatchDir")
+async def watch_dir(request: Request) -> StreamingResponse:
+    return c.stream_error(unsupported("watching directories (not yet)"))
+
+
+@router.post("/filesystem.Filesystem/{method}")
+async def filesystem(request: Request, method: str) -> Response:
+    try:
+        live = sandbox_live(request, ENVD_PORT)
+        check_user(request)
+        message = await c.unary_request(request)
+        service: Service = request.app.state.service
+        async with service.using(live.key, live.id) as used:
+            return c.unary_reply(await _fs(method, used, message))
+    except Exception as exc:
+        return c.unary_error(exc)
+
+
+# -- /files ------------------------------------------------------------------------
+
+
+@router.get("/files")
+async def download(request: Request, path: str, username: str | None = None) -> StreamingResponse:
+    live = sandbox_live(request, ENVD_PORT)
+    check_user(request, username)
+    service: Service = request.app.state.service
+    async with service.using(live.key, live.id) as used:
+        reader = await used.sandbox.files.open_read(to_box(used, path))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async with reader:
+            async for chunk in reader:
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={"content-length": str(reader.size)},
+    )
+
+
+async def _limited(chunks: AsyncIterator[bytes], limit: int, gzipped: bool) -> AsyncIterator[bytes]:
+    """The body, inflated if gzipped, refused past ``limit`` bytes (after
+    inflating: a small gzip body must not become a huge file)."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
+    seen = 0
+    async for chunk in chunks:
+        data = inflate.decompress(chunk, limit + 1 - seen) if inflate is not None else chunk
+        seen += len(data)
+        if seen > limit:
+            raise ServiceError(413, "too_large", f"uploads are limited to {limit} bytes")
+        if data:
+            yield data
+
+
+@router.post("/files")
+async def upload(
+    request: Request, path: str | None = None, username: str | None = None
+) -> Response:
+    live = sandbox_live(request, ENVD_PORT)
+    check_user(request, username)
+    service: Service = request.app.state.service
+    limit = service.config.max_upload_bytes
+    written: list[dict[str, Any]] = []
+    kind = request.headers.get("content-type", "")
+    encoding = request.headers.get("content-encoding", "identity")
+    if encoding not in ("identity", "gzip"):
+        raise ServiceError(400, "invalid_request", f"content-encoding {encoding!r}")
+    async with service.using(live.key, live.id) as used:
+        if kind.startswith("multipart/form-data"):
+            form = await request.form(max_files=100, max_part_size=limit)
+            try:
+                for _, part in form.multi_items():
+                    if isinstance(part, str):
+                        continue
+                    target = path if path and len(form) == 1 else part.filename
+                    if not target:
+                        raise ServiceError(
+                            400, "invalid_request", "path: the file's path is missing"
+                        )
+
+                    async def body(part: Any = part) -> AsyncIterator[bytes]:
+                        while chunk := await part.read(1 << 16):
+                            yield chunk
+
+                    box_path = to_box(used, target)
+                    await _write(used, box_path, _limited(body(), limit, False))
+                    written.append(_written(used, box_path))
+            finally:
+                await form.close()
+        else:
+            if not path:
+                raise ServiceError(
+                    400, "invalid_request", "path: required for an octet-stream upload"
+                )
+            box_path = to_box(used, path)
+            await _write(used, box_path, _limited(request.stream(), limit, encoding == "gzip"))
+            written.append(_written(used, box_path))
+    return Response(json.dumps(written), media_type="application/json")
+
+
+def _written(live: Live, box_path: str) -> dict[str, str]:
+    relative = posixpath.relpath(box_path, live.sandbox.policy.filesystem.workspace)
+    return {"name": posixpath.basename(box_path), "type": "file", "path": from_box(live, relative)}
+
+
+async def _write(live: Live, path: str, chunks: AsyncIterator[bytes]) -> None:
+    """Write with the parents created, as envd does."""
+    files = live.sandbox.files
+    workspace = live.sandbox.policy.filesystem.workspace
+    parts = posixpath.relpath(posixpath.dirname(path), workspace).split("/")
+    for i in range(1, len(parts) + 1):
+        if parts[0] == ".":
+            break
+        sub = posixpath.join(workspace, *parts[:i])
+        if not await files.exists(sub):
+            await files.mkdir(sub)
+    await live.write_file(path, chunks, 0o644)
