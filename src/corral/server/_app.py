@@ -26,6 +26,7 @@ from corral import __version__
 from ._http import BodyLimit, install_error_handlers
 from ._service import Service
 from .routes import ROUTERS
+from .ui import install as install_ui
 
 
 def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI:
@@ -54,6 +55,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     for router in ROUTERS:
         app.include_router(router)
     _docs(app)
+    install_ui(app)  # the dashboard at /ui (not in the OpenAPI)
     return app
 
 
