@@ -75,7 +75,9 @@ class _Headers(BaseHTTPMiddleware):
         if request.url.path.startswith("/ui"):
             response.headers["Content-Security-Policy"] = CSP
             response.headers["X-Content-Type-Options"] = "nosniff"  # no sniffing HTML in a file
-            response.headers["Referrer-Policy"] = "no-referrer"
+            # same-origin, not no-referrer: under no-referrer the browser sends
+            # "Origin: null" on our own forms, and the CSRF check refuses null
+            response.headers["Referrer-Policy"] = "same-origin"
             response.headers["X-Frame-Options"] = "DENY"  # clickjacking on the kill button
             response.headers.setdefault("Cache-Control", "no-store")  # pages show tenant data
         return response
