@@ -90,6 +90,27 @@ def test_dashboard_in_a_browser(server: ServerProcess, tmp_path: Path) -> None:
             "python3 -c \"import urllib.request as u; u.urlopen('http://denied.test:9/')\"",
         )
         bomb = _run(api, mine, "python3 -c 'x = [bytearray(1 << 20) for _ in range(4096)]'")
+        asking = _create(
+            api,
+            network_approval=True,
+            # ask.test is named by no rule: the server asks; the page answers no
+            # (were the answer ignored, the name maps to loopback: nothing leaves)
+            policy={
+                "network": {
+                    "mode": "allowlist",
+                    "allow": ["allowed.test"],
+                    "hosts": {"ask.test": "127.0.0.1", "allowed.test": "127.0.0.1"},
+                }
+            },
+        )
+        started = api.post(
+            f"/v1/sandboxes/{asking}/commands",
+            json={
+                "command": "python3 -c \"import urllib.request as u; u.urlopen('http://ask.test:9/')\"",
+                "background": True,
+            },
+        )
+        assert started.status_code == 201, started.text
         shots = tmp_path
         out = subprocess.run(
             [
@@ -101,6 +122,7 @@ def test_dashboard_in_a_browser(server: ServerProcess, tmp_path: Path) -> None:
                         "key": key,
                         "mine": mine,
                         "theirs": theirs,
+                        "asking": asking,
                         "shots": str(shots),
                     }
                 ),
@@ -149,6 +171,16 @@ def test_dashboard_in_a_browser(server: ServerProcess, tmp_path: Path) -> None:
             assert seen[page] == {"flag": None, "scripts": 0, "imgs": 0}, page
         assert seen["dialogs"] == []
 
+        # the approval: listed, answered from the page, logged as denied
+        assert "ask.test" in seen["approvals"]
+        assert asking in seen["approvals"]
+        assert "Nothing is waiting" in seen["approvals_after"]
+        assert "network.approval" in seen["asking_network"]
+        assert "ask.test" in seen["asking_network"]
+        assert "denied" in seen["asking_network"]
+        # extend from the page
+        assert seen["expires_after"] > seen["expires_before"]
+
         # kill from the page: ended, reason closed; the API agrees
         assert seen["state_after"] == "ended"
         assert seen["end_reason"] == "closed"
@@ -196,7 +228,13 @@ def test_another_keys_sandbox_cannot_be_killed_or_browsed(server: ServerProcess)
     key, other = server.key("ui-own"), server.key("ui-other")
     with _api(server, other) as api_b, httpx.Client(base_url=server.url, timeout=60) as ui:
         theirs = _create(api_b)
+        with _api(server, key) as api:
+            mine = _create(api)
         ui.cookies.set("corral_key", key, path="/ui")
+        listed = ui.get("/ui/sandboxes")
+        assert listed.status_code == 200
+        assert mine in listed.text  # the page works for the key's own
+        assert theirs not in listed.text
         token = {"csrf": csrf_token(key)}
         assert ui.post(f"/ui/sandboxes/{theirs}/kill", data=token).status_code == 404
         assert (
@@ -205,7 +243,6 @@ def test_another_keys_sandbox_cannot_be_killed_or_browsed(server: ServerProcess)
         )
         assert ui.get(f"/ui/sandboxes/{theirs}/files").status_code == 404
         assert ui.get(f"/ui/sandboxes/{theirs}/download", params={"path": "x"}).status_code == 404
-        assert theirs not in ui.get("/ui/sandboxes").text
         assert api_b.get(f"/v1/sandboxes/{theirs}").json()["state"] == "running"
 
 

@@ -63,7 +63,26 @@ try {
   out.files = await text("#files");
   out.files_xss = await xss();
 
+  // a host the rules do not name waits for an answer: deny it from the page
+  for (let i = 0; i < 100; i++) {
+    await page.goto(`${cfg.url}/ui/approvals`);
+    if ((await page.locator("table.approvals").count()) > 0) break;
+    await page.waitForTimeout(200);
+  }
+  out.approvals = await text("main");
+  await Promise.all([
+    page.waitForURL("**/ui/approvals"),
+    page.click("table.approvals button[value=false]"),
+  ]);
+  out.approvals_after = await text("main");
+  await page.goto(`${cfg.url}/ui/sandboxes/${cfg.asking}`);
+  out.asking_network = await text("#network");
+
   await page.goto(`${cfg.url}/ui/sandboxes/${cfg.mine}`);
+  out.expires_before = await text("#expires");
+  await page.fill("input[name=timeout_s]", "3000");
+  await Promise.all([page.waitForURL(`**/ui/sandboxes/${cfg.mine}`), page.click("#extend")]);
+  out.expires_after = await text("#expires");
   await Promise.all([page.waitForURL(`**/ui/sandboxes/${cfg.mine}`), page.click("#kill")]);
   out.state_after = await text("#state");
   out.end_reason = await text("#end-reason");
