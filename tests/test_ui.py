@@ -189,7 +189,8 @@ def test_dashboard_in_a_browser(server: ServerProcess, tmp_path: Path) -> None:
         assert api_b.get(f"/v1/sandboxes/{theirs}").json()["state"] == "running"
         # the ended workspace stays browsable while retained
         assert FILE in seen["files_ended"]
-        assert "closed" in seen["overview"]
+        assert "closed" in seen["overview"]  # ends by reason
+        assert "memory" in seen["overview"]  # limit hits by kind
         assert "memory" not in seen["key_page"] or "no limit" in seen["key_page"]
 
         # no request to any origin but the server's

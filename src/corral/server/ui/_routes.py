@@ -356,10 +356,21 @@ async def overview(request: Request) -> Response:
     rows = await asyncio.to_thread(service.store.list_sandboxes, key_id=key.id, limit=1000)
     by_state = Counter(r.state for r in rows if not (r.state == "ended" and r.purged))
     ends = Counter(r.end_reason for r in rows if r.end_reason)
-    limits = Counter(r.limit_hit for r in rows if r.limit_hit)
-    code_runs = await asyncio.to_thread(
-        service.store.audit_log, key_id=key.id, action="code.run", limit=1000
+    # limits hit by commands and cells (the box lives on) and by whole sandboxes
+    # (sandbox.end): all in the audit log, each with its kind
+    logged = {
+        action: await asyncio.to_thread(
+            service.store.audit_log, key_id=key.id, action=action, limit=1000
+        )
+        for action in ("command.run", "code.run", "sandbox.end")
+    }
+    limits = Counter(
+        e["detail"]["limit"]
+        for entries in logged.values()
+        for e in entries
+        if e["detail"].get("limit")
     )
+    code_runs = logged["code.run"]
     durations = sorted(float(e["detail"].get("duration_s") or 0) for e in code_runs)
     return _page(
         request,
