@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral import _serial as s
 from corral._errors import CorralError
@@ -67,20 +67,37 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
-class _Headers(BaseHTTPMiddleware):
-    """Security headers on every ``/ui`` reply."""
+_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),  # no sniffing HTML in a downloaded file
+    # same-origin, not no-referrer: under no-referrer the browser sends
+    # "Origin: null" on our own forms, and the CSRF check refuses null
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),  # clickjacking on the Kill button
+    (b"cache-control", b"no-store"),  # the pages show a tenant's data
+]
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        response = await call_next(request)
-        if request.url.path.startswith("/ui"):
-            response.headers["Content-Security-Policy"] = CSP
-            response.headers["X-Content-Type-Options"] = "nosniff"  # no sniffing HTML in a file
-            # same-origin, not no-referrer: under no-referrer the browser sends
-            # "Origin: null" on our own forms, and the CSRF check refuses null
-            response.headers["Referrer-Policy"] = "same-origin"
-            response.headers["X-Frame-Options"] = "DENY"  # clickjacking on the kill button
-            response.headers.setdefault("Cache-Control", "no-store")  # pages show tenant data
-        return response
+
+class _Headers:
+    """Security headers on every ``/ui`` reply. Plain ASGI: the API's own
+    requests (streams included) pass through untouched, at no cost."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/ui"):
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name for name, _ in _HEADERS}
+                kept = [(n, v) for n, v in message.get("headers", []) if n.lower() not in names]
+                message = {**message, "headers": kept + _HEADERS}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def install(app: FastAPI) -> None:
