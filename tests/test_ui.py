@@ -258,3 +258,32 @@ def test_pages_without_a_session_go_to_the_login(server: ServerProcess) -> None:
         page = ui.get("/ui/login")
         assert "script-src 'none'" in page.headers["content-security-policy"]
         assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+def test_downloads_are_attachments_never_rendered(server: ServerProcess) -> None:
+    key = server.key("ui-dl")
+    with _api(server, key) as api, httpx.Client(base_url=server.url, timeout=60) as ui:
+        sandbox_id = _create(api)
+        page = b"<html><script>alert(1)</script></html>"
+        put = api.put(
+            f"/v1/sandboxes/{sandbox_id}/files/content", params={"path": "x.html"}, content=page
+        )
+        assert put.status_code == 200, put.text
+        ui.cookies.set("corral_key", key, path="/ui")
+        got = ui.get(f"/ui/sandboxes/{sandbox_id}/download", params={"path": "x.html"})
+        assert got.status_code == 200
+        assert got.content == page
+        assert got.headers["content-type"] == "application/octet-stream"
+        assert got.headers["content-disposition"] == "attachment; filename*=UTF-8''x.html"
+        assert got.headers["x-content-type-options"] == "nosniff"
+        assert "script-src 'none'" in got.headers["content-security-policy"]
+        # a file the box does not have: an error page (the API's status), not a traceback
+        missing = ui.get(f"/ui/sandboxes/{sandbox_id}/download", params={"path": "nope"})
+        assert (
+            missing.status_code
+            == api.get(
+                f"/v1/sandboxes/{sandbox_id}/files/content", params={"path": "nope"}
+            ).status_code
+        )
+        assert missing.headers["content-type"].startswith("text/html")
+        assert "Traceback" not in missing.text

@@ -23,7 +23,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral import _serial as s
-from corral._errors import CorralError
+from corral._errors import to_wire
 from corral.server._live import ServiceError
 from corral.server._service import Service
 from corral.server._store import ApiKey
@@ -174,6 +174,14 @@ def _error(
     return _page(request, "error.html", key, token, status=status, code=code, message=message)
 
 
+def _wired(exc: BaseException) -> tuple[int, str, str] | None:
+    """(status, code, message) as the API would answer ``exc`` (the one error
+    table, host paths scrubbed), or None for an internal error."""
+    if isinstance(exc, ServiceError):
+        return exc.status, exc.code, str(exc)
+    return to_wire(exc)
+
+
 def _login() -> RedirectResponse:
     return RedirectResponse("/ui/login", status_code=303)
 
@@ -309,7 +317,7 @@ async def kill(request: Request, sandbox_id: str) -> Response:
     except ServiceError as exc:
         return _error(request, key, None, exc.status, exc.code, str(exc))
     await service.end(sandbox_id, "closed")
-    return RedirectResponse(f"/ui/sandboxes/{quote(sandbox_id)}", status_code=303)
+    return RedirectResponse(f"/ui/sandboxes/{quote(sandbox_id, safe='')}", status_code=303)
 
 
 @router.post("/sandboxes/{sandbox_id}/extend")
@@ -326,7 +334,7 @@ async def extend(request: Request, sandbox_id: str) -> Response:
         return _error(request, key, None, 400, "invalid_request", "timeout_s: a number of seconds")
     except ServiceError as exc:
         return _error(request, key, None, exc.status, exc.code, str(exc))
-    return RedirectResponse(f"/ui/sandboxes/{quote(sandbox_id)}", status_code=303)
+    return RedirectResponse(f"/ui/sandboxes/{quote(sandbox_id, safe='')}", status_code=303)
 
 
 # -- network approvals -------------------------------------------------------------------
@@ -357,7 +365,11 @@ async def answer(request: Request, sandbox_id: str, approval_id: str) -> Respons
         live.answer(approval_id, form.get("allow") == "true")
     except ServiceError as exc:
         return _error(request, key, None, exc.status, exc.code, str(exc))
-    return RedirectResponse(form.get("back") or "/ui/approvals", status_code=303)
+    back = form.get("back", "")
+    # only a page of this dashboard: never an open redirect ("//host", "https:")
+    if not back.startswith("/ui/") or back.startswith("//") or "\\" in back:
+        back = "/ui/approvals"
+    return RedirectResponse(back, status_code=303)
 
 
 # -- overview ----------------------------------------------------------------------------
@@ -439,10 +451,11 @@ async def browse(request: Request, sandbox_id: str, path: str = ".") -> Response
         else:
             async with service.using(key, sandbox_id) as live:
                 entries = await live.sandbox.files.list(path)
-    except ServiceError as exc:
-        return _error(request, key, token, exc.status, exc.code, str(exc))
-    except CorralError as exc:  # the box's refusal (not found, not a dir): shown
-        return _error(request, key, token, 400, type(exc).__name__, str(exc))
+    except Exception as exc:  # the box's or the service's refusal, as the API answers it
+        wired = _wired(exc)
+        if wired is None:
+            raise
+        return _error(request, key, token, *wired)
     items = sorted(
         (s.entry_to_dict(e) for e in entries), key=lambda e: (e["type"] != "dir", e["name"])
     )
@@ -483,10 +496,11 @@ async def download(request: Request, sandbox_id: str, path: str) -> Response:
                         yield chunk
 
             body = chunks()
-    except ServiceError as exc:
-        return _error(request, key, token, exc.status, exc.code, str(exc))
-    except CorralError as exc:  # the box's refusal (not found, a directory): shown
-        return _error(request, key, token, 400, type(exc).__name__, str(exc))
+    except Exception as exc:  # the box's or the service's refusal, as the API answers it
+        wired = _wired(exc)
+        if wired is None:
+            raise
+        return _error(request, key, token, *wired)
     name = Path(path).name or "download"
     return StreamingResponse(
         body,
