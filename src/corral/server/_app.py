@@ -27,6 +27,7 @@ from ._http import BodyLimit, install_error_handlers
 from ._service import Service
 from .e2b import ROUTERS as E2B_ROUTERS
 from .routes import ROUTERS
+from .ui import install as install_ui
 
 
 def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI:
@@ -57,6 +58,7 @@ def create_app(service: Service, *, max_request_bytes: int = 1 << 20) -> FastAPI
     for router in E2B_ROUTERS:  # the E2B-compatible API, over the same service
         app.include_router(router)
     _docs(app)
+    install_ui(app)  # the dashboard at /ui (not in the OpenAPI)
     return app
 
 
