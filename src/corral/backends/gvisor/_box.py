@@ -48,7 +48,9 @@ _KILL_GRACE_S = 5.0
 class GvisorBox:
     """One running gVisor sandbox. Implements ``corral.backends.Box``."""
 
-    def __init__(self, spec: BoxSpec, policy: Policy, plans: Plans, degraded: tuple[str, ...]) -> None:
+    def __init__(
+        self, spec: BoxSpec, policy: Policy, plans: Plans, degraded: tuple[str, ...]
+    ) -> None:
         self.spec = spec
         self.policy = policy
         self.plans = plans
@@ -130,7 +132,9 @@ class GvisorBox:
     # -- launch ------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, spec: BoxSpec, facts: HostFacts, degraded_extra: tuple[str, ...]) -> GvisorBox:
+    async def start(
+        cls, spec: BoxSpec, facts: HostFacts, degraded_extra: tuple[str, ...]
+    ) -> GvisorBox:
         command = spec.command
         if not command:
             raise ValueError("command must not be empty")
@@ -144,7 +148,9 @@ class GvisorBox:
         if spec.workdir is not None:
             path = Path(spec.workdir).resolve()
             if not path.is_dir():
-                raise FileNotFoundError(errno.ENOENT, "workdir is not a directory", str(spec.workdir))
+                raise FileNotFoundError(
+                    errno.ENOENT, "workdir is not a directory", str(spec.workdir)
+                )
             workspace_source = str(path)
         check_bind_sources(policy)
         find_runsc()
@@ -308,8 +314,15 @@ def delete_container(container_id: str) -> None:
     """``runsc delete --force``: the sandbox's processes and runsc's state go (blocking)."""
     with contextlib.suppress(OSError, subprocess.SubprocessError, CorralError):
         subprocess.run(
-            [find_runsc().path, *RUNSC_FLAGS, "--root", os.path.join(runsc_root(), "state"),
-             "delete", "--force", container_id],  # fmt: skip
+            [
+                find_runsc().path,
+                *RUNSC_FLAGS,
+                "--root",
+                os.path.join(runsc_root(), "state"),
+                "delete",
+                "--force",
+                container_id,
+            ],
             capture_output=True,
             timeout=30,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},

@@ -22,7 +22,8 @@ from corral.plan._seccomp import SeccompPlan
 # channel arrives as fds 0 and 1 and is moved above 2 at once; 0 and 1 become
 # /dev/null, so no command the agent starts can inherit the channel
 CHANNEL_LAUNCHER = (
-    'exec 3<&0 4>&1 </dev/null >/dev/null; CORRAL_CHANNEL_FDS=3,4; export CORRAL_CHANNEL_FDS; exec "$@"'
+    "exec 3<&0 4>&1 </dev/null >/dev/null; "
+    'CORRAL_CHANNEL_FDS=3,4; export CORRAL_CHANNEL_FDS; exec "$@"'
 )
 # a one-shot command goes through the same shell, so a missing program reads
 # "corral: 1: exec: NAME: not found" (127) as on bwrap (_result.said_by_launcher)
@@ -38,7 +39,12 @@ _RLIMIT_TYPES = {
     "RLIMIT_STACK",
 }
 _UNLIMITED = 0xFFFF_FFFF_FFFF_FFFF
-_OPS = {"eq": "SCMP_CMP_EQ", "ne": "SCMP_CMP_NE", "masked_eq": "SCMP_CMP_MASKED_EQ", "ge": "SCMP_CMP_GE"}
+_OPS = {
+    "eq": "SCMP_CMP_EQ",
+    "ne": "SCMP_CMP_NE",
+    "masked_eq": "SCMP_CMP_MASKED_EQ",
+    "ge": "SCMP_CMP_GE",
+}
 
 
 def render_seccomp(plan: SeccompPlan) -> dict[str, Any]:
@@ -68,10 +74,14 @@ def render_seccomp(plan: SeccompPlan) -> dict[str, Any]:
         rules.append(entry)
     # only x86_64: gVisor implements no i386 or x32 system calls at all, so a
     # foreign-ABI call cannot reach a kernel path the filter does not see
-    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": rules}
+    return {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": rules,
+    }
 
 
-def _mount(op: _mounts.MountOp) -> dict[str, Any] | None:
+def _mount(op: _mounts.MountOp, policy: Policy) -> dict[str, Any] | None:
     match op:
         case _mounts.RoBind(source=src, target=dst):
             return {"destination": dst, "type": "bind", "source": src,
@@ -85,6 +95,8 @@ def _mount(op: _mounts.MountOp) -> dict[str, Any] | None:
             options = ["nosuid", "nodev", f"mode={mode:o}"]
             if size is not None:
                 options.append(f"size={size}")
+            if dst == policy.filesystem.workspace:  # a private workspace is the box user's
+                options += [f"uid={policy.identity.uid}", f"gid={policy.identity.gid}"]
             return {"destination": dst, "type": "tmpfs", "source": "tmpfs", "options": options}
         case _mounts.Proc(target=dst):
             # the sentry's own procfs: only the box's processes, no host /proc
@@ -117,13 +129,15 @@ def render_config(
             readonly_root = True
         elif isinstance(op, _mounts.Chdir):
             cwd = op.path
-        elif (entry := _mount(op)) is not None:
+        elif (entry := _mount(op, policy)) is not None:
             mounts.append(entry)
         # Dev: the sentry's own /dev (null, zero, full, random, urandom, tty,
         # pts, shm), no host device; Dir, File, Symlink: in the bundle's root
     env = [f"{k}={v}" for k, v in policy.env] + [f"{k}={v}" for k, v in extra_env.items()]
     launcher = CHANNEL_LAUNCHER if channel else PIPES_LAUNCHER
-    caps: dict[str, list[str]] = {s: [] for s in ("bounding", "effective", "inheritable", "permitted", "ambient")}
+    caps: dict[str, list[str]] = {
+        s: [] for s in ("bounding", "effective", "inheritable", "permitted", "ambient")
+    }
     limits = policy.limits
     resources: dict[str, Any] = {}
     if limits.memory_bytes is not None:  # the sentry's view; the host cgroup is corral's own
@@ -211,9 +225,7 @@ def _mount_point(rootfs: str, target: str, *, directory: bool) -> None:
     dest = _inside(rootfs, target)
     parent = os.path.dirname(dest)
     # under a symlink of the root (merged /usr) or another mount: that mount has it
-    if os.path.islink(dest) or any(
-        os.path.islink(p) for p in _parents(rootfs, parent)
-    ):
+    if os.path.islink(dest) or any(os.path.islink(p) for p in _parents(rootfs, parent)):
         return
     os.makedirs(parent, exist_ok=True)
     if os.path.lexists(dest):

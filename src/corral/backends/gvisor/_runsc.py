@@ -38,7 +38,9 @@ class RunscInfo:
 @functools.cache
 def find_runsc() -> RunscInfo:
     """The runsc binary and its version, or ``HostToolMissing`` saying how to install it."""
-    path = shutil.which("runsc", path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    path = shutil.which(
+        "runsc", path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    )
     if path is None:
         raise HostToolMissing("runsc (gVisor)", RUNSC_INSTALL_HINT)
     try:
@@ -46,7 +48,9 @@ def find_runsc() -> RunscInfo:
             [path, "--version"], capture_output=True, check=True, timeout=10, env={}
         ).stdout.decode(errors="replace")
     except (OSError, subprocess.SubprocessError) as exc:
-        raise HostToolMissing("runsc (gVisor)", f"{path} does not run ({exc}); {RUNSC_INSTALL_HINT}") from exc
+        raise HostToolMissing(
+            "runsc (gVisor)", f"{path} does not run ({exc}); {RUNSC_INSTALL_HINT}"
+        ) from exc
     first = out.splitlines()[0] if out else "unknown"
     return RunscInfo(path, first.removeprefix("runsc version ").strip())
 
@@ -56,7 +60,9 @@ def runsc_root() -> str:
     if os.geteuid() == 0:
         base = "/run/corral-gvisor"
     else:
-        base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/corral-{os.geteuid()}", "corral-gvisor")
+        base = os.path.join(
+            os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/corral-{os.geteuid()}", "corral-gvisor"
+        )
     os.makedirs(base, mode=0o700, exist_ok=True)
     return base
 
@@ -75,7 +81,13 @@ def list_containers() -> list[str]:
     """Ids of the containers runsc has in corral's state directory."""
     try:
         out = subprocess.run(
-            [find_runsc().path, "--root", os.path.join(runsc_root(), "state"), "list", "--format=json"],
+            [
+                find_runsc().path,
+                "--root",
+                os.path.join(runsc_root(), "state"),
+                "list",
+                "--format=json",
+            ],
             capture_output=True,
             timeout=30,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
