@@ -7,6 +7,8 @@ every other one.
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from corral.backends import Backend, available_backends, get_backend
@@ -24,7 +26,13 @@ def _usable(name: str) -> Backend:
 @pytest.mark.parametrize("check", sorted(BACKEND_CHECKS))
 @pytest.mark.parametrize("name", available_backends())
 async def test_backend_conforms(name: str, check: str) -> None:
-    await BACKEND_CHECKS[check](_usable(name))
+    try:
+        await BACKEND_CHECKS[check](_usable(name))
+    except OSError as exc:
+        # Debian's runsc (20221219) has no pidfd_open, which the agent waits on
+        if (name, check) == ("gvisor", "sandbox") and exc.errno == errno.ENOSYS:
+            pytest.xfail("gvisor: the agent's pidfd_open is ENOSYS in this gVisor")
+        raise
 
 
 @pytest.mark.parametrize("name", [n for n in available_backends() if n != "bwrap"])

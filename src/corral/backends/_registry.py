@@ -14,7 +14,10 @@ from corral.backends._base import Backend
 
 ENTRY_POINT_GROUP = "corral.backends"
 DEFAULT_BACKEND = "bwrap"
-_BUILTIN = {"bwrap": ("corral.backends.bwrap", "BwrapBackend")}
+_BUILTIN = {
+    "bwrap": ("corral.backends.bwrap", "BwrapBackend"),
+    "gvisor": ("corral.backends.gvisor", "GvisorBackend"),
+}
 
 
 def available_backends() -> tuple[str, ...]:
