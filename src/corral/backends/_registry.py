@@ -14,7 +14,11 @@ from corral.backends._base import Backend
 
 ENTRY_POINT_GROUP = "corral.backends"
 DEFAULT_BACKEND = "bwrap"
-_BUILTIN = {"bwrap": ("corral.backends.bwrap", "BwrapBackend")}
+_BUILTIN = {
+    "bwrap": ("corral.backends.bwrap", "BwrapBackend"),
+    "docker": ("corral.backends.engine", "DockerBackend"),
+    "podman": ("corral.backends.engine", "PodmanBackend"),
+}
 
 
 def available_backends() -> tuple[str, ...]:
