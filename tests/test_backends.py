@@ -7,10 +7,20 @@ every other one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from corral.backends import Backend, available_backends, get_backend
 from corral.testing import BACKEND_CHECKS, check_backend
+from tests._dockerd import own_dockerd
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dockerd() -> Iterator[None]:
+    """The docker backend's daemon, started and stopped by these tests (see _dockerd)."""
+    with own_dockerd():
+        yield
 
 
 def _usable(name: str) -> Backend:

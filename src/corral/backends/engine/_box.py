@@ -136,8 +136,19 @@ class EngineBox:
             return
         with contextlib.suppress(OSError):
             self._killers.append(
+                # retried: a kill right after launch may come before the engine
+                # has created the container (then it would miss it)
                 subprocess.Popen(
-                    [*self.engine.command, "kill", "--signal=KILL", self.name],
+                    [
+                        "/bin/sh",
+                        "-c",
+                        'for i in $(seq 100); do "$@" 2>/dev/null && exit; sleep 0.05; done',
+                        "corral-kill",
+                        *self.engine.command,
+                        "kill",
+                        "--signal=KILL",
+                        self.name,
+                    ],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -331,6 +342,8 @@ class EngineBox:
                     check=False,
                 )
             for killer in self._killers:
+                with contextlib.suppress(ProcessLookupError):
+                    killer.kill()  # the container is gone: nothing left to kill
                 killer.wait()
             self._killers.clear()
         finally:

@@ -33,8 +33,9 @@ class Engine:
 
     def __init__(self, kind: _argv.EngineKind) -> None:
         self.kind: _argv.EngineKind = kind
-        self._ready = False
-        self._images: set[str] = set()
+        # per endpoint (DOCKER_HOST may change between calls): answered, images imported
+        self._ready: set[str | None] = set()
+        self._images: set[tuple[str | None, str]] = set()
         _, hard = resource.getrlimit(resource.RLIMIT_NPROC)
         limit = hard if hard != resource.RLIM_INFINITY else 1 << 22
         self.default_nproc = min(limit, 1 << 22)
@@ -97,17 +98,19 @@ class Engine:
         return out.stdout.decode().strip()
 
     async def ready(self) -> None:
-        if not self._ready:
+        endpoint = os.environ.get("DOCKER_HOST")
+        if endpoint not in self._ready:
             await asyncio.to_thread(self.probe)
-            self._ready = True
+            self._ready.add(endpoint)
 
     async def base_image(self, symlinks: tuple[Symlink, ...], workspace: str) -> str:
         """The tag of the base image for this layout, imported once (``_image``)."""
         tar = _image.base_tar(symlinks, workspace)
         tag = _image.image_tag(tar)
-        if tag not in self._images:
+        key = (os.environ.get("DOCKER_HOST"), tag)
+        if key not in self._images:
             await asyncio.to_thread(self._import, tag, tar)
-            self._images.add(tag)
+            self._images.add(key)
         return tag
 
     def _import(self, tag: str, tar: bytes) -> None:
