@@ -156,6 +156,11 @@ class EngineBox:
                 )
             )
 
+        # and the CLI itself: it may be blocked writing output nobody reads
+        # any more (an output cap), and would never see its container end
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
     async def aclose(self) -> None:
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())
