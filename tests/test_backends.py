@@ -37,7 +37,22 @@ async def test_backend_conforms(name: str, check: str) -> None:
     await BACKEND_CHECKS[check](_usable(name))
 
 
-@pytest.mark.parametrize("name", [n for n in available_backends() if n != "bwrap"])
+_AUDIT_GAPS = pytest.mark.xfail(
+    strict=True,
+    reason="known gaps (issue 14, engines): writable engine /dev and masks, the engine's "
+    "resolv.conf path, /proc/keys, i386/x32 ABI, argv visible in the CLI's cmdline, "
+    "tini unreadable to the box uid in probe runs, pids/tmpfs/blocked-read evidence",
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=_AUDIT_GAPS) if n in ("docker", "podman") else n
+        for n in available_backends()
+        if n != "bwrap"
+    ],
+)
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_backend_passes_the_audit(name: str) -> None:

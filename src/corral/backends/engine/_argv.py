@@ -15,8 +15,19 @@ from typing import Literal
 from corral._errors import UnsupportedPolicy
 from corral._policy import Policy
 from corral.plan import Plans
-from corral.plan._mounts import Bind, Chdir, Dev, Dir, File, Hide, Proc, RemountRo, RoBind
-from corral.plan._mounts import Symlink, Tmpfs
+from corral.plan._mounts import (
+    Bind,
+    Chdir,
+    Dev,
+    Dir,
+    File,
+    Hide,
+    Proc,
+    RemountRo,
+    RoBind,
+    Symlink,
+    Tmpfs,
+)
 
 EngineKind = Literal["docker", "podman"]
 LABEL = "io.corral.box"  # every container corral starts carries it: what the sweep looks for
@@ -79,7 +90,9 @@ class RunInputs:
 def _checked(path: str, field: str) -> str:
     # the engines split -v and --tmpfs on ':' and ','
     if _NO_OPTION_CHARS & set(path):
-        raise UnsupportedPolicy(field, f"path {path!r} holds ':' or ',', which the engine splits on")
+        raise UnsupportedPolicy(
+            field, f"path {path!r} holds ':' or ',', which the engine splits on"
+        )
     return path
 
 
@@ -151,7 +164,9 @@ def render_run(
                 # the workspace: the only writable bind (nosuid,nodev: on the host
                 # mount corral prepared as root, and on podman's bind too)
                 src = _checked(source, "filesystem.writable")
-                argv.append(f"--volume={src}:{_checked(target, 'filesystem.writable')}:rw{bind_opts}")
+                argv.append(
+                    f"--volume={src}:{_checked(target, 'filesystem.writable')}:rw{bind_opts}"
+                )
             case Tmpfs(target="/dev/shm", size_bytes=size):
                 if size is not None:
                     argv.append(f"--shm-size={size}")
@@ -166,9 +181,11 @@ def render_run(
                 argv.append(f"--tmpfs={_checked(target, 'filesystem')}:{opts}{_size(size)}")
             case File(path=path):
                 argv.append(f"--volume={inputs.files[path]}:{_checked(path, 'filesystem')}:ro")
-            case Hide(path=path, host_path=host_path):
+            case Hide(path=path):
                 if path in inputs.files:  # a file: an empty one over it
-                    argv.append(f"--volume={inputs.files[path]}:{_checked(path, 'filesystem.hidden')}:ro")
+                    argv.append(
+                        f"--volume={inputs.files[path]}:{_checked(path, 'filesystem.hidden')}:ro"
+                    )
                 else:  # a directory: an empty read-only tmpfs over it
                     argv.append(f"--tmpfs={_checked(path, 'filesystem.hidden')}:ro,size=4k")
             case Chdir(path=path):

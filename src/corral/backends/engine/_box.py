@@ -27,7 +27,7 @@ from corral._errors import CorralError, SandboxError
 from corral._policy import Policy
 from corral.backends._base import BoxExit, BoxSpec, Usage
 from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin, _fileno
-from corral.backends.engine import _argv, _image
+from corral.backends.engine import _argv
 from corral.backends.engine._engine import Engine
 from corral.backends.engine._seccomp import render as render_seccomp
 from corral.backends.linux import _cgroups, _workdir
@@ -199,9 +199,7 @@ class EngineBox:
             check=False,
         )
         if out.stdout.strip() == b"true":
-            self._usage = dataclasses.replace(
-                self._usage, oom_kills=max(1, self._usage.oom_kills)
-            )
+            self._usage = dataclasses.replace(self._usage, oom_kills=max(1, self._usage.oom_kills))
 
     # -- launch --------------------------------------------------------------------------
 
@@ -305,7 +303,9 @@ class EngineBox:
             f.write(render_seccomp(self.plans.seccomp))
         files: dict[str, str] = {}
         for i, op in enumerate(self.plans.mounts):
-            if isinstance(op, File | Hide) and not (isinstance(op, Hide) and os.path.isdir(op.host_path)):
+            if isinstance(op, File | Hide) and not (
+                isinstance(op, Hide) and os.path.isdir(op.host_path)
+            ):
                 host = os.path.join(self.state_dir, f"file-{i}")
                 fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as f:
@@ -370,7 +370,10 @@ def _own_ids(
     really runs as: with no user namespace, the policy's ids are not the box's."""
     ident = policy.identity
     swaps = {
-        "/etc/passwd": (f"{ident.username}:x:{ident.uid}:{ident.gid}:", f"{ident.username}:x:{uid}:{gid}:"),
+        "/etc/passwd": (
+            f"{ident.username}:x:{ident.uid}:{ident.gid}:",
+            f"{ident.username}:x:{uid}:{gid}:",
+        ),
         "/etc/group": (f"{ident.username}:x:{ident.gid}:", f"{ident.username}:x:{gid}:"),
     }
     out: list[_mounts.MountOp] = []
