@@ -8,11 +8,20 @@ every other one.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 
 import pytest
 
 from corral.backends import Backend, available_backends, get_backend
 from corral.testing import BACKEND_CHECKS, check_backend
+from tests._dockerd import own_dockerd
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dockerd() -> Iterator[None]:
+    """The docker backend's daemon, started and stopped by these tests (see _dockerd)."""
+    with own_dockerd():
+        yield
 
 
 def _usable(name: str) -> Backend:
@@ -35,7 +44,22 @@ async def test_backend_conforms(name: str, check: str) -> None:
         raise
 
 
-@pytest.mark.parametrize("name", [n for n in available_backends() if n != "bwrap"])
+_AUDIT_GAPS = pytest.mark.xfail(
+    strict=True,
+    reason="known gaps (issue 14, engines): writable engine /dev and masks, the engine's "
+    "resolv.conf path, /proc/keys, i386/x32 ABI, argv visible in the CLI's cmdline, "
+    "tini unreadable to the box uid in probe runs, pids/tmpfs/blocked-read evidence",
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=_AUDIT_GAPS) if n in ("docker", "podman") else n
+        for n in available_backends()
+        if n != "bwrap"
+    ],
+)
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_backend_passes_the_audit(name: str) -> None:

@@ -116,6 +116,10 @@ def test_sync_sdk_commands_files_code(server: ServerProcess, key: str) -> None:
         assert ex.results[0].html and ex.results[0].data, ex.results[0].formats()
         ex = sb.run_code("1 / 0")
         assert ex.error is not None and ex.error.name == "ZeroDivisionError"
+        # envs for one execution only
+        ex = sb.run_code("import os; os.environ['ONE']", envs={"ONE": "cell"})
+        assert ex.text == "'cell'", ex
+        assert sb.run_code("import os; 'ONE' in os.environ").text == "False"
         ctx = sb.create_code_context()
         sb.run_code("y = 7", context=ctx)
         assert sb.run_code("y", context=ctx).text == "7"

@@ -17,6 +17,8 @@ DEFAULT_BACKEND = "bwrap"
 _BUILTIN = {
     "bwrap": ("corral.backends.bwrap", "BwrapBackend"),
     "gvisor": ("corral.backends.gvisor", "GvisorBackend"),
+    "docker": ("corral.backends.engine", "DockerBackend"),
+    "podman": ("corral.backends.engine", "PodmanBackend"),
 }
 
 

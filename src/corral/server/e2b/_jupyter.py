@@ -15,9 +15,10 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import Response, StreamingResponse
 
 from corral.server._http import NDJSON, describe, json_reply
+from corral.server._live import ServiceError
 from corral.server._service import Service
 
-from ._common import HOME, JUPYTER_PORT, E2bRoute, cwd_to_box, sandbox_live, unsupported
+from ._common import HOME, JUPYTER_PORT, E2bRoute, cwd_to_box, sandbox_live
 
 router = APIRouter(prefix="/e2b/sandbox", route_class=E2bRoute, include_in_schema=False)
 
@@ -52,8 +53,11 @@ async def execute(request: Request, body: Annotated[dict[str, Any], Body()]) -> 
     code = body.get("code")
     if not isinstance(code, str):
         return json_reply({"code": 400, "message": "code: a string is required"}, 400)
-    if body.get("env_vars"):
-        raise unsupported("env_vars for one execution (set envs at create)")
+    envs = body.get("env_vars") or None  # for this execution only, as E2B's
+    if envs is not None and not (
+        isinstance(envs, dict) and all(isinstance(v, str) for v in envs.values())
+    ):
+        raise ServiceError(400, "invalid_request", "env_vars must map names to strings")
     context = live.context(body.get("context_id"))
     language = context.language if context is not None else _language(body.get("language"))
     service: Service = request.app.state.service
@@ -61,7 +65,7 @@ async def execute(request: Request, body: Annotated[dict[str, Any], Body()]) -> 
     async def lines() -> AsyncIterator[bytes]:
         try:
             async with service.using(live.key, live.id) as used:
-                async for data in used.stream_code(code, language, context, None):
+                async for data in used.stream_code(code, language, context, envs, None):
                     if data["type"] == "done":
                         count = data["execution"].get("execution_count")
                         if count is not None:

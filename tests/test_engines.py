@@ -1,0 +1,88 @@
+"""The docker and podman backends: the seccomp profile from corral's one rule
+set (golden), the hardening flags the plans render to, and attacks from inside."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral import Policy
+from corral._policy import SyscallPolicy
+from corral._run import run_async
+from corral.backends import get_backend
+from corral.backends.engine._seccomp import render
+from corral.plan._seccomp import plan_seccomp
+from tests._dockerd import own_dockerd
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("profile", ["default", "strict"])
+def test_seccomp_profile_is_the_plans_rules(profile: str) -> None:
+    plan = plan_seccomp(SyscallPolicy(profile=profile))  # type: ignore[arg-type]
+    text = render(plan)
+    assert text == (GOLDEN / f"engine_seccomp_{profile}.json").read_text()
+    doc = json.loads(text)
+    assert doc["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert [e["names"][0] for e in doc["syscalls"]] == [r.syscall for r in plan.rules]
+    assert all(e["action"] == "SCMP_ACT_ERRNO" for e in doc["syscalls"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dockerd() -> Iterator[None]:
+    with own_dockerd():
+        yield
+
+
+def _usable(name: str) -> None:
+    failed = [c.detail for c in get_backend(name).doctor() if c.status == "fail"]
+    if failed:
+        pytest.skip(f"backend {name}: {'; '.join(failed)}")
+
+
+ATTACK = r"""
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+print("caps", open("/proc/self/status").read().split("CapEff:")[1].split()[0])
+print("nnp", open("/proc/self/status").read().split("NoNewPrivs:")[1].split()[0])
+print("uid", os.getuid())
+r = libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)
+print("mount", r, ctypes.get_errno())
+r = libc.ptrace(16, 1, None, None)
+print("ptrace", r, ctypes.get_errno())
+try:
+    open("/etc/corral-attack", "w")
+    print("rootfs writable")
+except OSError as exc:
+    print("rootfs", exc.errno)
+print("ifaces", sorted(n for _, n in socket.if_nameindex()))
+"""
+
+
+@pytest.mark.parametrize("name", ["podman", "docker"])
+async def test_attacks_from_inside_fail(name: str) -> None:
+    _usable(name)
+    result = await run_async(
+        ["/usr/bin/python3", "-c", ATTACK], policy=Policy.preset("default"), backend=name
+    )
+    lines = dict(line.split(" ", 1) for line in result.stdout.decode().splitlines())
+    assert lines["caps"] == "0000000000000000", result  # every capability dropped
+    assert lines["nnp"] == "1"  # no-new-privileges
+    assert int(lines["uid"]) != 0  # never root
+    assert lines["mount"] == "-1 1"  # EPERM: corral's seccomp rule (and no CAP_SYS_ADMIN)
+    assert lines["ptrace"].startswith("-1 ")  # seccomp/caps: no attach to pid 1
+    assert lines["rootfs"] in ("30", "13")  # EROFS (read-only root) or EACCES
+    assert lines["ifaces"] == "['lo']"  # --network none: loopback only
+
+
+@pytest.mark.parametrize("name", ["podman", "docker"])
+def test_allowlist_is_refused_naming_the_field(name: str) -> None:
+    from corral import UnsupportedPolicy
+
+    policy = Policy.preset("default").with_network(mode="allowlist", allow=("example.com",))
+    with pytest.raises(UnsupportedPolicy) as info:
+        get_backend(name).check(policy)
+    assert info.value.field == "network.mode"
