@@ -72,7 +72,7 @@ class Incoming:
 
 class Proc:
     def __init__(
-        self, ident: int, popen: subprocess.Popen[bytes], pidfd: int, argv: list[str]
+        self, ident: int, popen: subprocess.Popen[bytes], pidfd: int | None, argv: list[str]
     ) -> None:
         self.ident, self.popen, self.pidfd, self.argv = ident, popen, pidfd, argv
         self.master: int | None = None
@@ -360,9 +360,17 @@ class Agent:
                 "message": f"{argv[0]}: {exc.strerror}",
                 "reason": exc.strerror,
             }
-        proc = Proc(ident, popen, os.pidfd_open(popen.pid), argv)
+        try:
+            pidfd: int | None = os.pidfd_open(popen.pid)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            # no pidfd_open (gVisor before 2023): SIGCHLD tells instead (on_reap)
+            pidfd = None
+        proc = Proc(ident, popen, pidfd, argv)
         self.procs[ident] = proc
-        self.sel.register(proc.pidfd, selectors.EVENT_READ, ("exit", proc))
+        if pidfd is not None:
+            self.sel.register(pidfd, selectors.EVENT_READ, ("exit", proc))
         if master is not None:
             # one descriptor per direction (each stream closes its own), and a
             # third kept for resizing
@@ -390,8 +398,10 @@ class Agent:
         self.pump(stream)
 
     def on_exit(self, proc: Proc) -> None:
-        self.sel.unregister(proc.pidfd)
-        os.close(proc.pidfd)
+        if proc.pidfd is not None:
+            self.sel.unregister(proc.pidfd)
+            os.close(proc.pidfd)
+            proc.pidfd = None
         cpu_s = None
         try:
             # wait4: the rusage covers the command and every descendant it
@@ -519,6 +529,18 @@ class Agent:
             if ppid == self.me and state == "Z" and pid not in mains:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
+        # commands without a pidfd (no pidfd_open here): ended ones, left
+        # unreaped by WNOWAIT for on_exit's wait4
+        for proc in [p for p in self.procs.values() if p.pidfd is None]:
+            if proc.popen.returncode is not None:
+                continue
+            try:
+                ended = os.waitid(os.P_PID, proc.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # reaped already: on_exit says so
+                self.on_exit(proc)
+                continue
+            if ended is not None:
+                self.on_exit(proc)
 
     def op_read(self, ident: int, body: dict[str, object]) -> None:
         # O_NONBLOCK: a FIFO planted under the expected name must not block the
