@@ -477,6 +477,14 @@ class RemoteSandbox:
             raise ValueError("timeout_s: a remote sandbox always has a finite lifetime")
         await self._client._json("POST", self._url("/timeout"), json={"timeout_s": timeout_s})
 
+    async def pause(self) -> None:
+        """Freeze the sandbox in place on the server (see ``AsyncSandbox.pause``)."""
+        await self._client._json("POST", self._url("/pause"))
+
+    async def resume(self) -> None:
+        """Let a paused sandbox run again."""
+        await self._client._json("POST", self._url("/resume"))
+
     # -- code ---------------------------------------------------------------------
 
     async def run_code(

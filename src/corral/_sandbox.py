@@ -1003,6 +1003,7 @@ class AsyncSandbox:
         self._watch: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._paused = False
         self._diagnostics = bytearray()
         self._stderr_open = False
         self._tasks: set[asyncio.Future[None]] = set()
@@ -1109,6 +1110,32 @@ class AsyncSandbox:
         """Give the box ``timeout_s`` more seconds to live, counted from now (None: no limit)."""
         self._set_lifetime(timeout_s)
 
+    async def pause(self) -> None:
+        """Freeze the box in place (``Box.pause``: the cgroup freezer).
+
+        A paused box uses no CPU; its memory stays charged to it (and counts
+        against quotas); its lifetime timer and the timeouts of calls already
+        running keep running: a frozen box still holds memory, processes and a
+        workspace, which is what the lifetime bounds. Calls made meanwhile wait
+        until ``resume``. Idempotent; ``SandboxError`` where the host has no
+        freezer, ``SandboxClosed``/``SandboxBroken`` when the box is gone.
+        """
+        self._conn()
+        assert self._box is not None
+        self._paused = True  # before freezing: the watchdog must not take silence for death
+        try:
+            await self._box.pause()
+        except BaseException:
+            self._paused = False
+            raise
+
+    async def resume(self) -> None:
+        """Let a paused box run again where it stopped. Idempotent."""
+        self._conn()
+        assert self._box is not None
+        await self._box.resume()
+        self._paused = False
+
     def _set_lifetime(self, timeout_s: float | None) -> None:
         if self._lifetime is not None:
             self._lifetime.cancel()
@@ -1135,6 +1162,8 @@ class AsyncSandbox:
         assert conn is not None
         while conn.failure is None:
             await asyncio.sleep(_LIVENESS_S)
+            if self._paused:
+                continue  # a frozen agent is silent by design
             if conn.busy() and time.monotonic() - conn.last_rx > _LIVENESS_S:
                 try:
                     await asyncio.wait_for(conn.call({"op": "ping"}), _LIVENESS_S)

@@ -470,6 +470,19 @@ class Sandbox:
         """
         call(self._async.set_timeout(timeout_s))
 
+    def pause(self) -> None:
+        """Freeze every process of the box in place (the cgroup freezer): it
+        uses no CPU, keeps its memory (still counted against its limits and
+        quotas) and its state, and its lifetime timer keeps running. Calls made
+        while paused wait until ``resume``. Idempotent; ``SandboxError`` where
+        the host cannot freeze a box.
+        """
+        call(self._async.pause())
+
+    def resume(self) -> None:
+        """Let a paused box run again, where it stopped. Idempotent."""
+        call(self._async.resume())
+
     def run_code(
         self,
         code: str,

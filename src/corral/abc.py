@@ -389,6 +389,18 @@ class AsyncSandboxAPI(Protocol):
         (None: no limit, which a remote sandbox refuses with ValueError)."""
         ...
 
+    async def pause(self) -> None:
+        """Freeze every process of the box in place (the cgroup freezer): it
+        uses no CPU, keeps its memory (still counted against its limits and
+        quotas) and its state, and its lifetime timer keeps running. Calls made
+        while paused wait until ``resume``. Idempotent; ``SandboxError`` where
+        the host cannot freeze a box."""
+        ...
+
+    async def resume(self) -> None:
+        """Let a paused box run again, where it stopped. Idempotent."""
+        ...
+
     async def run_code(
         self,
         code: str,
@@ -785,6 +797,19 @@ class SandboxAPI(Protocol):
         """Give the box ``timeout_s`` more seconds to live, counted from now
         (None: no limit, which a remote sandbox refuses with ValueError).
         """
+        ...
+
+    def pause(self) -> None:
+        """Freeze every process of the box in place (the cgroup freezer): it
+        uses no CPU, keeps its memory (still counted against its limits and
+        quotas) and its state, and its lifetime timer keeps running. Calls made
+        while paused wait until ``resume``. Idempotent; ``SandboxError`` where
+        the host cannot freeze a box.
+        """
+        ...
+
+    def resume(self) -> None:
+        """Let a paused box run again, where it stopped. Idempotent."""
         ...
 
     def run_code(
