@@ -30,6 +30,7 @@ if _TYPE_CHECKING:
         Policy,
         SyscallPolicy,
     )
+    from ._pool import AsyncPool, Pool
     from ._proxy import NetworkEvent
     from ._result import LimitKind, RunResult
     from ._run import run, run_async
@@ -53,6 +54,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AsyncClient": "._client",
+    "AsyncPool": "._pool",
     "AsyncSandbox": "._sandbox",
     "AsyncSandboxAPI": ".abc",
     "Bind": "._policy",
@@ -78,6 +80,7 @@ _LAZY = {
     "NetworkPolicy": "._policy",
     "PathOutsideWorkspace": "._sandbox",
     "Policy": "._policy",
+    "Pool": "._pool",
     "PolicyError": "._errors",
     "ProcessInfo": "._sandbox",
     "PtyHandle": "._sandbox",
@@ -116,6 +119,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AsyncClient",
+    "AsyncPool",
     "AsyncSandbox",
     "AsyncSandboxAPI",
     "Bind",
@@ -142,6 +146,7 @@ __all__ = [
     "PathOutsideWorkspace",
     "Policy",
     "PolicyError",
+    "Pool",
     "ProcessInfo",
     "PtyHandle",
     "RemoteError",
