@@ -47,6 +47,7 @@ if _TYPE_CHECKING:
         ProcessInfo,
         PtyHandle,
     )
+    from ._snapshot import Snapshot
     from ._sync import Sandbox, SyncCommandHandle, SyncFileReader, SyncPtyHandle
     from .abc import AsyncSandboxAPI, SandboxAPI
 
@@ -89,6 +90,7 @@ _LAZY = {
     "Result": "._interpreter",
     "RunResult": "._result",
     "Sandbox": "._sync",
+    "Snapshot": "._snapshot",
     "SandboxAPI": ".abc",
     "SandboxBroken": "._errors",
     "SandboxClosed": "._errors",
@@ -159,6 +161,7 @@ __all__ = [
     "SandboxClosed",
     "SandboxError",
     "SandboxInfo",
+    "Snapshot",
     "SyncCommandHandle",
     "SyncFileReader",
     "SyncPtyHandle",

@@ -30,7 +30,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import IO, Any, Literal, overload
 
-from . import _runtime
+from . import _runtime, _snapshot
 from ._box import AGENT_DIR, box_files
 from ._box import _wire as w
 from ._connection import Connection, InStream, OutStream, field, raise_for_error
@@ -48,6 +48,7 @@ from ._interpreter import (
 from ._policy import Bind, Policy
 from ._proxy import Approval, NetworkEvent
 from ._result import LimitEvidence, LimitKind, ProcessOutcome, decide_limits, not_run_message
+from ._snapshot import Snapshot
 from .backends import Backend, Box, BoxSpec, resolve_backend
 
 BOX_PYTHON = "/usr/bin/python3"
@@ -1135,6 +1136,35 @@ class AsyncSandbox:
         assert self._box is not None
         await self._box.resume()
         self._paused = False
+
+    async def snapshot(self, path: str | os.PathLike[str] | None = None) -> Snapshot:
+        """Save the workspace to the host directory ``path`` (created, mode
+        0700, must be empty; a new temporary directory when None). Process and
+        memory state are not included (``Snapshot.processes`` is False).
+        ``SandboxError`` when the box cannot archive its workspace."""
+        return await _snapshot.take(self, path)
+
+    async def restore(self, snapshot: Snapshot | str | os.PathLike[str]) -> None:
+        """Unpack a snapshot's workspace into this sandbox's, inside the box."""
+        await _snapshot.restore(self, snapshot)
+
+    @classmethod
+    async def from_snapshot(
+        cls, snapshot: Snapshot | str | os.PathLike[str], **options: Any
+    ) -> AsyncSandbox:
+        """A new, started sandbox with the snapshot's policy (unless ``policy``
+        is given in ``options``, the other ``AsyncSandbox`` parameters) and its
+        workspace: a fork, independent of the original. Close it when done."""
+        snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.load(snapshot)
+        options.setdefault("policy", snap.policy)
+        sb = cls(**options)
+        await sb.start()
+        try:
+            await sb.restore(snap)
+        except BaseException:
+            await sb.close()
+            raise
+        return sb
 
     def _set_lifetime(self, timeout_s: float | None) -> None:
         if self._lifetime is not None:
