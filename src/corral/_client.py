@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, cast, overload
 
 from . import _serial as s
+from . import _snapshot
 from ._errors import (
     CorralError,
     RemoteError,
@@ -61,6 +62,7 @@ from ._sandbox import (
     ProcessInfo,
     _chunks,
 )
+from ._snapshot import Snapshot
 from ._sync import Sandbox
 from .abc import (
     AsyncCommandHandleAPI,
@@ -481,6 +483,23 @@ class RemoteSandbox:
         if timeout_s is None:
             raise ValueError("timeout_s: a remote sandbox always has a finite lifetime")
         await self._client._json("POST", self._url("/timeout"), json={"timeout_s": timeout_s})
+
+    async def pause(self) -> None:
+        """Freeze the sandbox in place on the server (see ``AsyncSandbox.pause``)."""
+        await self._client._json("POST", self._url("/pause"))
+
+    async def resume(self) -> None:
+        """Let a paused sandbox run again."""
+        await self._client._json("POST", self._url("/resume"))
+
+    async def snapshot(self, path: str | os.PathLike[str] | None = None) -> Snapshot:
+        """Save the remote workspace to the local directory ``path`` (see
+        ``AsyncSandbox.snapshot``): made through the files and commands API."""
+        return await _snapshot.take(self, path)
+
+    async def restore(self, snapshot: Snapshot | str | os.PathLike[str]) -> None:
+        """Unpack a local snapshot into the remote workspace, inside the box."""
+        await _snapshot.restore(self, snapshot)
 
     # -- code ---------------------------------------------------------------------
 

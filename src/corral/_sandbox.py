@@ -30,7 +30,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import IO, Any, Literal, overload
 
-from . import _runtime
+from . import _runtime, _snapshot
 from ._box import AGENT_DIR, box_files
 from ._box import _wire as w
 from ._connection import Connection, InStream, OutStream, field, raise_for_error
@@ -48,6 +48,7 @@ from ._interpreter import (
 from ._policy import Bind, Policy
 from ._proxy import Approval, NetworkEvent
 from ._result import LimitEvidence, LimitKind, ProcessOutcome, decide_limits, not_run_message
+from ._snapshot import Snapshot
 from .backends import Backend, Box, BoxSpec, resolve_backend
 
 BOX_PYTHON = "/usr/bin/python3"
@@ -1003,6 +1004,7 @@ class AsyncSandbox:
         self._watch: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._paused = False
         self._diagnostics = bytearray()
         self._stderr_open = False
         self._tasks: set[asyncio.Future[None]] = set()
@@ -1109,6 +1111,61 @@ class AsyncSandbox:
         """Give the box ``timeout_s`` more seconds to live, counted from now (None: no limit)."""
         self._set_lifetime(timeout_s)
 
+    async def pause(self) -> None:
+        """Freeze the box in place (``Box.pause``: the cgroup freezer).
+
+        A paused box uses no CPU; its memory stays charged to it (and counts
+        against quotas); its lifetime timer and the timeouts of calls already
+        running keep running: a frozen box still holds memory, processes and a
+        workspace, which is what the lifetime bounds. Calls made meanwhile wait
+        until ``resume``. Idempotent; ``SandboxError`` where the host has no
+        freezer, ``SandboxClosed``/``SandboxBroken`` when the box is gone.
+        """
+        self._conn()
+        assert self._box is not None
+        self._paused = True  # before freezing: the watchdog must not take silence for death
+        try:
+            await self._box.pause()
+        except BaseException:
+            self._paused = False
+            raise
+
+    async def resume(self) -> None:
+        """Let a paused box run again where it stopped. Idempotent."""
+        self._conn()
+        assert self._box is not None
+        await self._box.resume()
+        self._paused = False
+
+    async def snapshot(self, path: str | os.PathLike[str] | None = None) -> Snapshot:
+        """Save the workspace to the host directory ``path`` (created, mode
+        0700, must be empty; a new temporary directory when None). Process and
+        memory state are not included (``Snapshot.processes`` is False).
+        ``SandboxError`` when the box cannot archive its workspace."""
+        return await _snapshot.take(self, path)
+
+    async def restore(self, snapshot: Snapshot | str | os.PathLike[str]) -> None:
+        """Unpack a snapshot's workspace into this sandbox's, inside the box."""
+        await _snapshot.restore(self, snapshot)
+
+    @classmethod
+    async def from_snapshot(
+        cls, snapshot: Snapshot | str | os.PathLike[str], **options: Any
+    ) -> AsyncSandbox:
+        """A new, started sandbox with the snapshot's policy (unless ``policy``
+        is given in ``options``, the other ``AsyncSandbox`` parameters) and its
+        workspace: a fork, independent of the original. Close it when done."""
+        snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.load(snapshot)
+        options.setdefault("policy", snap.policy)
+        sb = cls(**options)
+        await sb.start()
+        try:
+            await sb.restore(snap)
+        except BaseException:
+            await sb.close()
+            raise
+        return sb
+
     def _set_lifetime(self, timeout_s: float | None) -> None:
         if self._lifetime is not None:
             self._lifetime.cancel()
@@ -1135,6 +1192,8 @@ class AsyncSandbox:
         assert conn is not None
         while conn.failure is None:
             await asyncio.sleep(_LIVENESS_S)
+            if self._paused:
+                continue  # a frozen agent is silent by design
             if conn.busy() and time.monotonic() - conn.last_rx > _LIVENESS_S:
                 try:
                     await asyncio.wait_for(conn.call({"op": "ping"}), _LIVENESS_S)

@@ -35,6 +35,7 @@ from ._sandbox import (
     Payload,
     ProcessInfo,
 )
+from ._snapshot import Snapshot
 from .abc import (
     AsyncCommandHandleAPI,
     AsyncCommandsAPI,
@@ -476,6 +477,35 @@ class Sandbox:
         (None: no limit, which a remote sandbox refuses with ValueError).
         """
         call(self._async.set_timeout(timeout_s))
+
+    def pause(self) -> None:
+        """Freeze every process of the box in place (the cgroup freezer): it
+        uses no CPU, keeps its memory (still counted against its limits and
+        quotas) and its state, and its lifetime timer keeps running. Calls made
+        while paused wait until ``resume``. Idempotent; ``SandboxError`` where
+        the host cannot freeze a box.
+        """
+        call(self._async.pause())
+
+    def resume(self) -> None:
+        """Let a paused box run again, where it stopped. Idempotent."""
+        call(self._async.resume())
+
+    def snapshot(self, path: str | os.PathLike[str] | None = None) -> Snapshot:
+        """Save the workspace to the host directory ``path`` (created, mode
+        0700, must be empty; a new temporary directory when None): a
+        ``Snapshot`` that outlives the box, the server and its host process.
+        Process and memory state are not included (``Snapshot.processes``).
+        ``SandboxError`` when the box cannot archive its workspace.
+        """
+        return call(self._async.snapshot(path))
+
+    def restore(self, snapshot: Snapshot | str | os.PathLike[str]) -> None:
+        """Unpack a snapshot's workspace into this sandbox's (same-named files
+        are replaced). The archive is unpacked inside the box, never on the
+        host. ``SandboxError`` when it cannot be unpacked.
+        """
+        call(self._async.restore(snapshot))
 
     def run_code(
         self,

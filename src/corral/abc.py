@@ -21,6 +21,7 @@ ran out, server lost) ``SandboxBroken``; the server's own refusals are
 
 from __future__ import annotations
 
+import os
 import signal as _signal
 from collections.abc import (
     AsyncGenerator,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
         Payload,
         ProcessInfo,
     )
+    from ._snapshot import Snapshot
 
 __all__ = [
     "AsyncCommandHandleAPI",
@@ -393,6 +395,32 @@ class AsyncSandboxAPI(Protocol):
     async def set_timeout(self, timeout_s: float | None) -> None:
         """Give the box ``timeout_s`` more seconds to live, counted from now
         (None: no limit, which a remote sandbox refuses with ValueError)."""
+        ...
+
+    async def pause(self) -> None:
+        """Freeze every process of the box in place (the cgroup freezer): it
+        uses no CPU, keeps its memory (still counted against its limits and
+        quotas) and its state, and its lifetime timer keeps running. Calls made
+        while paused wait until ``resume``. Idempotent; ``SandboxError`` where
+        the host cannot freeze a box."""
+        ...
+
+    async def resume(self) -> None:
+        """Let a paused box run again, where it stopped. Idempotent."""
+        ...
+
+    async def snapshot(self, path: str | os.PathLike[str] | None = None) -> Snapshot:
+        """Save the workspace to the host directory ``path`` (created, mode
+        0700, must be empty; a new temporary directory when None): a
+        ``Snapshot`` that outlives the box, the server and its host process.
+        Process and memory state are not included (``Snapshot.processes``).
+        ``SandboxError`` when the box cannot archive its workspace."""
+        ...
+
+    async def restore(self, snapshot: Snapshot | str | os.PathLike[str]) -> None:
+        """Unpack a snapshot's workspace into this sandbox's (same-named files
+        are replaced). The archive is unpacked inside the box, never on the
+        host. ``SandboxError`` when it cannot be unpacked."""
         ...
 
     async def run_code(
@@ -806,6 +834,35 @@ class SandboxAPI(Protocol):
     def set_timeout(self, timeout_s: float | None) -> None:
         """Give the box ``timeout_s`` more seconds to live, counted from now
         (None: no limit, which a remote sandbox refuses with ValueError).
+        """
+        ...
+
+    def pause(self) -> None:
+        """Freeze every process of the box in place (the cgroup freezer): it
+        uses no CPU, keeps its memory (still counted against its limits and
+        quotas) and its state, and its lifetime timer keeps running. Calls made
+        while paused wait until ``resume``. Idempotent; ``SandboxError`` where
+        the host cannot freeze a box.
+        """
+        ...
+
+    def resume(self) -> None:
+        """Let a paused box run again, where it stopped. Idempotent."""
+        ...
+
+    def snapshot(self, path: str | os.PathLike[str] | None = None) -> Snapshot:
+        """Save the workspace to the host directory ``path`` (created, mode
+        0700, must be empty; a new temporary directory when None): a
+        ``Snapshot`` that outlives the box, the server and its host process.
+        Process and memory state are not included (``Snapshot.processes``).
+        ``SandboxError`` when the box cannot archive its workspace.
+        """
+        ...
+
+    def restore(self, snapshot: Snapshot | str | os.PathLike[str]) -> None:
+        """Unpack a snapshot's workspace into this sandbox's (same-named files
+        are replaced). The archive is unpacked inside the box, never on the
+        host. ``SandboxError`` when it cannot be unpacked.
         """
         ...
 

@@ -161,6 +161,16 @@ class Box(Protocol):
         """SIGKILL everything in the box. Idempotent; never blocks."""
         ...
 
+    async def pause(self) -> None:
+        """Freeze every process of the box in place: no CPU, memory and state
+        kept (and still counted against its limits). Returns once frozen.
+        Idempotent. ``SandboxError`` if this host cannot freeze the box."""
+        ...
+
+    async def resume(self) -> None:
+        """Let a paused box run again. Idempotent."""
+        ...
+
     async def aclose(self) -> None:
         """Kill what still runs and remove every trace of the box. Idempotent;
         never blocks the event loop (blocking teardown runs in a thread)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-from importlib.metadata import entry_points
 
 from corral._errors import HostToolMissing
 from corral.backends._base import Backend
@@ -24,6 +23,8 @@ _BUILTIN = {
 
 def available_backends() -> tuple[str, ...]:
     """Names ``get_backend`` accepts here: built-in, then registered, sorted."""
+    from importlib.metadata import entry_points  # 10 ms at import: not on the one-shot path
+
     names = set(_BUILTIN)
     names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
     return tuple(sorted(names))
@@ -39,6 +40,8 @@ def get_backend(name: str = DEFAULT_BACKEND) -> Backend:
         module, attr = _BUILTIN[name]
         obj: object = getattr(importlib.import_module(module), attr)
     else:
+        from importlib.metadata import entry_points  # 10 ms: only when the name is not built in
+
         found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
         if not found:
             raise HostToolMissing(

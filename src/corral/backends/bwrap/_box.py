@@ -148,6 +148,21 @@ class BwrapBox:
                 _KILL_GRACE_S, self._kill_outer
             )
 
+    async def pause(self) -> None:
+        """Freeze the box's cgroup (the freezer: ``freezer.state`` on v1,
+        ``cgroup.freeze`` on v2), waiting in a thread until the kernel says frozen."""
+        if self.cgroup is None:
+            raise SandboxError(
+                "cannot pause: the box has no cgroup here (cgroups unavailable to this user)"
+            )
+        if self._closing is not None or (self._exited is not None and self._exited.done()):
+            raise SandboxError("cannot pause: the box has ended")
+        await asyncio.to_thread(self.cgroup.freeze)
+
+    async def resume(self) -> None:
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.thaw)
+
     async def aclose(self) -> None:
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())

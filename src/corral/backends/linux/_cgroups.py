@@ -48,6 +48,7 @@ from corral.plan._cgroups import CgroupWrite
 PARENT_ENV = "CORRAL_CGROUP_PARENT"
 KILL_TIMEOUT_S = 5.0
 RMDIR_TIMEOUT_S = 2.0
+FREEZE_TIMEOUT_S = 2.0
 _LIMITING = ("memory", "pids", "cpu")
 # v1 also uses cpuacct (CPU time is counted there) and freezer (kill_all).
 _WANTED = {1: (*_LIMITING, "cpuacct", "freezer"), 2: _LIMITING}
@@ -324,6 +325,7 @@ class SandboxCgroup:
         self.dirs = MappingProxyType(dict(dirs))  # controller -> directory
         self.paths = tuple(dict.fromkeys(dirs.values()))
         self._removed = False
+        self._paused = False
 
     def __repr__(self) -> str:
         return f"<SandboxCgroup v{self.version} {self.name!r} {list(self.paths)}>"
@@ -423,6 +425,77 @@ class SandboxCgroup:
         """Forks ``pids.max`` has refused so far (``pids.events``, v1 and v2)."""
         return _keyed(self.dirs.get("pids"), "pids.events").get("max", 0)
 
+    @property
+    def paused(self) -> bool:
+        """Whether ``freeze`` froze the cgroup (and ``thaw`` has not thawed it)."""
+        return self._paused
+
+    def _freezer(self) -> tuple[str, tuple[str, str, str, str, str]] | None:
+        """The directory of the freezer, and its files and values (None: no freezer)."""
+        if self.version == 2:
+            if not os.path.exists(f"{self.paths[0]}/cgroup.freeze"):
+                return None  # a kernel before 5.2
+            return self.paths[0], _FREEZE_V2
+        path = self.dirs.get("freezer")
+        return (path, _FREEZE_V1) if path is not None else None
+
+    def freeze(self, timeout_s: float = FREEZE_TIMEOUT_S) -> None:
+        """Stop every process in the cgroup (and below it) where it stands; wait
+        until the kernel reports the cgroup frozen. Idempotent.
+
+        Frozen tasks are not scheduled: they use no CPU, keep their memory
+        (still charged to the cgroup) and their state. Raises ``SandboxError``
+        when this host has no freezer (v1 without the freezer hierarchy, v2
+        before Linux 5.2) or the cgroup is not frozen within ``timeout_s``
+        (a task in uninterruptible sleep; the cgroup is thawed again then).
+        """
+        if self._removed:
+            raise SandboxError(f"{self!r} was removed")
+        freezer = self._freezer()
+        if freezer is None:
+            raise SandboxError(
+                "cannot pause: this host has no cgroup freezer (cgroup v1 without the freezer "
+                "hierarchy, or cgroup v2 before Linux 5.2)"
+            )
+        path, (control, freeze, thaw, state, frozen) = freezer
+        try:
+            _write(f"{path}/{control}", freeze)
+            self._paused = True
+            deadline = time.monotonic() + timeout_s
+            # v1 reports FREEZING until every task stopped; v2's cgroup.events "frozen 1"
+            tries = 0
+            while frozen not in _read(f"{path}/{state}"):
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"{path} did not freeze within {timeout_s} s")
+                tries += 1
+                if tries % 20 == 0:
+                    # v1 freezes the tasks it sees when the state is written: one
+                    # forked or migrated meanwhile can keep it FREEZING; ask again
+                    _write(f"{path}/{control}", freeze)
+                time.sleep(0.001)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                _write(f"{path}/{control}", thaw)
+            self._paused = False
+            if isinstance(exc, OSError):
+                raise SandboxError(f"cannot freeze {path}: {exc.strerror}") from exc
+            raise
+
+    def thaw(self) -> None:
+        """Let the processes frozen by ``freeze`` run again. Idempotent."""
+        freezer = self._freezer()
+        if freezer is None or self._removed:
+            self._paused = False
+            return
+        path, (control, _freeze, thaw, _state, _frozen) = freezer
+        try:
+            _write(f"{path}/{control}", thaw)
+        except FileNotFoundError:
+            pass  # removed meanwhile: nothing left to thaw
+        except OSError as exc:
+            raise SandboxError(f"cannot thaw {path}: {exc.strerror}") from exc
+        self._paused = False
+
     def signal_all(self) -> None:
         """SIGKILL every process in the sandbox cgroup once, without waiting
         (``kill_all`` waits until it is empty): for an event loop."""
@@ -432,6 +505,10 @@ class SandboxCgroup:
                 _write(kill_file, "1")  # the kernel kills the whole subtree at once
         else:
             self._sigkill(self.pids())
+        if self._paused:
+            # a v1-frozen task does not act on SIGKILL until it is thawed
+            with contextlib.suppress(SandboxError):
+                self.thaw()
 
     def kill_all(self) -> None:
         """SIGKILL every process in the sandbox cgroup and wait until it is empty.
@@ -480,6 +557,7 @@ class SandboxCgroup:
             if path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     _write(f"{path}/{control}", thaw)
+                self._paused = False
 
     def _sigkill(self, pids: Iterable[int]) -> None:
         # Through pidfds, re-checked against the cgroup after opening them: a pid

@@ -1,4 +1,4 @@
-"""Sandboxes: create, list, read, extend, close, purge a workspace."""
+"""Sandboxes: create, list, read, extend, pause/resume, close, purge a workspace."""
 
 from __future__ import annotations
 
@@ -70,6 +70,20 @@ async def get_sandbox(sandbox_id: str, service: Svc, key: Key) -> dict[str, Any]
 @router.post("/{sandbox_id}/timeout", response_model=SandboxInfo)
 async def set_timeout(sandbox_id: str, body: Timeout, service: Svc, key: Key) -> dict[str, Any]:
     return service.info(service.extend(key, sandbox_id, body.timeout_s))
+
+
+@router.post("/{sandbox_id}/pause", response_model=SandboxInfo)
+async def pause_sandbox(sandbox_id: str, service: Svc, key: Key) -> dict[str, Any]:
+    """Freeze the sandbox in place (no CPU; memory and lifetime keep counting)."""
+    await service.get_live(key, sandbox_id).sandbox.pause()
+    return service.info(service.row(key, sandbox_id))
+
+
+@router.post("/{sandbox_id}/resume", response_model=SandboxInfo)
+async def resume_sandbox(sandbox_id: str, service: Svc, key: Key) -> dict[str, Any]:
+    """Let a paused sandbox run again."""
+    await service.get_live(key, sandbox_id).sandbox.resume()
+    return service.info(service.row(key, sandbox_id))
 
 
 @router.delete("/{sandbox_id}", response_model=SandboxInfo)
