@@ -44,8 +44,8 @@ async def test_backend_conforms(name: str, check: str) -> None:
 
 
 _GVISOR_AGENT = (
-    "gvisor: under Debian's gVisor (20221219) the agent exits when a command ends "
-    "while a background one runs (test_gvisor.py; issue 14)"
+    "gvisor: under Debian's gVisor (20221219) the agent sometimes exits when a command "
+    "ends while a background one runs (test_gvisor.py; issue 14)"
 )
 _AUDIT_GAPS = pytest.mark.xfail(
     strict=True,
@@ -60,7 +60,7 @@ _AUDIT_GAPS = pytest.mark.xfail(
     [
         pytest.param(n, marks=_AUDIT_GAPS)
         if n in ("docker", "podman")
-        else pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_GVISOR_AGENT))
+        else pytest.param(n, marks=pytest.mark.xfail(strict=False, reason=_GVISOR_AGENT))
         if n == "gvisor"
         else n
         for n in available_backends()

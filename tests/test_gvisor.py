@@ -204,9 +204,9 @@ async def test_a_long_lived_sandbox_runs_commands_without_pidfd_open(gvisor: Bac
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="under Debian's gVisor (20221219) the agent exits, silently, when a command "
-    "ends while a background one runs; not yet diagnosed (issue 14)",
+    strict=False,  # intermittent: it passes in some runs
+    reason="under Debian's gVisor (20221219) the agent sometimes exits, silently, when a "
+    "command ends while a background one runs; not yet diagnosed (issue 14)",
 )
 async def test_commands_beside_a_background_command(gvisor: Backend) -> None:
     from corral import AsyncSandbox

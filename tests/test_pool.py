@@ -39,7 +39,7 @@ async def test_a_pooled_box_behaves_as_a_new_one() -> None:
         async with pool.sandbox() as sb:
             assert await sb.is_running()
             assert (await sb.run_code("1+1")).text == "2"
-            assert [c.language for c in sb.list_code_contexts()] == ["python"]
+            assert [c.language for c in await sb.list_code_contexts()] == ["python"]
             assert (await sb.commands.run("ls -A")).stdout == b""  # an empty workspace
             await sb.files.write("f", b"x" * 1000)
             assert (await sb.commands.run("cat f")).stdout == b"x" * 1000

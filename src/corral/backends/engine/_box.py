@@ -161,6 +161,32 @@ class EngineBox:
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
 
+    async def pause(self) -> None:
+        """The engine's own ``pause`` (its cgroup freezer). Idempotent."""
+        await self._pause_cli("pause", "paused")
+
+    async def resume(self) -> None:
+        await self._pause_cli("unpause", "not paused")
+
+    async def _pause_cli(self, verb: str, already: str) -> None:
+        if self._exited is not None and self._exited.done():
+            if verb == "pause":
+                raise SandboxError("cannot pause: the box has ended")
+            return
+        proc = await asyncio.create_subprocess_exec(
+            *self.engine.command,
+            verb,
+            self.name,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.engine.env(),
+        )
+        _, err = await proc.communicate()
+        message = err.decode(errors="replace").strip()
+        if proc.returncode != 0 and already not in message.lower():
+            raise SandboxError(f"cannot {verb} the container: {message or 'no message'}")
+
     async def aclose(self) -> None:
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())

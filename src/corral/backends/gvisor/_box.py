@@ -123,6 +123,19 @@ class GvisorBox:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
 
+    async def pause(self) -> None:
+        """Freeze the box's cgroup, which holds runsc's sandbox and gofer (and
+        so everything gVisor runs for the box): as for bwrap, the freezer."""
+        if self.cgroup is None:
+            raise SandboxError("cannot pause: the box has no cgroup here")
+        if self._exited is not None and self._exited.done():
+            raise SandboxError("cannot pause: the box has ended")
+        await asyncio.to_thread(self.cgroup.freeze)
+
+    async def resume(self) -> None:
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.thaw)
+
     async def aclose(self) -> None:
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())
