@@ -54,7 +54,9 @@ INSPECT_RECORDS = 64
 HELLO_LIMIT = 1 << 16  # one ClientHello message
 _TLS_RECORDS = frozenset(range(20, 25))  # change_cipher_spec, alert, handshake, data, heartbeat
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")  # an HTTP method is a token
+MAX_NAMES = 65_536  # distinct names one box's DNS responder hands addresses for
 MAX_QUESTIONS = 1024  # distinct hosts one box may have the callback asked about
+_SO_ORIGINAL_DST = 80
 _BAD_HEAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 # Decides an unlisted host: (host, port) -> bool, or an awaitable of one.
@@ -95,12 +97,52 @@ class Proxy:
         self.hosts = {canonical_host(k): v for k, v in (hosts or {}).items()}
         self.events: deque[NetworkEvent] = deque(maxlen=MAX_EVENTS)
         self.on_event = on_event
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
+        self._datagrams: list[asyncio.DatagramTransport] = []
         self._active: set[asyncio.Task[None]] = set()
+        # the DNS responder's synthetic addresses and the names they stand for
+        self._names: dict[IPAddress, str] = {}
+        self._synthetic: dict[str, tuple[IPAddress, IPAddress]] = {}
 
     async def serve(self, sock: socket.socket) -> None:
+        """Serve the proxy-variables listener (HTTP CONNECT, plain HTTP, SOCKS5)."""
         # the box's side reads with HEAD_LIMIT: readuntil() then refuses a longer head
-        self._server = await asyncio.start_server(self._handle, sock=sock, limit=HEAD_LIMIT)
+        self._servers.append(await asyncio.start_server(self._handle, sock=sock, limit=HEAD_LIMIT))
+
+    async def serve_transparent(
+        self, listeners: list[socket.socket], resolvers: list[socket.socket]
+    ) -> None:
+        """Serve the transparent listeners (TCP the box's nftables rules redirect,
+        read with SO_ORIGINAL_DST) and the box's DNS responder (UDP sockets)."""
+        from ._dns import serve_dns
+
+        for sock in listeners:
+            self._servers.append(
+                await asyncio.start_server(self._handle_transparent, sock=sock, limit=HEAD_LIMIT)
+            )
+        self._datagrams += await serve_dns(self, resolvers)
+
+    def decide_lookup(self, host: str) -> tuple[bool, str, str]:
+        """For the DNS responder: (answer it, rule, reason). An unlisted name is
+        answered when an approval callback exists: it decides at connect time,
+        with the port."""
+        decision = self.rules.decide_lookup(host)
+        if not decision.allowed and decision.reason == "not on the allowlist" and self.approve:
+            return True, "", "unlisted: the approval callback decides on connect"
+        return decision.allowed, decision.rule, decision.reason
+
+    def synthetic(self, host: str) -> tuple[IPAddress, IPAddress] | None:
+        """The (IPv4, IPv6) addresses standing for ``host`` in this box (None: pool full)."""
+        from .backends.linux._netns import SYNTHETIC_V4, SYNTHETIC_V6
+
+        if host not in self._synthetic:
+            index = len(self._synthetic) + 1
+            if index >= MAX_NAMES:
+                return None
+            pair = (SYNTHETIC_V4[index], SYNTHETIC_V6[index])
+            self._synthetic[host] = pair
+            self._names.update(dict.fromkeys(pair, host))
+        return self._synthetic[host]
 
     def update(self, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
         """New rules, for new connections (raises RuleError, changing nothing, if one is bad)."""
@@ -108,8 +150,10 @@ class Proxy:
 
     def shutdown(self) -> None:
         """Stop listening and cut every connection (without waiting)."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
+        for transport in self._datagrams:
+            transport.close()
         for task in list(self._active):
             task.cancel()
 
@@ -126,6 +170,19 @@ class Proxy:
                 self.on_event(event)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._admit(reader, writer, self._serve_one)
+
+    async def _handle_transparent(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self._admit(reader, writer, self._serve_transparent)
+
+    async def _admit(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         if len(self._active) >= MAX_CONNECTIONS or Proxy._total >= _process_budget():
@@ -137,7 +194,7 @@ class Proxy:
         self._active.add(task)
         Proxy._total += 1
         try:
-            await self._serve_one(reader, writer)
+            await serve(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass
         except TimeoutError:
@@ -176,6 +233,21 @@ class Proxy:
             await self._open_tunnel(host, port, reader, writer, socks=False)
         else:
             await self._forward(method, target, headers, reader, writer)
+
+    async def _serve_transparent(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A connection the box's nftables rules redirected: its original
+        destination decides (a synthetic address: the name the DNS responder
+        gave it; any other: that address, which needs an IP rule), then its
+        opening is checked like a tunnel's (TLS SNI, or HTTP Host)."""
+        address, port = _original_destination(writer.get_extra_info("socket"))
+        host = self._names.get(address, str(address))
+        opened = await self._open(host, port, tunnel=False)
+        if isinstance(opened, NetworkEvent):
+            _reset(writer)
+            return
+        await self._relay(opened, reader, writer, port, transparent=True)
 
     # -- deciding and connecting -----------------------------------------------------
 
@@ -323,11 +395,23 @@ class Proxy:
             if socks
             else b"HTTP/1.1 200 Connection established\r\n\r\n"
         )
+        writer.write(ok)
+        await writer.drain()
+        await self._relay(opened, reader, writer, port, transparent=False)
+
+    async def _relay(
+        self,
+        opened: _Opened,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        port: int,
+        *,
+        transparent: bool,
+    ) -> None:
+        """Check the client's opening, then relay both ways until both ends close."""
         counts = [0, 0]
         down: asyncio.Future[None] | None = None
         try:
-            writer.write(ok)
-            await writer.drain()
             # the server's side flows at once (SSH, SMTP speak first) ...
             down = asyncio.ensure_future(_pipe(opened.reader, writer, counts, 1))
             # ... the client's first bytes are inspected before anything goes up
@@ -336,7 +420,12 @@ class Proxy:
                 try:
                     first = await asyncio.wait_for(
                         _inspect_tunnel(
-                            reader, first, opened.event.host, port, opened.any_protocol
+                            reader,
+                            first,
+                            opened.event.host,
+                            port,
+                            opened.any_protocol,
+                            transparent=transparent,
                         ),
                         HEAD_TIMEOUT_S,
                     )
@@ -349,6 +438,8 @@ class Proxy:
                     with contextlib.suppress(ValueError):
                         self.events.remove(opened.event)
                     self._deny(opened.event.host, port, opened.address, Decision(False, "", reason))
+                    if transparent:
+                        _reset(writer)
                     opened.event = dataclasses.replace(opened.event, allowed=False)
                     return
             if first:
@@ -573,6 +664,26 @@ def _listen_via_child(box_pidfd: int, port: int) -> socket.socket:
     return sock
 
 
+def _original_destination(sock: socket.socket) -> tuple[IPAddress, int]:
+    """Where a redirected connection was going (SO_ORIGINAL_DST from conntrack)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)  # IP6T_SO_ORIGINAL_DST
+        (port,) = struct.unpack_from("!H", raw, 2)
+        return ipaddress.IPv6Address(raw[8:24]), port
+    raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+    (port,) = struct.unpack_from("!H", raw, 2)
+    return ipaddress.IPv4Address(raw[4:8]), port
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Refuse a redirected connection with a reset (the closest a transparent
+    proxy comes to "connection refused": the handshake was already done)."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 async def _refuse(writer: asyncio.StreamWriter, status: int, message: str) -> None:
     reasons = {
         400: "Bad Request",
@@ -635,7 +746,13 @@ async def _more(reader: asyncio.StreamReader, data: bytes, size: int) -> bytes:
 
 
 async def _inspect_tunnel(
-    reader: asyncio.StreamReader, data: bytes, host: str, port: int, any_protocol: bool
+    reader: asyncio.StreamReader,
+    data: bytes,
+    host: str,
+    port: int,
+    any_protocol: bool,
+    *,
+    transparent: bool = False,
 ) -> bytes:
     """Check a tunnel's opening (``data``, the client's first bytes, read on as
     needed); return the bytes to send upstream first, or raise _Refused.
@@ -646,6 +763,9 @@ async def _inspect_tunnel(
     * Anything else only when ``any_protocol`` (a rule names the port), and an
       HTTP/1 request in it is held to the plain-HTTP path's checks: its Host
       and target must name ``host``, and it goes up alone (``Connection: close``).
+    * ``transparent`` (a redirected connection, not a tunnel asked for): TLS
+      goes to 443 only unless ``any_protocol``, and an HTTP/1 request may go
+      to any port, held to the same checks (as the plain-HTTP path allows).
     """
     if data[0] in _TLS_RECORDS and any_protocol:
         data = await _more(reader, data, 2)
@@ -653,6 +773,8 @@ async def _inspect_tunnel(
     else:
         tls = data[0] in _TLS_RECORDS
     if tls:
+        if transparent and port != 443 and not any_protocol:
+            raise _Refused(f"TLS to port {port} needs a rule that names the port (host:port)")
         raw, sni = await _read_client_hello(reader, data)
         # a name was allowed: the ClientHello must name it (domain fronting on a
         # shared front end); an address was allowed: no name was checked, so none
@@ -666,17 +788,26 @@ async def _inspect_tunnel(
         data = await _more(reader, data, 3)
         if data[2] == 1:  # msg_type CLIENT-HELLO of an SSLv2 record header
             raise _Refused("an SSLv2-format ClientHello (it carries no SNI)")
-    if not any_protocol:
+    if not any_protocol and not transparent:
         raise _Refused(
             "not TLS: a tunnel carries other protocols only to a port a rule names (host:port)"
         )
-    return await _http_in_tunnel(reader, data, host, port)
+    return await _http_in_tunnel(reader, data, host, port, strict=not any_protocol)
 
 
-async def _http_in_tunnel(reader: asyncio.StreamReader, data: bytes, host: str, port: int) -> bytes:
+async def _http_in_tunnel(
+    reader: asyncio.StreamReader, data: bytes, host: str, port: int, *, strict: bool = False
+) -> bytes:
     """Plain HTTP/1 inside a tunnel gets the plain-HTTP path's checks (else another
     virtual host on the allowed server is one Host header away); other protocols
-    go through as they are."""
+    go through as they are, unless ``strict`` (no rule names the port): then
+    anything but an HTTP/1 request is refused."""
+
+    def other(data: bytes) -> bytes:
+        if strict:
+            raise _Refused("neither TLS nor HTTP/1: other protocols go only to a port a rule names")
+        return data
+
     # servers skip empty lines before a request line (RFC 9112 2.2: nginx and
     # llhttp do), so the request is looked for after them: else "\r\nGET ..."
     # passed as another protocol, its Host naming any virtual host
@@ -693,13 +824,13 @@ async def _http_in_tunnel(reader: asyncio.StreamReader, data: bytes, host: str, 
     # token ends, then until the first line ends
     while (token := _TOKEN.match(data, start)) is not None and token.end() == len(data):
         if len(data) - start > 64:
-            return data  # no method is that long: not HTTP
+            return other(data)  # no method is that long: not HTTP
         data += await reader.readexactly(1)
     # any whitespace after the method, not only SP: servers MAY split the line
     # on it (RFC 9112 3; Python's http.server does), so "GET\t/ HTTP/1.1" is
     # HTTP too, and refused below as a malformed request line
     if token is None or token.end() == start or data[token.end()] not in b" \t\x0b\x0c\r":
-        return data
+        return other(data)
     while b"\n" not in data[start:]:
         if len(data) > HEAD_LIMIT:
             raise _Refused("a request line longer than 64 KiB in a tunnel")
@@ -709,7 +840,7 @@ async def _http_in_tunnel(reader: asyncio.StreamReader, data: bytes, host: str, 
         data += chunk
     line = data[start:].split(b"\n", 1)[0]
     if b"HTTP/" not in line.upper():
-        return data  # a line-based protocol (SMTP's EHLO, Redis), not HTTP
+        return other(data)  # a line-based protocol (SMTP's EHLO, Redis), not HTTP
     if line.startswith(b"PRI * HTTP/2"):
         raise _Refused("HTTP/2 without TLS (h2c) in a tunnel: its authority cannot be checked")
     while b"\r\n\r\n" not in data[start:]:

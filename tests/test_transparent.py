@@ -1,0 +1,197 @@
+"""Allowlist mode, transparent: programs that ignore the proxy variables go
+through the proxy too (the box's nftables rules redirect every TCP connection),
+and names resolve only through corral's DNS responder.
+
+Every target is a server on 127.0.0.1 reached through the policy's ``hosts``
+mapping (and the explicit ``127.0.0.1`` IP rule the SSRF guard needs); the
+hard-coded address the box tries is 127.0.0.2: were the guard broken, the
+only thing reached would be the host's loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from corral import AsyncSandbox, NetworkEvent, Policy
+from corral.backends.linux._netns import ruleset
+
+from . import test_network as _net
+from .conftest import unprivileged_user
+from .test_network import Servers, policy
+
+servers = _net.servers  # the fixture: loopback HTTP(S) servers
+
+NODE = shutil.which("node", path="/usr/bin:/usr/local/bin")
+
+# a program that opens its own sockets: getaddrinfo, then connect, no proxy variables
+RAW = r"""
+import json, socket, sys
+port, out = int(sys.argv[1]), {}
+def get(host, family=socket.AF_UNSPEC):
+    try:
+        info = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        return f"gaierror {e.errno}"
+    s = socket.socket(info[0], socket.SOCK_STREAM); s.settimeout(5)
+    try:
+        s.connect(info[4])
+        s.sendall(f"GET /raw HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(4096):  # the proxy sends Connection: close upstream
+            data += chunk
+        return data.decode().split("\r\n\r\n", 1)[-1] if data else "closed"
+    except OSError as e:
+        return type(e).__name__
+out["allowed"] = get("pypi.test")
+out["allowed6"] = get("pypi.test", socket.AF_INET6)
+out["denied"] = get("evil.test")
+out["hardcoded"] = get("127.0.0.2")
+try:
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.sendto(b"x", ("127.0.0.2", 9)); out["udp"] = "sent"
+except OSError as e:
+    out["udp"] = type(e).__name__
+print(json.dumps(out))
+"""
+
+NODE_CODE = r"""
+const http = require("http"), https = require("https"), fs = require("fs");
+const [port, sport] = process.argv.slice(1).map(Number);
+const ca = fs.readFileSync("/etc/corral-test-ca.pem");
+const out = {};
+function get(mod, url, opts) {
+  return new Promise((ok) => {
+    const req = mod.get(url, opts || {}, (r) => {
+      let b = ""; r.on("data", (c) => b += c); r.on("end", () => ok(b));
+    });
+    req.on("error", (e) => ok(e.code || String(e)));
+    req.setTimeout(5000, () => { req.destroy(); ok("timeout"); });
+  });
+}
+(async () => {
+  out.http = await get(http, `http://pypi.test:${port}/node`);
+  out.https = await get(https, `https://secure.test:${sport}/node`, { ca });
+  out.denied = await get(http, `http://evil.test:${port}/node`);
+  try { out.fetch = await (await fetch(`http://pypi.test:${port}/fetch`)).text(); }
+  catch (e) { out.fetch = String(e.cause && e.cause.code || e); }
+  console.log(JSON.stringify(out));
+})();
+"""
+
+
+def _policy(servers: Servers) -> Policy:
+    return policy(servers, ["pypi.test", f"secure.test:{servers.https_port}", "127.0.0.1"])
+
+
+async def _run(p: Policy, argv: list[str]) -> tuple[dict[str, str], list[NetworkEvent]]:
+    env = {"PATH": "/usr/bin:/bin"}  # no proxy variables: the redirect must carry it
+    async with AsyncSandbox(p.with_env(env, replace=True), timeout_s=60) as sb:
+        result = await sb.commands.run(argv)
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout), await sb.network.events()
+
+
+async def test_raw_sockets_dns_and_ipv6_go_through_the_proxy(servers: Servers) -> None:
+    out, events = await _run(
+        _policy(servers), ["/usr/bin/python3", "-c", RAW, str(servers.http_port)]
+    )
+    hello = f"hello pypi.test:{servers.http_port} /raw"
+    assert out["allowed"] == out["allowed6"] == hello
+    assert out["denied"] == "gaierror -2"  # NXDOMAIN from corral's responder
+    assert out["hardcoded"] in ("ConnectionResetError", "closed")
+    assert out["udp"] == "PermissionError"
+    dns = {(e.host, e.allowed, e.reason) for e in events if e.port == 53}
+    assert ("evil.test", False, "DNS A: not on the allowlist") in dns
+    assert any(host == "pypi.test" and ok for host, ok, _ in dns)
+    refused = [e for e in events if e.host == "127.0.0.2"]
+    assert refused
+    assert not refused[0].allowed
+    assert refused[0].reason == "loopback address (SSRF guard)"
+    opened = [e for e in events if e.host == "pypi.test" and e.port == servers.http_port]
+    assert len(opened) == 2
+    assert all(e.allowed and e.address == "127.0.0.1" for e in opened)
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+async def test_node_http_https_and_fetch_ignore_proxy_variables_and_still_work(
+    servers: Servers,
+) -> None:
+    argv = [str(NODE), "-e", NODE_CODE, str(servers.http_port), str(servers.https_port)]
+    out, events = await _run(_policy(servers), argv)
+    assert out == {
+        "http": f"hello pypi.test:{servers.http_port} /node",
+        "https": f"hello secure.test:{servers.https_port} /node",
+        "denied": "ENOTFOUND",
+        "fetch": f"hello pypi.test:{servers.http_port} /fetch",
+    }
+    assert any(e.host == "evil.test" and not e.allowed for e in events)
+
+
+async def test_sni_must_match_the_name_the_address_stands_for(servers: Servers) -> None:
+    """TLS to pypi.test's synthetic address naming other.test in its SNI: refused."""
+    code = r"""
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile="/etc/corral-test-ca.pem")
+addr = socket.getaddrinfo("secure.test", int(sys.argv[1]))[0][4]
+try:
+    raw = socket.create_connection(addr, timeout=5)
+    with ctx.wrap_socket(raw, server_hostname="other.test") as s:
+        print("reached")
+except (OSError, ssl.SSLError) as e:
+    print("refused", type(e).__name__)
+"""
+    env = {"PATH": "/usr/bin:/bin"}
+    p = _policy(servers).with_env(env, replace=True)
+    async with AsyncSandbox(p, timeout_s=60) as sb:
+        result = await sb.commands.run(["/usr/bin/python3", "-c", code, str(servers.https_port)])
+        events = await sb.network.events()
+    assert result.stdout.decode().startswith("refused"), result
+    assert any("does not match secure.test" in e.reason for e in events)
+
+
+def test_ruleset_redirects_dns_and_tcp_and_drops_the_rest() -> None:
+    text = ruleset(transparent_port=3129, dns_port=1053)
+    assert "udp dport 53 redirect to :1053" in text
+    assert text.index("udp dport 53") < text.index("ip daddr 127.0.0.1 return")
+    assert "meta l4proto tcp redirect to :3129" in text
+    assert "policy drop" in text
+
+
+def test_an_ordinary_user_gets_the_same_walls(servers: Servers) -> None:
+    user = unprivileged_user()
+    if os.geteuid() != 0 or user is None:
+        pytest.skip("needs root to run the CLI as the unprivileged user")
+    src = Path(__file__).resolve().parents[1] / "src"
+    with tempfile.TemporaryDirectory(prefix="corral-test-tp-") as tmp:
+        os.chmod(tmp, 0o755)
+        shutil.copytree(src / "corral", Path(tmp) / "corral")
+        for path in Path(tmp).rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        policy_file = Path(tmp) / "policy.json"
+        p = _policy(servers).with_env({"PATH": "/usr/bin:/bin"}, replace=True)
+        policy_file.write_text(json.dumps(p.to_dict()))
+        policy_file.chmod(0o644)
+        argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+        argv += ["--", sys.executable, "-m", "corral", "run", "--policy", str(policy_file)]
+        argv += ["--", "/usr/bin/python3", "-c", RAW, str(servers.http_port)]
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": tmp},
+            cwd="/",
+            timeout=120,
+            check=False,
+        )
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert out["allowed"] == out["allowed6"] == f"hello pypi.test:{servers.http_port} /raw"
+    assert out["denied"] == "gaierror -2"
+    assert out["hardcoded"] in ("ConnectionResetError", "closed")
