@@ -121,7 +121,7 @@ def _set_up() -> list[socket.socket]:
     """Inside the box's namespace: listeners, routes, rules (in that order)."""
     from pyroute2 import IPRoute
 
-    socks = [_listen(socket.AF_INET, "127.0.0.1", PROXY_PORT, socket.SOCK_STREAM)]
+    socks = [_listen(socket.AF_INET, "127.0.0.1", PROXY_PORT, socket.SOCK_STREAM, backlog=128)]
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
@@ -139,14 +139,16 @@ def _set_up() -> list[socket.socket]:
     return socks
 
 
-def _listen(family: int, address: str, port: int, kind: int) -> socket.socket:
+def _listen(
+    family: int, address: str, port: int, kind: int, *, backlog: int = 4096
+) -> socket.socket:
     sock = socket.socket(family, kind)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((address, port))
     if kind == socket.SOCK_STREAM:
-        sock.listen(4096)
+        sock.listen(backlog)
     return sock
 
 
