@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import corral
 from corral import AsyncSandbox, NetworkEvent, Policy
 from corral.backends.linux._netns import ruleset
 
@@ -169,7 +170,7 @@ def test_an_ordinary_user_gets_the_same_walls(servers: Servers) -> None:
     user = unprivileged_user()
     if os.geteuid() != 0 or user is None:
         pytest.skip("needs root to run the CLI as the unprivileged user")
-    src = Path(__file__).resolve().parents[1] / "src"
+    src = Path(corral.__file__).resolve().parents[1]  # the corral under test
     with tempfile.TemporaryDirectory(prefix="corral-test-tp-") as tmp:
         os.chmod(tmp, 0o755)
         shutil.copytree(src / "corral", Path(tmp) / "corral")
