@@ -25,24 +25,30 @@ sockets back over a socketpair.
 
 libnftables is the library ``nft`` is built on (Debian ``libnftables1``);
 corral calls it through ctypes, the way Debian's ``python3-nftables`` binding
-does, since that binding is not installable into a virtualenv. Routes are
-added over rtnetlink with pyroute2.
+does, since that binding is not installable into a virtualenv. The two
+routes are one RTM_NEWROUTE message each over rtnetlink (pyroute2 did it too,
+but its IPRoute broke the loopback setup of bwrap boxes started meanwhile:
+"loopback: Failed RTM_NEWADDR", seen in the audit; not tracked down).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import os
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 PROXY_PORT = 3128
 TRANSPARENT_PORT = 3129
 DNS_PORT = 1053
+LOOPBACK_WAIT_S = 10.0
 # the DNS responder answers allowed names with addresses from these pools; the
 # proxy maps them back to the name (RFC 2544's benchmarking block and a ULA
 # prefix: never routed anywhere, and refused by the SSRF guard if unmapped)
@@ -106,9 +112,6 @@ def prepare_allowlist(box_pidfd: int) -> BoxSockets:
     and return its listeners, non-blocking. Raises NetnsError naming the step
     that failed (nothing is left half-done that the box could use: without the
     rules the box has no route and no listener of its own)."""
-    # imported before any fork: a child must not take an import lock a thread held
-    import pyroute2  # noqa: F401
-
     socks = _in_box(box_pidfd, _set_up)
     for sock in socks:
         sock.setblocking(False)
@@ -119,24 +122,62 @@ def prepare_allowlist(box_pidfd: int) -> BoxSockets:
 
 def _set_up() -> list[socket.socket]:
     """Inside the box's namespace: listeners, routes, rules (in that order)."""
-    from pyroute2 import IPRoute
-
-    socks = [_listen(socket.AF_INET, "127.0.0.1", PROXY_PORT, socket.SOCK_STREAM, backlog=128)]
-    with IPRoute() as ipr:
-        lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.link("set", index=lo, state="up")
-        # the loopback address as source: the redirected connection's replies come back
-        ipr.route("add", dst="0.0.0.0/0", oif=lo, prefsrc="127.0.0.1")
-        families = [(socket.AF_INET, "127.0.0.1")]
-        with contextlib.suppress(Exception):  # IPv6 disabled: it has no route either
-            ipr.route("add", family=socket.AF_INET6, dst="::/0", oif=lo, prefsrc="::1")
-            families.append((socket.AF_INET6, "::1"))
+    lo = socket.if_nametoindex("lo")
+    # bwrap's child brings the box's loopback up (address, then link) while we
+    # run: wait for it rather than race it (setting lo up ourselves made bwrap's
+    # own RTM_NEWADDR fail for boxes started meanwhile)
+    deadline = time.monotonic() + LOOPBACK_WAIT_S
+    while True:
+        socks: list[socket.socket] = []
+        try:
+            socks.append(
+                _listen(socket.AF_INET, "127.0.0.1", PROXY_PORT, socket.SOCK_STREAM, backlog=128)
+            )
+            # the loopback address as source: the redirected connection's replies come back
+            _add_default_route(socket.AF_INET, lo, "127.0.0.1")
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.ENETDOWN):
+                raise
+            if time.monotonic() > deadline:
+                raise NetnsError(f"the box's loopback did not come up: {exc}") from None
+            for sock in socks:
+                sock.close()
+            time.sleep(0.001)
+    families = [(socket.AF_INET, "127.0.0.1")]
+    with contextlib.suppress(OSError):  # IPv6 disabled: it has no route either
+        _add_default_route(socket.AF_INET6, lo, "::1")
+        families.append((socket.AF_INET6, "::1"))
     for family, address in families:
         socks.append(_listen(family, address, TRANSPARENT_PORT, socket.SOCK_STREAM))
     for family, address in families:
         socks.append(_listen(family, address, DNS_PORT, socket.SOCK_DGRAM))
     _nft(ruleset())
     return socks
+
+
+def _add_default_route(family: int, oif: int, source: str) -> None:
+    """``ip route add default dev <oif> src <source>`` over rtnetlink (RTM_NEWROUTE)."""
+    attrs = _rtattr(4, struct.pack("=I", oif))  # RTA_OIF
+    attrs += _rtattr(7, socket.inet_pton(family, source))  # RTA_PREFSRC
+    # rtmsg: family, dst_len 0 (default), src_len, tos, table main, proto static,
+    # scope universe, type unicast, flags
+    body = struct.pack("=BBBBBBBBI", family, 0, 0, 0, 254, 4, 0, 1, 0) + attrs
+    flags = 0x1 | 0x4 | 0x400 | 0x200  # REQUEST, ACK, CREATE, EXCL
+    message = struct.pack("=IHHII", 16 + len(body), 24, flags, 1, 0) + body  # RTM_NEWROUTE
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.bind((0, 0))
+        nl.sendall(message)
+        reply = nl.recv(4096)
+    kind = struct.unpack_from("=H", reply, 4)[0]
+    (error,) = struct.unpack_from("=i", reply, 16)
+    if kind != 2 or error != 0:  # NLMSG_ERROR carrying 0 is the ACK
+        raise OSError(-error, f"adding the box's default route: {os.strerror(-error)}")
+
+
+def _rtattr(kind: int, data: bytes) -> bytes:
+    pad = (4 - len(data) % 4) % 4
+    return struct.pack("=HH", 4 + len(data), kind) + data + b"\0" * pad
 
 
 def _listen(
