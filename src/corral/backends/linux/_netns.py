@@ -26,9 +26,10 @@ sockets back over a socketpair.
 libnftables is the library ``nft`` is built on (Debian ``libnftables1``);
 corral calls it through ctypes, the way Debian's ``python3-nftables`` binding
 does, since that binding is not installable into a virtualenv. The two
-routes are one RTM_NEWROUTE message each over rtnetlink (pyroute2 did it too,
-but its IPRoute broke the loopback setup of bwrap boxes started meanwhile:
-"loopback: Failed RTM_NEWADDR", seen in the audit; not tracked down).
+routes are one RTM_NEWROUTE message each over rtnetlink, written out here
+rather than pulling in pyroute2 for them. bwrap's child brings ``lo`` up
+while this runs: it is waited for, never done here (bringing it up first
+makes bwrap's own RTM_NEWADDR fail with EEXIST).
 """
 
 from __future__ import annotations
