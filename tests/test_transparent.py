@@ -10,12 +10,16 @@ only thing reached would be the host's loopback.
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import os
 import shutil
+import socketserver
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -196,3 +200,55 @@ def test_an_ordinary_user_gets_the_same_walls(servers: Servers) -> None:
     assert out["allowed"] == out["allowed6"] == f"hello pypi.test:{servers.http_port} /raw"
     assert out["denied"] == "gaierror -2"
     assert out["hardcoded"] in ("ConnectionResetError", "closed")
+
+
+BIG = hashlib.sha256(b"corral").digest() * (1 << 19)  # 16 MiB, not zeros: corruption shows
+
+
+class _BigHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BIG)))
+        self.end_headers()
+        self.wfile.write(BIG)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_the_relay_moves_every_byte_and_counts_them() -> None:
+    """Through the kernel's splice both ways: the body arrives whole, in both
+    modes, and the events count what went up and down."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _BigHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    code = r"""
+import hashlib, os, sys, urllib.request
+print(hashlib.sha256(urllib.request.urlopen(sys.argv[1], timeout=30).read()).hexdigest())
+"""
+    p = Policy.preset("default").with_network(
+        mode="allowlist", allow=["big.test", "127.0.0.1"], hosts={"big.test": "127.0.0.1"}
+    )
+    try:
+        async with AsyncSandbox(p, timeout_s=60) as sb:  # proxy variables: plain HTTP forwarding
+            via_variables = await sb.commands.run(
+                ["/usr/bin/python3", "-c", code, f"http://big.test:{port}/"]
+            )
+            events = await sb.network.events()
+        bare = p.with_env({"PATH": "/usr/bin:/bin"}, replace=True)
+        async with AsyncSandbox(bare, timeout_s=60) as sb:  # transparent
+            transparent = await sb.commands.run(
+                ["/usr/bin/python3", "-c", code, f"http://big.test:{port}/"]
+            )
+            events += await sb.network.events()
+    finally:
+        server.shutdown()
+        server.server_close()
+    digest = hashlib.sha256(BIG).hexdigest()
+    assert via_variables.stdout.decode().strip() == digest, via_variables
+    assert transparent.stdout.decode().strip() == digest, transparent
+    relayed = [e for e in events if e.host == "big.test" and e.port == port]
+    assert len(relayed) == 2
+    for event in relayed:
+        assert len(BIG) < event.bytes_down < len(BIG) + 1024  # the body and the head
+        assert 0 < event.bytes_up < 1024

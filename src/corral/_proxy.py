@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import inspect
 import ipaddress
+import os
 import re
 import resource
 import socket
@@ -443,10 +445,13 @@ class Proxy:
                     opened.event = dataclasses.replace(opened.event, allowed=False)
                     return
             if first:
-                opened.writer.write(first)
-                counts[0] += len(first)
-                await _pipe(reader, opened.writer, counts, 0)
-            await down
+                # decided: from here the kernel moves the bytes (splice), both ways
+                down.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await down
+                await _splice_both(reader, writer, opened, first, counts)
+            else:
+                await down
         finally:
             if down is not None and not down.done():
                 down.cancel()
@@ -519,11 +524,17 @@ class Proxy:
                 left -= len(chunk)
                 counts[0] += len(chunk)
             await opened.writer.drain()
-            writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
-            while data := await asyncio.wait_for(opened.reader.read(1 << 18), IDLE_TIMEOUT_S):
-                counts[1] += len(data)
-                writer.write(data)
-                await writer.drain()
+            # the response: moved by the kernel (splice), counted
+            server, buffered = await _detach(opened.reader, opened.writer)
+            client, _ = await _detach(None, writer)
+            try:
+                if buffered:
+                    await _send_all(client, buffered)
+                    counts[1] += len(buffered)
+                await _splice(server, client, counts, 1)
+            finally:
+                server.close()
+                client.close()
         finally:
             opened.writer.close()
             self._closed(opened, counts)
@@ -548,8 +559,10 @@ def _printable(text: str) -> str:
 
 
 def _process_budget() -> int:
+    # a relayed connection holds up to 8 descriptors: two sockets, their
+    # duplicates and a pipe each way
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, soft // 4)
+    return max(16, soft // 8)
 
 
 async def _socks_request(
@@ -1009,7 +1022,8 @@ def _authority(host: str, port: int, default: int) -> str:
 async def _pipe(
     src: asyncio.StreamReader, dst: asyncio.StreamWriter, counts: list[int], index: int
 ) -> None:
-    """Copy until EOF (or the idle timeout), counting; then half-close ``dst``."""
+    """Copy until EOF (or the idle timeout), counting; then half-close ``dst``
+    (not when cancelled: the relay goes on in the kernel, ``_splice_both``)."""
     dst.transport.set_write_buffer_limits(high=WRITE_BUFFER)
     try:
         while data := await asyncio.wait_for(src.read(1 << 18), IDLE_TIMEOUT_S):
@@ -1018,7 +1032,137 @@ async def _pipe(
             await dst.drain()
     except (OSError, TimeoutError):
         pass
-    finally:
+    except asyncio.CancelledError:
+        raise
+    else:
         with contextlib.suppress(OSError):
             if dst.can_write_eof():
                 dst.write_eof()
+
+
+# -- the zero-copy relay ---------------------------------------------------------------------
+
+SPLICE_CHUNK = 1 << 20
+_F_SETPIPE_SZ = 1031
+
+
+async def _detach(
+    reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter
+) -> tuple[socket.socket, bytes]:
+    """Take a connection out of asyncio's hands: its transport stops reading and
+    has written everything; returns a duplicate of its socket and the bytes the
+    reader had buffered but nobody consumed."""
+    transport = writer.transport
+    assert isinstance(transport, asyncio.Transport)  # a socket's: reads and writes
+    transport.pause_reading()
+    transport.set_write_buffer_limits(high=0)
+    await writer.drain()  # resumes only once the transport's buffer is empty
+    left = b""
+    if reader is not None:
+        buffer = reader._buffer  # type: ignore[attr-defined]  # no public peek
+        left = bytes(buffer)
+        buffer.clear()
+    sock = writer.get_extra_info("socket")
+    dup = socket.socket(fileno=os.dup(sock.fileno()))
+    dup.setblocking(False)
+    return dup, left
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.sock_sendall(sock, data), IDLE_TIMEOUT_S)
+
+
+async def _ready(sock: socket.socket, *, write: bool, timeout: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fd = sock.fileno()
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def _splice(src: socket.socket, dst: socket.socket, counts: list[int], index: int) -> None:
+    """Move bytes ``src`` -> pipe -> ``dst`` with splice(2) (no copy through Python),
+    counting into ``counts[index]``, until EOF or IDLE_TIMEOUT_S without data;
+    then half-close ``dst``."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, _F_SETPIPE_SZ, SPLICE_CHUNK)
+    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    held = 0  # bytes in the pipe
+    eof = False
+    try:
+        while not (eof and held == 0):
+            moved = False
+            if not eof:
+                try:
+                    n = os.splice(src.fileno(), w, SPLICE_CHUNK, flags=flags)
+                    moved = True
+                    if n == 0:
+                        eof = True
+                    held += n
+                    counts[index] += n
+                except BlockingIOError:
+                    pass
+            if held:
+                try:
+                    held -= os.splice(r, dst.fileno(), held, flags=flags)
+                    moved = True
+                except BlockingIOError:
+                    await _ready(dst, write=True, timeout=IDLE_TIMEOUT_S)
+                    continue
+            if not moved and not eof:
+                await _ready(src, write=False, timeout=IDLE_TIMEOUT_S)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        os.close(r)
+        os.close(w)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+async def _splice_both(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    opened: _Opened,
+    first: bytes,
+    counts: list[int],
+) -> None:
+    """After the decision: ``first`` (the checked opening) and whatever either side
+    had buffered go out, then the kernel relays both ways until both ends close."""
+    client, from_client = await _detach(reader, writer)
+    server, from_server = await _detach(opened.reader, opened.writer)
+    try:
+        await _send_all(server, first + from_client)
+        counts[0] += len(first) + len(from_client)
+        if from_server:
+            await _send_all(client, from_server)
+            counts[1] += len(from_server)
+        down_done = opened.reader.at_eof()
+        jobs = [_splice(client, server, counts, 0)]
+        if not down_done:
+            jobs.append(_splice(server, client, counts, 1))
+        elif not from_server:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_WR)
+        await asyncio.gather(*jobs)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        client.close()
+        server.close()
