@@ -1073,67 +1073,98 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
     await asyncio.wait_for(loop.sock_sendall(sock, data), IDLE_TIMEOUT_S)
 
 
-async def _ready(sock: socket.socket, *, write: bool, timeout: float | None) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
+class _Splicer:
+    """One direction of a relay, driven by the event loop like a transport:
+    when ``src`` is readable, splice(2) it into a pipe and on into ``dst``; when
+    ``dst`` is full, wait for it instead of reading. No byte passes through
+    Python. Done (``finished``) at EOF, on an error, or after IDLE_TIMEOUT_S
+    without data; then ``dst`` is half-closed."""
 
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
+    def __init__(
+        self, src: socket.socket, dst: socket.socket, counts: list[int], index: int
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.src, self.dst, self.counts, self.index = src, dst, counts, index
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, SPLICE_CHUNK)
+        self.held = 0  # bytes in the pipe
+        self.eof = False
+        self.last = time.monotonic()
+        self.finished: asyncio.Future[None] = self.loop.create_future()
+        self.timer = self.loop.call_later(IDLE_TIMEOUT_S, self._idle)
+        self.loop.add_reader(src.fileno(), self._readable)
 
-    fd = sock.fileno()
-    if write:
-        loop.add_writer(fd, wake)
-    else:
-        loop.add_reader(fd, wake)
-    try:
-        await asyncio.wait_for(ready, timeout)
-    finally:
-        if write:
-            loop.remove_writer(fd)
+    def _idle(self) -> None:
+        left = self.last + IDLE_TIMEOUT_S - time.monotonic()
+        if left > 0:
+            self.timer = self.loop.call_later(left, self._idle)
         else:
-            loop.remove_reader(fd)
+            self._finish()
+
+    def _readable(self) -> None:
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        for _ in range(16):  # while data keeps coming, without a trip through epoll
+            try:
+                n = os.splice(self.src.fileno(), self.w, SPLICE_CHUNK, flags=flags)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._finish()
+                return
+            self.last = time.monotonic()
+            if n == 0:
+                self.eof = True
+                self.loop.remove_reader(self.src.fileno())
+            self.held += n
+            self.counts[self.index] += n
+            self._flush()
+            if self.held or self.eof:  # dst is full, or done
+                return
+
+    def _flush(self) -> None:
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        while self.held:
+            try:
+                self.held -= os.splice(self.r, self.dst.fileno(), self.held, flags=flags)
+            except BlockingIOError:
+                # dst is full: stop reading until it drains
+                self.loop.remove_reader(self.src.fileno())
+                self.loop.add_writer(self.dst.fileno(), self._writable)
+                return
+            except OSError:
+                self._finish()
+                return
+        if self.eof:
+            self._finish()
+
+    def _writable(self) -> None:
+        self.loop.remove_writer(self.dst.fileno())
+        self._flush()
+        if not self.held and not self.finished.done():
+            self.loop.add_reader(self.src.fileno(), self._readable)
+
+    def _finish(self) -> None:
+        if self.finished.done():
+            return
+        self.timer.cancel()
+        self.loop.remove_reader(self.src.fileno())
+        self.loop.remove_writer(self.dst.fileno())
+        os.close(self.r)
+        os.close(self.w)
+        with contextlib.suppress(OSError):
+            self.dst.shutdown(socket.SHUT_WR)
+        self.finished.set_result(None)
 
 
 async def _splice(src: socket.socket, dst: socket.socket, counts: list[int], index: int) -> None:
-    """Move bytes ``src`` -> pipe -> ``dst`` with splice(2) (no copy through Python),
-    counting into ``counts[index]``, until EOF or IDLE_TIMEOUT_S without data;
-    then half-close ``dst``."""
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(w, _F_SETPIPE_SZ, SPLICE_CHUNK)
-    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-    held = 0  # bytes in the pipe
-    eof = False
+    """Move bytes ``src`` -> pipe -> ``dst`` with splice(2), counting into
+    ``counts[index]``, until EOF or IDLE_TIMEOUT_S without data; then half-close ``dst``."""
+    splicer = _Splicer(src, dst, counts, index)
     try:
-        while not (eof and held == 0):
-            moved = False
-            if not eof:
-                try:
-                    n = os.splice(src.fileno(), w, SPLICE_CHUNK, flags=flags)
-                    moved = True
-                    if n == 0:
-                        eof = True
-                    held += n
-                    counts[index] += n
-                except BlockingIOError:
-                    pass
-            if held:
-                try:
-                    held -= os.splice(r, dst.fileno(), held, flags=flags)
-                    moved = True
-                except BlockingIOError:
-                    await _ready(dst, write=True, timeout=IDLE_TIMEOUT_S)
-                    continue
-            if not moved and not eof:
-                await _ready(src, write=False, timeout=IDLE_TIMEOUT_S)
-    except (OSError, TimeoutError):
-        pass
+        await asyncio.shield(splicer.finished)
     finally:
-        os.close(r)
-        os.close(w)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
+        splicer._finish()  # cancelled (the box closing): stop at once
 
 
 async def _splice_both(
