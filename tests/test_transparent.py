@@ -252,3 +252,79 @@ print(hashlib.sha256(urllib.request.urlopen(sys.argv[1], timeout=30).read()).hex
     for event in relayed:
         assert len(BIG) < event.bytes_down < len(BIG) + 1024  # the body and the head
         assert 0 < event.bytes_up < 1024
+
+
+OWN_DNS_C = r"""/* Resolves like a static Go binary: its own DNS query over UDP to the
+   resolv.conf nameserver, then connect() and one HTTP GET. argv: name port */
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    char ns[64] = "127.0.0.1", line[256];
+    FILE *f = fopen("/etc/resolv.conf", "r");
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "nameserver %63s", ns) == 1) break;
+    unsigned char q[512] = {0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0}, r[512];
+    int n = 12;
+    for (char *label = strtok(strdup(argv[1]), "."); label; label = strtok(NULL, ".")) {
+        q[n++] = (unsigned char)strlen(label);
+        memcpy(q + n, label, strlen(label));
+        n += (int)strlen(label);
+    }
+    q[n++] = 0; q[n++] = 0; q[n++] = 1; q[n++] = 0; q[n++] = 1;
+    int u = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(53)};
+    inet_pton(AF_INET, ns, &a.sin_addr);
+    struct timeval tv = {5, 0};
+    setsockopt(u, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    sendto(u, q, n, 0, (struct sockaddr *)&a, sizeof a);
+    int got = (int)recv(u, r, sizeof r, 0);
+    if (got < 12) { puts("no answer"); return 0; }
+    if ((r[3] & 15) != 0) { printf("rcode %d\n", r[3] & 15); return 0; }
+    if (r[7] == 0 || got < n + 16) { puts("no address"); return 0; }
+    struct sockaddr_in t = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+    memcpy(&t.sin_addr, r + got - 4, 4);  /* the one A record ends the message */
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(s, (struct sockaddr *)&t, sizeof t) != 0) { perror("connect"); return 0; }
+    char req[256];
+    int len = snprintf(req, sizeof req, "GET /static HTTP/1.0\r\nHost: %s\r\n\r\n", argv[1]);
+    write(s, req, len);
+    char body[4096];
+    int total = 0, k;
+    while ((k = (int)read(s, body + total, sizeof body - 1 - total)) > 0) total += k;
+    body[total] = 0;
+    char *start = strstr(body, "\r\n\r\n");
+    puts(start ? start + 4 : "closed");
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler to build the static binary")
+async def test_a_static_binary_with_its_own_resolver(servers: Servers, world_dir: Path) -> None:
+    """Like a static Go binary: no libc resolver, no proxy variables; its own DNS
+    query to the resolv.conf nameserver, then connect()."""
+    (world_dir / "own_dns.c").write_text(OWN_DNS_C)
+    binary = world_dir / "own_dns"
+    subprocess.run(
+        ["gcc", "-static", "-O1", "-o", str(binary), str(world_dir / "own_dns.c")],
+        check=True,
+        capture_output=True,
+    )
+    binary.chmod(0o755)
+    p = _policy(servers).with_filesystem(
+        read_only=[f"{servers.cafile}:/etc/corral-test-ca.pem", f"{binary}:/opt/own_dns"]
+    )
+    port = str(servers.http_port)
+    env = {"PATH": "/usr/bin:/bin"}
+    async with AsyncSandbox(p.with_env(env, replace=True), timeout_s=60) as sb:
+        allowed = await sb.commands.run(["/opt/own_dns", "pypi.test", port])
+        denied = await sb.commands.run(["/opt/own_dns", "evil.test", port])
+        events = await sb.network.events()
+    assert allowed.stdout.decode().strip() == f"hello pypi.test:{port} /static"
+    assert denied.stdout.decode().strip() == "rcode 3"  # NXDOMAIN
+    assert any(e.host == "evil.test" and e.port == 53 and not e.allowed for e in events)
