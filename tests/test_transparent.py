@@ -328,3 +328,25 @@ async def test_a_static_binary_with_its_own_resolver(servers: Servers, world_dir
     assert allowed.stdout.decode().strip() == f"hello pypi.test:{port} /static"
     assert denied.stdout.decode().strip() == "rcode 3"  # NXDOMAIN
     assert any(e.host == "evil.test" and e.port == 53 and not e.allowed for e in events)
+
+
+async def test_the_approval_callback_decides_transparent_connections(servers: Servers) -> None:
+    """With a callback, every name resolves (to a stand-in) and the callback
+    decides at connect time, with the port; its "no" is a refusal on record."""
+    asked: list[tuple[str, int]] = []
+
+    def approve(host: str, port: int) -> bool:
+        asked.append((host, port))
+        return host == "pypi.test"
+
+    env = {"PATH": "/usr/bin:/bin"}
+    p = policy(servers, ["127.0.0.1"]).with_env(env, replace=True)
+    async with AsyncSandbox(p, timeout_s=60, on_network_request=approve) as sb:
+        result = await sb.commands.run(["/usr/bin/python3", "-c", RAW, str(servers.http_port)])
+        events = await sb.network.events()
+    out = json.loads(result.stdout)
+    assert out["allowed"] == f"hello pypi.test:{servers.http_port} /raw"
+    assert out["denied"] in ("ConnectionResetError", "closed")  # resolved, then refused
+    assert ("pypi.test", servers.http_port) in asked
+    assert ("evil.test", servers.http_port) in asked
+    assert any(e.host == "evil.test" and e.reason == "refused by the callback" for e in events)
