@@ -5,7 +5,13 @@ One proxy per box, on the host, listening on a socket that corral created
 ran anything: the box has no other route anywhere, and the listener being
 per box is its credential — one box cannot use another's rules.
 
-It speaks HTTP CONNECT (for TLS) and plain HTTP forwarding. It resolves names
+It speaks HTTP CONNECT (for TLS), plain HTTP forwarding and SOCKS5 on
+127.0.0.1:3128 (the proxy variables), and takes transparently redirected
+connections on 3129 (every other TCP connection the box opens: the box's
+nftables rules, ``backends/linux/_netns``), deciding those by their original
+destination — a stand-in address from the box's DNS responder (``_dns``)
+stands for its name. After the decision the bytes move in the kernel
+(splice through a pipe each way), counted for the event. It resolves names
 itself and connects to the address it checked (no DNS rebinding), refuses
 internal addresses (``_netrules``), holds a tunnel's opening until it is
 checked — the first TLS ClientHello must name the host that was allowed (no
