@@ -46,7 +46,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-PROXY_PORT = 3128
+from corral._proxy import PORT as PROXY_PORT
+
 TRANSPARENT_PORT = 3129
 DNS_PORT = 1053
 LOOPBACK_WAIT_S = 10.0
