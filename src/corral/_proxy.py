@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from ._netrules import Decision, IPAddress, RuleError, Rules, canonical_host, parse_address
 
@@ -974,8 +975,8 @@ async def _detach(
     """Take a connection out of asyncio's hands: its transport stops reading and
     has written everything; returns a duplicate of its socket and the bytes the
     reader had buffered but nobody consumed."""
-    transport = writer.transport
-    assert isinstance(transport, asyncio.Transport)  # a socket's: reads and writes
+    # a socket's transport reads and writes (uvloop's are not asyncio.Transport subclasses)
+    transport = cast(asyncio.Transport, writer.transport)
     transport.pause_reading()
     transport.set_write_buffer_limits(high=0)
     await writer.drain()  # resumes only once the transport's buffer is empty
