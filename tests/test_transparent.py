@@ -350,3 +350,27 @@ async def test_the_approval_callback_decides_transparent_connections(servers: Se
     assert ("pypi.test", servers.http_port) in asked
     assert ("evil.test", servers.http_port) in asked
     assert any(e.host == "evil.test" and e.reason == "refused by the callback" for e in events)
+
+
+async def test_relayed_connections_leave_no_descriptor_behind(servers: Servers) -> None:
+    """Each relayed connection holds duplicates and pipes while it runs; none
+    outlives it (nor the box's listeners the box)."""
+    code = r"""
+import socket, sys, urllib.request
+port = int(sys.argv[1])
+for i in range(20):
+    urllib.request.urlopen(f"http://pypi.test:{port}/v{i}", timeout=10).read()
+    s = socket.create_connection(("pypi.test", port), timeout=10)
+    s.sendall(b"GET /t HTTP/1.1\r\nHost: pypi.test\r\n\r\n")
+    while s.recv(4096):
+        pass
+"""
+    p = _policy(servers)
+    async with AsyncSandbox(p, timeout_s=60) as sb:  # warm: imports, the event loop's own fds
+        await sb.commands.run(["/bin/true"])
+    before = len(os.listdir("/proc/self/fd"))
+    async with AsyncSandbox(p, timeout_s=60) as sb:
+        result = await sb.commands.run(["/usr/bin/python3", "-c", code, str(servers.http_port)])
+        assert result.exit_code == 0, result.stderr
+        assert len([e for e in await sb.network.events() if e.port == servers.http_port]) == 40
+    assert len(os.listdir("/proc/self/fd")) == before

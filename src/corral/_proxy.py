@@ -533,7 +533,11 @@ class Proxy:
             await opened.writer.drain()
             # the response: moved by the kernel (splice), counted
             server, buffered = await _detach(opened.reader, opened.writer)
-            client, _ = await _detach(None, writer)
+            try:
+                client, _ = await _detach(None, writer)
+            except BaseException:
+                server.close()
+                raise
             try:
                 if buffered:
                     await _send_all(client, buffered)
@@ -1100,7 +1104,11 @@ async def _splice_both(
     """After the decision: ``first`` (the checked opening) and whatever either side
     had buffered go out, then the kernel relays both ways until both ends close."""
     client, from_client = await _detach(reader, writer)
-    server, from_server = await _detach(opened.reader, opened.writer)
+    try:
+        server, from_server = await _detach(opened.reader, opened.writer)
+    except BaseException:
+        client.close()  # no duplicate descriptor outlives the connection
+        raise
     try:
         await _send_all(server, first + from_client)
         counts[0] += len(first) + len(from_client)
