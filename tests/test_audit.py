@@ -43,6 +43,7 @@ def test_every_probe_passes_under_the_presets(preset: str) -> None:
         "net.open_host_loopback": ("skip", "not applicable: network mode none"),
         "net.proxy_internal": ("skip", "not applicable: network mode none"),
         "net.proxy_unlisted": ("skip", "not applicable: network mode none"),
+        "net.transparent": ("skip", "not applicable: network mode none"),
     }
 
 
@@ -52,7 +53,10 @@ def test_every_probe_passes_in_allowlist_mode_and_a_loophole_fails() -> None:
     policy = Policy.preset("default").with_network(mode="allowlist", allow=["pypi.org"])
     reports = audit(policy)
     bad = {i: (r.result, r.detail) for i, r in reports.items() if r.result != "pass"}
-    assert bad == {"net.open_host_loopback": ("skip", "not applicable: network mode allowlist")}
+    # direct egress probes expect no route: allowlist routes TCP to the proxy (net.transparent)
+    skip = ("skip", "not applicable: network mode allowlist")
+    no_route = ("net.tcp_out", "net.udp_out", "net.ipv6_out", "net.metadata", "selftest.network")
+    assert bad == dict.fromkeys(("net.open_host_loopback", *no_route), skip)
     loophole = policy.with_network(allow=["pypi.org", "127.0.0.1"])
     assert audit(loophole, "net.proxy_internal")["net.proxy_internal"].result == "fail"
 
@@ -108,6 +112,7 @@ def test_every_probe_passes_as_an_ordinary_user(world_readable_src: Path) -> Non
         "net.open_host_loopback",
         "net.proxy_internal",
         "net.proxy_unlisted",
+        "net.transparent",
     }
     assert proc.returncode == 0
 

@@ -180,8 +180,15 @@ def denied(
 
 
 def _network_none(policy: Policy) -> str | None:
-    """Direct egress must fail in both modes corral has: in 'allowlist' the box's
-    only way out is the proxy's listener, never a route."""
+    """Direct egress must fail: no route at all. ('allowlist' routes every TCP
+    connection to the proxy instead: ``net.transparent`` checks it there.)"""
+    if policy.network.mode != "none":
+        return f"not applicable: network mode {policy.network.mode}"
+    return None
+
+
+def _network_closed(policy: Policy) -> str | None:
+    """No ICMP, no DNS lookup, no host loopback: in 'none' and in 'allowlist' alike."""
     if policy.network.mode not in ("none", "allowlist"):
         return f"not applicable: network mode {policy.network.mode}"
     return None
@@ -835,7 +842,7 @@ denied(
     "attempt('icmp', lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 1)"
     ".sendto(b'\\x08\\0\\0\\0\\0\\0\\0\\0', ('1.1.1.1', 0)))",
     expect=("ENETUNREACH", "EACCES", "EPERM"),
-    applies=_NET,
+    applies=_network_closed,
 )
 denied(
     "net.ipv6_out",
@@ -854,7 +861,7 @@ denied(
     "no resolver, no network",
     "attempt('dns', lambda: socket.getaddrinfo('example.com', 443))",
     expect=("-2", "-3", "gaierror"),
-    applies=_NET,
+    applies=_network_closed,
 )
 denied(
     "net.metadata",
@@ -897,7 +904,7 @@ denied(
     "the host's 127.0.0.1 services are unreachable",
     "reaching databases, Docker or admin APIs bound to the host's loopback",
     "a network namespace with its own loopback",
-    applies=_NET,
+    applies=_network_closed,
 )
 async def _host_loopback(ctx: Context) -> Outcome:
     seen = await ctx.observe(
@@ -956,6 +963,50 @@ async def _proxy_internal(ctx: Context) -> Outcome:
     bad = [f"{t}: {why}" for t, guarded, why in verdicts if not guarded]
     done = f"all {len(verdicts)} refused by the SSRF guard (IPv4 and IPv6 spellings)"
     return Outcome("fail" if bad else "pass", "; ".join(bad) or done)
+
+
+_TRANSPARENT = r"""
+import json, socket, sys
+out = {}
+def attempt(label, fn):
+    try:
+        out[label] = fn()
+    except OSError as exc:
+        out[label] = type(exc).__name__ if exc.errno is None else str(exc.errno)
+def hard_coded():
+    s = socket.create_connection(("127.0.0.2", int(sys.argv[1])), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    return "closed" if not s.recv(100) else "answered"
+attempt("tcp", hard_coded)
+attempt("dns", lambda: str(socket.getaddrinfo("attacker.invalid", 443)))
+def send(proto, data, port):
+    return lambda: str(socket.socket(2, 2, proto).sendto(data, ("127.0.0.2", port)))
+attempt("udp", send(0, b"x", 9))
+attempt("icmp", send(1, b"\x08" + bytes(7), 0))
+print(json.dumps(out))
+"""
+
+
+@probe(
+    "net.transparent",
+    "a program ignoring the proxy variables is held to the allowlist too",
+    "a program that opens its own sockets, hard-codes an address, resolves names "
+    "itself or sends UDP/ICMP, going around the proxy",
+    "nftables in the box's netns: TCP to the proxy, DNS to corral's responder, the rest rejected",
+    applies=_allowlist,
+)
+async def _transparent(ctx: Context) -> Outcome:
+    code = [BOX_PYTHON, "-c", _TRANSPARENT, str(ctx.host_service_port)]
+    async with ctx.sandbox(ctx.policy.with_env({"PATH": "/usr/bin:/bin"}, replace=True)) as sb:
+        seen = json.loads((await sb.commands.run(code)).stdout)
+        events = await sb.network.events()
+    # refused by the proxy's guard (on record), never reached: 127.0.0.2 is the host's loopback
+    guarded = any(e.host == "127.0.0.2" and "SSRF guard" in e.reason for e in events)
+    dns = any(e.host == "attacker.invalid" and e.port == 53 and not e.allowed for e in events)
+    bad = {k: v for k, v in seen.items() if v not in ("104", "closed", "-2", "1", "13")}
+    if bad or not guarded or not dns:
+        return Outcome("fail", f"{seen}; guarded={guarded} dns_recorded={dns}")
+    return Outcome("pass", ", ".join(f"{k}: {v}" for k, v in sorted(seen.items())))
 
 
 def _open(policy: Policy) -> str | None:

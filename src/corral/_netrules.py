@@ -175,6 +175,20 @@ class Rules:
                 return Decision(True, rule.text, "allowed by rule", rule.port is not None)
         return Decision(False, "", "not on the allowlist")
 
+    def decide_lookup(self, host: str) -> Decision:
+        """For the box's DNS responder: may ``host`` be looked up at all, i.e. does
+        some allow rule name it on some port and no port-less deny rule refuse it?
+        (The port is decided when the box connects.)"""
+        for rule in self.deny:
+            if rule.port is None and (
+                rule.matches_name(host, 0) or (rule.wildcard and rule.domain == "")
+            ):
+                return Decision(False, rule.text, "denied by rule")
+        for rule in self.allow:
+            if rule.domain is not None and rule.matches_name(host, rule.port or 0):
+                return Decision(True, rule.text, "allowed by rule")
+        return Decision(False, "", "not on the allowlist")
+
     def decide_address(
         self, address: IPAddress, port: int, *, requested_by_address: bool = False
     ) -> Decision:

@@ -5,7 +5,13 @@ One proxy per box, on the host, listening on a socket that corral created
 ran anything: the box has no other route anywhere, and the listener being
 per box is its credential — one box cannot use another's rules.
 
-It speaks HTTP CONNECT (for TLS) and plain HTTP forwarding. It resolves names
+It speaks HTTP CONNECT (for TLS), plain HTTP forwarding and SOCKS5 on
+127.0.0.1:3128 (the proxy variables), and takes transparently redirected
+connections on 3129 (every other TCP connection the box opens: the box's
+nftables rules, ``backends/linux/_netns``), deciding those by their original
+destination — a stand-in address from the box's DNS responder (``_dns``)
+stands for its name. After the decision the bytes move in the kernel
+(splice through a pipe each way), counted for the event. It resolves names
 itself and connects to the address it checked (no DNS rebinding), refuses
 internal addresses (``_netrules``), holds a tunnel's opening until it is
 checked — the first TLS ClientHello must name the host that was allowed (no
@@ -20,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import inspect
 import ipaddress
+import os
 import re
 import resource
 import socket
@@ -30,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from ._netrules import Decision, IPAddress, RuleError, Rules, canonical_host, parse_address
 
@@ -54,7 +63,9 @@ INSPECT_RECORDS = 64
 HELLO_LIMIT = 1 << 16  # one ClientHello message
 _TLS_RECORDS = frozenset(range(20, 25))  # change_cipher_spec, alert, handshake, data, heartbeat
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")  # an HTTP method is a token
+MAX_NAMES = 65_536  # distinct names one box's DNS responder hands addresses for
 MAX_QUESTIONS = 1024  # distinct hosts one box may have the callback asked about
+_SO_ORIGINAL_DST = 80
 _BAD_HEAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 # Decides an unlisted host: (host, port) -> bool, or an awaitable of one.
@@ -95,12 +106,52 @@ class Proxy:
         self.hosts = {canonical_host(k): v for k, v in (hosts or {}).items()}
         self.events: deque[NetworkEvent] = deque(maxlen=MAX_EVENTS)
         self.on_event = on_event
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
+        self._datagrams: list[asyncio.DatagramTransport] = []
         self._active: set[asyncio.Task[None]] = set()
+        # the DNS responder's synthetic addresses and the names they stand for
+        self._names: dict[IPAddress, str] = {}
+        self._synthetic: dict[str, tuple[IPAddress, IPAddress]] = {}
 
     async def serve(self, sock: socket.socket) -> None:
+        """Serve the proxy-variables listener (HTTP CONNECT, plain HTTP, SOCKS5)."""
         # the box's side reads with HEAD_LIMIT: readuntil() then refuses a longer head
-        self._server = await asyncio.start_server(self._handle, sock=sock, limit=HEAD_LIMIT)
+        self._servers.append(await asyncio.start_server(self._handle, sock=sock, limit=HEAD_LIMIT))
+
+    async def serve_transparent(
+        self, listeners: list[socket.socket], resolvers: list[socket.socket]
+    ) -> None:
+        """Serve the transparent listeners (TCP the box's nftables rules redirect,
+        read with SO_ORIGINAL_DST) and the box's DNS responder (UDP sockets)."""
+        from ._dns import serve_dns
+
+        for sock in listeners:
+            self._servers.append(
+                await asyncio.start_server(self._handle_transparent, sock=sock, limit=HEAD_LIMIT)
+            )
+        self._datagrams += await serve_dns(self, resolvers)
+
+    def decide_lookup(self, host: str) -> tuple[bool, str, str]:
+        """For the DNS responder: (answer it, rule, reason). An unlisted name is
+        answered when an approval callback exists: it decides at connect time,
+        with the port."""
+        decision = self.rules.decide_lookup(host)
+        if not decision.allowed and decision.reason == "not on the allowlist" and self.approve:
+            return True, "", "unlisted: the approval callback decides on connect"
+        return decision.allowed, decision.rule, decision.reason
+
+    def synthetic(self, host: str) -> tuple[IPAddress, IPAddress] | None:
+        """The (IPv4, IPv6) addresses standing for ``host`` in this box (None: pool full)."""
+        from .backends.linux._netns import SYNTHETIC_V4, SYNTHETIC_V6
+
+        if host not in self._synthetic:
+            index = len(self._synthetic) + 1
+            if index >= MAX_NAMES:
+                return None
+            pair = (SYNTHETIC_V4[index], SYNTHETIC_V6[index])
+            self._synthetic[host] = pair
+            self._names.update(dict.fromkeys(pair, host))
+        return self._synthetic[host]
 
     def update(self, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
         """New rules, for new connections (raises RuleError, changing nothing, if one is bad)."""
@@ -108,8 +159,10 @@ class Proxy:
 
     def shutdown(self) -> None:
         """Stop listening and cut every connection (without waiting)."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
+        for transport in self._datagrams:
+            transport.close()
         for task in list(self._active):
             task.cancel()
 
@@ -126,6 +179,19 @@ class Proxy:
                 self.on_event(event)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._admit(reader, writer, self._serve_one)
+
+    async def _handle_transparent(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self._admit(reader, writer, self._serve_transparent)
+
+    async def _admit(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         if len(self._active) >= MAX_CONNECTIONS or Proxy._total >= _process_budget():
@@ -137,7 +203,7 @@ class Proxy:
         self._active.add(task)
         Proxy._total += 1
         try:
-            await self._serve_one(reader, writer)
+            await serve(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass
         except TimeoutError:
@@ -176,6 +242,21 @@ class Proxy:
             await self._open_tunnel(host, port, reader, writer, socks=False)
         else:
             await self._forward(method, target, headers, reader, writer)
+
+    async def _serve_transparent(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A connection the box's nftables rules redirected: its original
+        destination decides (a synthetic address: the name the DNS responder
+        gave it; any other: that address, which needs an IP rule), then its
+        opening is checked like a tunnel's (TLS SNI, or HTTP Host)."""
+        address, port = _original_destination(writer.get_extra_info("socket"))
+        host = self._names.get(address, str(address))
+        opened = await self._open(host, port, tunnel=False)
+        if isinstance(opened, NetworkEvent):
+            _reset(writer)
+            return
+        await self._relay(opened, reader, writer, port, transparent=True)
 
     # -- deciding and connecting -----------------------------------------------------
 
@@ -323,11 +404,23 @@ class Proxy:
             if socks
             else b"HTTP/1.1 200 Connection established\r\n\r\n"
         )
+        writer.write(ok)
+        await writer.drain()
+        await self._relay(opened, reader, writer, port, transparent=False)
+
+    async def _relay(
+        self,
+        opened: _Opened,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        port: int,
+        *,
+        transparent: bool,
+    ) -> None:
+        """Check the client's opening, then relay both ways until both ends close."""
         counts = [0, 0]
         down: asyncio.Future[None] | None = None
         try:
-            writer.write(ok)
-            await writer.drain()
             # the server's side flows at once (SSH, SMTP speak first) ...
             down = asyncio.ensure_future(_pipe(opened.reader, writer, counts, 1))
             # ... the client's first bytes are inspected before anything goes up
@@ -336,7 +429,12 @@ class Proxy:
                 try:
                     first = await asyncio.wait_for(
                         _inspect_tunnel(
-                            reader, first, opened.event.host, port, opened.any_protocol
+                            reader,
+                            first,
+                            opened.event.host,
+                            port,
+                            opened.any_protocol,
+                            transparent=transparent,
                         ),
                         HEAD_TIMEOUT_S,
                     )
@@ -349,13 +447,18 @@ class Proxy:
                     with contextlib.suppress(ValueError):
                         self.events.remove(opened.event)
                     self._deny(opened.event.host, port, opened.address, Decision(False, "", reason))
+                    if transparent:
+                        _reset(writer)
                     opened.event = dataclasses.replace(opened.event, allowed=False)
                     return
             if first:
-                opened.writer.write(first)
-                counts[0] += len(first)
-                await _pipe(reader, opened.writer, counts, 0)
-            await down
+                # decided: from here the kernel moves the bytes (splice), both ways
+                down.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await down
+                await _splice_both(reader, writer, opened, first, counts)
+            else:
+                await down
         finally:
             if down is not None and not down.done():
                 down.cancel()
@@ -428,11 +531,21 @@ class Proxy:
                 left -= len(chunk)
                 counts[0] += len(chunk)
             await opened.writer.drain()
-            writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
-            while data := await asyncio.wait_for(opened.reader.read(1 << 18), IDLE_TIMEOUT_S):
-                counts[1] += len(data)
-                writer.write(data)
-                await writer.drain()
+            # the response: moved by the kernel (splice), counted
+            server, buffered = await _detach(opened.reader, opened.writer)
+            try:
+                client, _ = await _detach(None, writer)
+            except BaseException:
+                server.close()
+                raise
+            try:
+                if buffered:
+                    await _send_all(client, buffered)
+                    counts[1] += len(buffered)
+                await _splice(server, client, counts, 1)
+            finally:
+                server.close()
+                client.close()
         finally:
             opened.writer.close()
             self._closed(opened, counts)
@@ -457,8 +570,10 @@ def _printable(text: str) -> str:
 
 
 def _process_budget() -> int:
+    # a relayed connection holds up to 8 descriptors: two sockets, their
+    # duplicates and a pipe each way
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, soft // 4)
+    return max(16, soft // 8)
 
 
 async def _socks_request(
@@ -489,88 +604,24 @@ async def _socks_request(
     return host, port
 
 
-def listen_in_box(box_pidfd: int, port: int = PORT) -> socket.socket:
-    """A listening socket on 127.0.0.1:``port`` inside the network namespace of
-    the box whose init ``box_pidfd`` refers to (still blocked, so nothing in the
-    box can have taken the port first; a pidfd, so no recycled pid can point
-    the listener into another namespace).
-
-    As root, setns() changes only the calling thread's namespace, so a
-    short-lived thread enters the box's namespace, creates the socket, and
-    ends; the socket stays in that namespace and is served by the host's event
-    loop. As an ordinary user, the box's user namespace must be entered first,
-    which only a single-threaded process may do: a forked child enters both,
-    creates the socket and passes it back over a socketpair.
-    """
-    import ctypes
-    import os
-    import threading
-
-    if os.geteuid() != 0:
-        return _listen_via_child(box_pidfd, port)
-
-    result: list[socket.socket | BaseException] = []
-
-    def enter() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(box_pidfd, 0x40000000) != 0:  # a pidfd, CLONE_NEWNET (Linux 5.8)
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns into the box's network: {os.strerror(err)}")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))
-            sock.listen(128)
-            sock.setblocking(False)
-            result.append(sock)
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=enter, name="corral-netns")
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+def _original_destination(sock: socket.socket) -> tuple[IPAddress, int]:
+    """Where a redirected connection was going (SO_ORIGINAL_DST from conntrack)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)  # IP6T_SO_ORIGINAL_DST
+        (port,) = struct.unpack_from("!H", raw, 2)
+        return ipaddress.IPv6Address(raw[8:24]), port
+    raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+    (port,) = struct.unpack_from("!H", raw, 2)
+    return ipaddress.IPv4Address(raw[4:8]), port
 
 
-def _listen_via_child(box_pidfd: int, port: int) -> socket.socket:
-    import ctypes
-    import os
-
-    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:  # the child: single-threaded, it may join a user namespace
-        code = 1
-        try:
-            parent_end.close()
-            libc = ctypes.CDLL(None, use_errno=True)
-            # CLONE_NEWUSER | CLONE_NEWNET, atomically, through the pidfd
-            if libc.setns(box_pidfd, 0x10000000 | 0x40000000) == 0:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", port))
-                sock.listen(128)
-                socket.send_fds(child_end, [b"ok"], [sock.fileno()])
-                code = 0
-            else:
-                child_end.sendall(f"setns: {os.strerror(ctypes.get_errno())}".encode())
-        except BaseException as exc:  # reported to the parent, never raised in the child
-            with contextlib.suppress(OSError):
-                child_end.sendall(repr(exc).encode()[:500])
-        finally:
-            os._exit(code)
-    child_end.close()
-    try:
-        message, fds, _, _ = socket.recv_fds(parent_end, 1024, 1)
-    finally:
-        parent_end.close()
-        os.waitpid(pid, 0)
-    if not fds:
-        raise OSError(f"cannot listen inside the box's network: {message.decode(errors='replace')}")
-    sock = socket.socket(fileno=fds[0])
-    sock.setblocking(False)
-    return sock
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Refuse a redirected connection with a reset (the closest a transparent
+    proxy comes to "connection refused": the handshake was already done)."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def _refuse(writer: asyncio.StreamWriter, status: int, message: str) -> None:
@@ -635,7 +686,13 @@ async def _more(reader: asyncio.StreamReader, data: bytes, size: int) -> bytes:
 
 
 async def _inspect_tunnel(
-    reader: asyncio.StreamReader, data: bytes, host: str, port: int, any_protocol: bool
+    reader: asyncio.StreamReader,
+    data: bytes,
+    host: str,
+    port: int,
+    any_protocol: bool,
+    *,
+    transparent: bool = False,
 ) -> bytes:
     """Check a tunnel's opening (``data``, the client's first bytes, read on as
     needed); return the bytes to send upstream first, or raise _Refused.
@@ -646,6 +703,9 @@ async def _inspect_tunnel(
     * Anything else only when ``any_protocol`` (a rule names the port), and an
       HTTP/1 request in it is held to the plain-HTTP path's checks: its Host
       and target must name ``host``, and it goes up alone (``Connection: close``).
+    * ``transparent`` (a redirected connection, not a tunnel asked for): TLS
+      goes to 443 only unless ``any_protocol``, and an HTTP/1 request may go
+      to any port, held to the same checks (as the plain-HTTP path allows).
     """
     if data[0] in _TLS_RECORDS and any_protocol:
         data = await _more(reader, data, 2)
@@ -653,6 +713,8 @@ async def _inspect_tunnel(
     else:
         tls = data[0] in _TLS_RECORDS
     if tls:
+        if transparent and port != 443 and not any_protocol:
+            raise _Refused(f"TLS to port {port} needs a rule that names the port (host:port)")
         raw, sni = await _read_client_hello(reader, data)
         # a name was allowed: the ClientHello must name it (domain fronting on a
         # shared front end); an address was allowed: no name was checked, so none
@@ -666,17 +728,26 @@ async def _inspect_tunnel(
         data = await _more(reader, data, 3)
         if data[2] == 1:  # msg_type CLIENT-HELLO of an SSLv2 record header
             raise _Refused("an SSLv2-format ClientHello (it carries no SNI)")
-    if not any_protocol:
+    if not any_protocol and not transparent:
         raise _Refused(
             "not TLS: a tunnel carries other protocols only to a port a rule names (host:port)"
         )
-    return await _http_in_tunnel(reader, data, host, port)
+    return await _http_in_tunnel(reader, data, host, port, strict=not any_protocol)
 
 
-async def _http_in_tunnel(reader: asyncio.StreamReader, data: bytes, host: str, port: int) -> bytes:
+async def _http_in_tunnel(
+    reader: asyncio.StreamReader, data: bytes, host: str, port: int, *, strict: bool = False
+) -> bytes:
     """Plain HTTP/1 inside a tunnel gets the plain-HTTP path's checks (else another
     virtual host on the allowed server is one Host header away); other protocols
-    go through as they are."""
+    go through as they are, unless ``strict`` (no rule names the port): then
+    anything but an HTTP/1 request is refused."""
+
+    def other(data: bytes) -> bytes:
+        if strict:
+            raise _Refused("neither TLS nor HTTP/1: other protocols go only to a port a rule names")
+        return data
+
     # servers skip empty lines before a request line (RFC 9112 2.2: nginx and
     # llhttp do), so the request is looked for after them: else "\r\nGET ..."
     # passed as another protocol, its Host naming any virtual host
@@ -693,13 +764,13 @@ async def _http_in_tunnel(reader: asyncio.StreamReader, data: bytes, host: str, 
     # token ends, then until the first line ends
     while (token := _TOKEN.match(data, start)) is not None and token.end() == len(data):
         if len(data) - start > 64:
-            return data  # no method is that long: not HTTP
+            return other(data)  # no method is that long: not HTTP
         data += await reader.readexactly(1)
     # any whitespace after the method, not only SP: servers MAY split the line
     # on it (RFC 9112 3; Python's http.server does), so "GET\t/ HTTP/1.1" is
     # HTTP too, and refused below as a malformed request line
     if token is None or token.end() == start or data[token.end()] not in b" \t\x0b\x0c\r":
-        return data
+        return other(data)
     while b"\n" not in data[start:]:
         if len(data) > HEAD_LIMIT:
             raise _Refused("a request line longer than 64 KiB in a tunnel")
@@ -709,7 +780,7 @@ async def _http_in_tunnel(reader: asyncio.StreamReader, data: bytes, host: str, 
         data += chunk
     line = data[start:].split(b"\n", 1)[0]
     if b"HTTP/" not in line.upper():
-        return data  # a line-based protocol (SMTP's EHLO, Redis), not HTTP
+        return other(data)  # a line-based protocol (SMTP's EHLO, Redis), not HTTP
     if line.startswith(b"PRI * HTTP/2"):
         raise _Refused("HTTP/2 without TLS (h2c) in a tunnel: its authority cannot be checked")
     while b"\r\n\r\n" not in data[start:]:
@@ -878,7 +949,8 @@ def _authority(host: str, port: int, default: int) -> str:
 async def _pipe(
     src: asyncio.StreamReader, dst: asyncio.StreamWriter, counts: list[int], index: int
 ) -> None:
-    """Copy until EOF (or the idle timeout), counting; then half-close ``dst``."""
+    """Copy until EOF (or the idle timeout), counting; then half-close ``dst``
+    (not when cancelled: the relay goes on in the kernel, ``_splice_both``)."""
     dst.transport.set_write_buffer_limits(high=WRITE_BUFFER)
     try:
         while data := await asyncio.wait_for(src.read(1 << 18), IDLE_TIMEOUT_S):
@@ -887,7 +959,172 @@ async def _pipe(
             await dst.drain()
     except (OSError, TimeoutError):
         pass
-    finally:
+    except asyncio.CancelledError:
+        raise
+    else:
         with contextlib.suppress(OSError):
             if dst.can_write_eof():
                 dst.write_eof()
+
+
+# -- the zero-copy relay ---------------------------------------------------------------------
+
+SPLICE_CHUNK = 1 << 20
+_F_SETPIPE_SZ = 1031
+
+
+async def _detach(
+    reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter
+) -> tuple[socket.socket, bytes]:
+    """Take a connection out of asyncio's hands: its transport stops reading and
+    has written everything; returns a duplicate of its socket and the bytes the
+    reader had buffered but nobody consumed."""
+    # a socket's transport reads and writes (uvloop's are not asyncio.Transport subclasses)
+    transport = cast(asyncio.Transport, writer.transport)
+    transport.pause_reading()
+    transport.set_write_buffer_limits(high=0)
+    await writer.drain()  # resumes only once the transport's buffer is empty
+    left = b""
+    if reader is not None:
+        buffer = reader._buffer  # type: ignore[attr-defined]  # no public peek
+        left = bytes(buffer)
+        buffer.clear()
+    sock = writer.get_extra_info("socket")
+    dup = socket.socket(fileno=os.dup(sock.fileno()))
+    dup.setblocking(False)
+    return dup, left
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.sock_sendall(sock, data), IDLE_TIMEOUT_S)
+
+
+class _Splicer:
+    """One direction of a relay, driven by the event loop like a transport:
+    when ``src`` is readable, splice(2) it into a pipe and on into ``dst``; when
+    ``dst`` is full, wait for it instead of reading. No byte passes through
+    Python. Done (``finished``) at EOF, on an error, or after IDLE_TIMEOUT_S
+    without data; then ``dst`` is half-closed."""
+
+    def __init__(
+        self, src: socket.socket, dst: socket.socket, counts: list[int], index: int
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.src, self.dst, self.counts, self.index = src, dst, counts, index
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, SPLICE_CHUNK)
+        self.held = 0  # bytes in the pipe
+        self.eof = False
+        self.last = time.monotonic()
+        self.finished: asyncio.Future[None] = self.loop.create_future()
+        self.timer = self.loop.call_later(IDLE_TIMEOUT_S, self._idle)
+        self.loop.add_reader(src.fileno(), self._readable)
+
+    def _idle(self) -> None:
+        left = self.last + IDLE_TIMEOUT_S - time.monotonic()
+        if left > 0:
+            self.timer = self.loop.call_later(left, self._idle)
+        else:
+            self._finish()
+
+    def _readable(self) -> None:
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        for _ in range(16):  # while data keeps coming, without a trip through epoll
+            try:
+                n = os.splice(self.src.fileno(), self.w, SPLICE_CHUNK, flags=flags)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._finish()
+                return
+            self.last = time.monotonic()
+            if n == 0:
+                self.eof = True
+                self.loop.remove_reader(self.src.fileno())
+            self.held += n
+            self.counts[self.index] += n
+            self._flush()
+            if self.held or self.eof:  # dst is full, or done
+                return
+
+    def _flush(self) -> None:
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        while self.held:
+            try:
+                self.held -= os.splice(self.r, self.dst.fileno(), self.held, flags=flags)
+            except BlockingIOError:
+                # dst is full: stop reading until it drains
+                self.loop.remove_reader(self.src.fileno())
+                self.loop.add_writer(self.dst.fileno(), self._writable)
+                return
+            except OSError:
+                self._finish()
+                return
+        if self.eof:
+            self._finish()
+
+    def _writable(self) -> None:
+        self.loop.remove_writer(self.dst.fileno())
+        self._flush()
+        if not self.held and not self.finished.done():
+            self.loop.add_reader(self.src.fileno(), self._readable)
+
+    def _finish(self) -> None:
+        if self.finished.done():
+            return
+        self.timer.cancel()
+        self.loop.remove_reader(self.src.fileno())
+        self.loop.remove_writer(self.dst.fileno())
+        os.close(self.r)
+        os.close(self.w)
+        with contextlib.suppress(OSError):
+            self.dst.shutdown(socket.SHUT_WR)
+        self.finished.set_result(None)
+
+
+async def _splice(src: socket.socket, dst: socket.socket, counts: list[int], index: int) -> None:
+    """Move bytes ``src`` -> pipe -> ``dst`` with splice(2), counting into
+    ``counts[index]``, until EOF or IDLE_TIMEOUT_S without data; then half-close ``dst``."""
+    splicer = _Splicer(src, dst, counts, index)
+    try:
+        await asyncio.shield(splicer.finished)
+    finally:
+        splicer._finish()  # cancelled (the box closing): stop at once
+
+
+async def _splice_both(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    opened: _Opened,
+    first: bytes,
+    counts: list[int],
+) -> None:
+    """After the decision: ``first`` (the checked opening) and whatever either side
+    had buffered go out, then the kernel relays both ways until both ends close."""
+    client, from_client = await _detach(reader, writer)
+    try:
+        server, from_server = await _detach(opened.reader, opened.writer)
+    except BaseException:
+        client.close()  # no duplicate descriptor outlives the connection
+        raise
+    try:
+        await _send_all(server, first + from_client)
+        counts[0] += len(first) + len(from_client)
+        if from_server:
+            await _send_all(client, from_server)
+            counts[1] += len(from_server)
+        down_done = opened.reader.at_eof()
+        jobs = [_splice(client, server, counts, 0)]
+        if not down_done:
+            jobs.append(_splice(server, client, counts, 1))
+        elif not from_server:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_WR)
+        await asyncio.gather(*jobs)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        client.close()
+        server.close()

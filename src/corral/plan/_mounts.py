@@ -178,7 +178,7 @@ def plan_mounts(
     # /etc: generated identity files plus a short allowlist of host files.
     ops.append(Dir("/etc", 0o755))
     ops.extend(_etc_files(identity, fs.workspace, dns=resolv_conf is not None))
-    if resolv_conf is not None:  # network mode open: the user-space stack's resolver
+    if resolv_conf is not None:  # network mode open or allowlist: their resolver
         ops.append(File("/etc/resolv.conf", resolv_conf, 0o644))
     for path in host.etc_present:
         ops.append(RoBind(path, path))

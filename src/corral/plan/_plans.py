@@ -37,6 +37,11 @@ class Plans:
     degraded: tuple[str, ...]
 
 
+# open: slirp4netns's resolver; allowlist: corral's DNS responder (the box's
+# nftables rules send port 53 to it, whatever address is named here)
+_RESOLV_CONF = {"open": b"nameserver 10.0.2.3\n", "allowlist": b"nameserver 127.0.0.1\n"}
+
+
 def make_plans(
     policy: Policy,
     facts: HostFacts,
@@ -113,7 +118,7 @@ def make_plans(
             workspace_source=workspace_source,
             workspace_bytes=policy.workspace_bytes,
             extra_files=extra_files,
-            resolv_conf=b"nameserver 10.0.2.3\n" if policy.network.mode == "open" else None,
+            resolv_conf=_RESOLV_CONF.get(policy.network.mode),
         ),
         namespaces=_namespaces.plan_namespaces(policy.network, policy.identity),
         capabilities=_capabilities.plan_capabilities(policy.identity),

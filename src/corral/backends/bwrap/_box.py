@@ -41,7 +41,7 @@ from typing import IO
 from corral._errors import CorralError, HostToolMissing, SandboxError
 from corral._netrules import Rules
 from corral._policy import Policy
-from corral._proxy import Proxy, listen_in_box
+from corral._proxy import Proxy
 from corral.backends._base import BoxExit, BoxSpec, Usage
 from corral.backends.bwrap._argv import PROXY_ENV, _Fds, find_util, render_argv
 from corral.backends.linux import _cgroups, _workdir
@@ -51,6 +51,7 @@ from corral.backends.linux._identity import (
     acquire_host_identity,
     release_host_identity,
 )
+from corral.backends.linux._netns import NetnsError, prepare_allowlist
 from corral.plan import HostFacts, Plans, _mounts, make_plans
 
 _KILL_GRACE_S = 2.0  # after the box's init was killed, before bwrap itself is
@@ -306,8 +307,14 @@ class BwrapBox:
                 approve=spec.on_network_request,
                 on_event=spec.on_network_event,
             )
-            listener = await asyncio.to_thread(listen_in_box, self.pidfd)
-            await self.proxy.serve(listener)
+            # before the box's first process: its only ways out lead to the proxy
+            # and the DNS responder (programs that ignore proxy variables too)
+            try:
+                socks = await asyncio.to_thread(prepare_allowlist, self.pidfd)
+            except NetnsError as exc:
+                raise SandboxError(f"network mode allowlist: {exc}") from exc
+            await self.proxy.serve(socks.proxy)
+            await self.proxy.serve_transparent(socks.transparent, socks.dns)
         try:
             os.write(block_w, b"\0")
         except BrokenPipeError:
