@@ -509,6 +509,26 @@ async def _read_until_json(loop: asyncio.AbstractEventLoop, fd: int) -> dict[str
                 return data
 
 
+_LOOPBACK_WAIT_S = 5.0
+
+
+def _loopback_configured(box_pid: int) -> bool:
+    """bwrap has set the box's lo up with its address: ::1 is listed for lo
+    once the link is up (with IPv6), else 127.0.0.1 is in its local table."""
+    try:
+        with open(f"/proc/{box_pid}/net/if_inet6", encoding="ascii") as f:
+            return any(line.split()[-1] == "lo" for line in f if line.strip())
+    except FileNotFoundError:  # no IPv6 in this kernel
+        pass
+    except OSError:
+        return True  # the box is gone: nothing to wait for
+    try:
+        with open(f"/proc/{box_pid}/net/fib_trie", encoding="ascii") as f:
+            return "127.0.0.1" in f.read()
+    except OSError:
+        return True
+
+
 async def _start_slirp(box_pid: int, fds: _Fds) -> subprocess.Popen[bytes]:
     """Network mode open: slirp4netns gives the box's own namespace a tap device
     with outbound NAT in user space. --disable-host-loopback keeps the host's
@@ -519,6 +539,12 @@ async def _start_slirp(box_pid: int, fds: _Fds) -> subprocess.Popen[bytes]:
     path = shutil.which("slirp4netns", path="/usr/local/bin:/usr/bin:/bin")
     if path is None:
         raise HostToolMissing("slirp4netns", "install it with: sudo apt-get install slirp4netns")
+    # slirp4netns sets the box's lo up, which gives it 127.0.0.1 at once: were
+    # that before bwrap's own RTM_NEWADDR, bwrap would fail ("loopback: Failed
+    # RTM_NEWADDR"). Wait until bwrap has configured it.
+    deadline = time.monotonic() + _LOOPBACK_WAIT_S
+    while not _loopback_configured(box_pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
     netns = os.open(f"/proc/{box_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     fds.pass_.append(netns)
     passed = [netns]
