@@ -38,11 +38,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
-from corral._errors import CorralError, HostToolMissing, SandboxError
+from corral._errors import HostToolMissing, SandboxError
 from corral._netrules import Rules
 from corral._policy import Policy
 from corral._proxy import Proxy
-from corral.backends._base import BoxExit, BoxSpec, Usage
+from corral.backends._base import BoxSpec, Usage
 from corral.backends.bwrap._argv import PROXY_ENV, _Fds, find_util, render_argv
 from corral.backends.linux import _cgroups, _workdir
 from corral.backends.linux._facts import check_bind_sources
@@ -52,12 +52,13 @@ from corral.backends.linux._identity import (
     release_host_identity,
 )
 from corral.backends.linux._netns import NetnsError, prepare_allowlist
+from corral.backends.linux._procbox import CgroupProcessBox
 from corral.plan import HostFacts, Plans, _mounts, make_plans
 
 _KILL_GRACE_S = 2.0  # after the box's init was killed, before bwrap itself is
 
 
-class BwrapBox:
+class BwrapBox(CgroupProcessBox):
     """One running bwrap box: bwrap, the box's init (a pidfd), its cgroup, its
     host uid, its network side. Implements ``corral.backends.Box``.
 
@@ -91,40 +92,8 @@ class BwrapBox:
         return self.plans.degraded
 
     @property
-    def channel(self) -> tuple[int, int] | None:
-        return self._channel
-
-    @property
-    def stdout(self) -> int | None:
-        return _fileno(self.proc.stdout if self.proc is not None else None)
-
-    @property
-    def stderr(self) -> int | None:
-        return _fileno(self.proc.stderr if self.proc is not None else None)
-
-    @property
-    def env(self) -> Mapping[str, str]:
-        return dict(self.policy.env)
-
-    @property
     def network(self) -> Proxy | None:
         return self.proxy
-
-    async def wait(self) -> BoxExit:
-        assert self._exited is not None, "the box was not started"
-        return BoxExit.from_code(await asyncio.shield(self._exited))
-
-    def usage(self) -> Usage:
-        if self.cgroup is not None:
-            with contextlib.suppress(CorralError, OSError):
-                stats = self.cgroup.stats()
-                self._usage = Usage(
-                    cpu_time_s=stats.cpu_time_s,
-                    peak_memory_bytes=stats.peak_memory_bytes,
-                    oom_kills=stats.oom_kills,
-                    pids_limit_hits=stats.pids_limit_hits,
-                )
-        return self._usage  # the last reading, once the cgroup is gone
 
     def info(self) -> Mapping[str, str]:
         return {
@@ -148,21 +117,6 @@ class BwrapBox:
             self._outer_kill = asyncio.get_running_loop().call_later(
                 _KILL_GRACE_S, self._kill_outer
             )
-
-    async def pause(self) -> None:
-        """Freeze the box's cgroup (the freezer: ``freezer.state`` on v1,
-        ``cgroup.freeze`` on v2), waiting in a thread until the kernel says frozen."""
-        if self.cgroup is None:
-            raise SandboxError(
-                "cannot pause: the box has no cgroup here (cgroups unavailable to this user)"
-            )
-        if self._closing is not None or (self._exited is not None and self._exited.done()):
-            raise SandboxError("cannot pause: the box has ended")
-        await asyncio.to_thread(self.cgroup.freeze)
-
-    async def resume(self) -> None:
-        if self.cgroup is not None:
-            await asyncio.to_thread(self.cgroup.thaw)
 
     async def aclose(self) -> None:
         if self._closing is None:
@@ -405,10 +359,6 @@ class BwrapBox:
                     release_host_identity(self.identity)
                     self.identity = None
                 self.fds.close_all()
-
-
-def _fileno(stream: IO[bytes] | None) -> int | None:
-    return stream.fileno() if stream is not None and not stream.closed else None
 
 
 def _close_streams(proc: subprocess.Popen[bytes]) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from corral._errors import CorralError, SandboxError
 from corral._policy import Policy
 from corral.backends._base import BoxExit, BoxSpec, Usage
-from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin, _fileno
+from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin
 from corral.backends.engine import _argv
 from corral.backends.engine._engine import Engine
 from corral.backends.engine._seccomp import render as render_seccomp
@@ -37,6 +37,7 @@ from corral.backends.linux._identity import (
     acquire_host_identity,
     release_host_identity,
 )
+from corral.backends.linux._procbox import fileno as _fileno
 from corral.plan import HostFacts, Plans, _mounts, make_plans
 from corral.plan._mounts import File, Hide, Symlink
 

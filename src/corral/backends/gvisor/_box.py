@@ -33,19 +33,20 @@ from pathlib import Path
 
 from corral._errors import CorralError, SandboxError
 from corral._policy import Policy
-from corral.backends._base import BoxExit, BoxSpec, Usage
+from corral.backends._base import BoxSpec, Usage
 from corral.backends.bwrap._argv import find_util
-from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin, _fileno
+from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin
 from corral.backends.gvisor._bundle import render_config, write_rootfs
 from corral.backends.gvisor._runsc import RUNSC_FLAGS, find_runsc, runsc_root
 from corral.backends.linux import _cgroups, _workdir
 from corral.backends.linux._facts import check_bind_sources
+from corral.backends.linux._procbox import CgroupProcessBox
 from corral.plan import HostFacts, Plans, _mounts, make_plans
 
 _KILL_GRACE_S = 5.0
 
 
-class GvisorBox:
+class GvisorBox(CgroupProcessBox):
     """One running gVisor sandbox. Implements ``corral.backends.Box``."""
 
     def __init__(
@@ -73,40 +74,8 @@ class GvisorBox:
         return self._degraded
 
     @property
-    def channel(self) -> tuple[int, int] | None:
-        return self._channel
-
-    @property
-    def stdout(self) -> int | None:
-        return _fileno(self.proc.stdout if self.proc is not None else None)
-
-    @property
-    def stderr(self) -> int | None:
-        return _fileno(self.proc.stderr if self.proc is not None else None)
-
-    @property
-    def env(self) -> Mapping[str, str]:
-        return dict(self.policy.env)
-
-    @property
     def network(self) -> None:
         return None
-
-    async def wait(self) -> BoxExit:
-        assert self._exited is not None, "the box was not started"
-        return BoxExit.from_code(await asyncio.shield(self._exited))
-
-    def usage(self) -> Usage:
-        if self.cgroup is not None:
-            with contextlib.suppress(CorralError, OSError):
-                stats = self.cgroup.stats()
-                self._usage = Usage(
-                    cpu_time_s=stats.cpu_time_s,
-                    peak_memory_bytes=stats.peak_memory_bytes,
-                    oom_kills=stats.oom_kills,
-                    pids_limit_hits=stats.pids_limit_hits,
-                )
-        return self._usage
 
     def info(self) -> Mapping[str, str]:
         return {"backend": "gvisor", "container": self.container_id, "owner_pid": str(os.getpid())}
@@ -122,19 +91,6 @@ class GvisorBox:
                 self.cgroup.signal_all()
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-
-    async def pause(self) -> None:
-        """Freeze the box's cgroup, which holds runsc's sandbox and gofer (and
-        so everything gVisor runs for the box): as for bwrap, the freezer."""
-        if self.cgroup is None:
-            raise SandboxError("cannot pause: the box has no cgroup here")
-        if self._exited is not None and self._exited.done():
-            raise SandboxError("cannot pause: the box has ended")
-        await asyncio.to_thread(self.cgroup.freeze)
-
-    async def resume(self) -> None:
-        if self.cgroup is not None:
-            await asyncio.to_thread(self.cgroup.thaw)
 
     async def aclose(self) -> None:
         if self._closing is None:

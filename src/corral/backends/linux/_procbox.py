@@ -1,0 +1,81 @@
+"""What every box run as a host process tree in a corral cgroup shares (the
+bwrap and gvisor backends): its pipes, its exit, its usage read from the
+cgroup, pause and resume by the cgroup freezer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from collections.abc import Mapping
+from typing import IO
+
+from corral._errors import CorralError, SandboxError
+from corral._policy import Policy
+from corral.backends._base import BoxExit, Usage
+from corral.backends.linux import _cgroups
+
+
+def fileno(stream: IO[bytes] | None) -> int | None:
+    """The stream's descriptor, or None once it is closed (or never was)."""
+    return stream.fileno() if stream is not None and not stream.closed else None
+
+
+class CgroupProcessBox:
+    """The part of the Box interface a process tree in ``cgroup`` gives alike.
+    Subclasses set the attributes when they launch."""
+
+    policy: Policy
+    proc: subprocess.Popen[bytes] | None
+    cgroup: _cgroups.SandboxCgroup | None
+    _channel: tuple[int, int] | None
+    _exited: asyncio.Future[int] | None
+    _closing: asyncio.Future[None] | None
+    _usage: Usage
+
+    @property
+    def channel(self) -> tuple[int, int] | None:
+        return self._channel
+
+    @property
+    def stdout(self) -> int | None:
+        return fileno(self.proc.stdout if self.proc is not None else None)
+
+    @property
+    def stderr(self) -> int | None:
+        return fileno(self.proc.stderr if self.proc is not None else None)
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        return dict(self.policy.env)
+
+    async def wait(self) -> BoxExit:
+        assert self._exited is not None, "the box was not started"
+        return BoxExit.from_code(await asyncio.shield(self._exited))
+
+    def usage(self) -> Usage:
+        if self.cgroup is not None:
+            with contextlib.suppress(CorralError, OSError):
+                stats = self.cgroup.stats()
+                self._usage = Usage(
+                    cpu_time_s=stats.cpu_time_s,
+                    peak_memory_bytes=stats.peak_memory_bytes,
+                    oom_kills=stats.oom_kills,
+                    pids_limit_hits=stats.pids_limit_hits,
+                )
+        return self._usage  # the last reading, once the cgroup is gone
+
+    async def pause(self) -> None:
+        """Freeze the box's cgroup (the freezer: ``freezer.state`` on v1,
+        ``cgroup.freeze`` on v2), waiting in a thread until the kernel says frozen."""
+        if self.cgroup is None:
+            raise SandboxError(
+                "cannot pause: the box has no cgroup here (cgroups unavailable to this user)"
+            )
+        if self._closing is not None or (self._exited is not None and self._exited.done()):
+            raise SandboxError("cannot pause: the box has ended")
+        await asyncio.to_thread(self.cgroup.freeze)
+
+    async def resume(self) -> None:
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.thaw)
