@@ -174,25 +174,34 @@ def pod(core: Any) -> Iterator[str]:
             time.sleep(0.5)
 
 
-def exec_in(core: Any, pod: str, command: list[str]) -> str:
+def exec_in(core: Any, pod: str, command: list[str]) -> tuple[int | None, str]:
+    """Run ``command`` in the pod over the exec websocket: (exit status, stdout + stderr)."""
     from kubernetes.stream import stream
 
-    return str(
-        stream(
-            core.connect_get_namespaced_pod_exec,
-            pod,
-            "default",
-            command=command,
-            stderr=True,
-            stdin=False,
-            stdout=True,
-            tty=False,
-        )
+    ws = stream(
+        core.connect_get_namespaced_pod_exec,
+        pod,
+        "default",
+        command=command,
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
+        _preload_content=False,
     )
+    try:
+        ws.run_forever(timeout=60)
+        return ws.returncode, ws.read_all()
+    finally:
+        ws.close()
+        # once the server has closed the stream, websocket-client's close() returns early and
+        # leaves the TLS socket open; shutdown() closes it
+        ws.sock.shutdown()
 
 
 def test_pod_runs_and_exec_and_logs_work(core: Any, pod: str) -> None:
-    assert exec_in(core, pod, ["sh", "-c", "echo hello from $(id -u)"]).strip() == "hello from 1000"
+    assert exec_in(core, pod, ["sh", "-c", "echo hello from $(id -u)"]) == (0, "hello from 1000\n")
+    assert exec_in(core, pod, ["sh", "-c", "exit 3"])[0] == 3
     assert f"started-{pod}" in core.read_namespaced_pod_log(pod, "default")
     node = core.read_node(_cluster.NODE)
     ready = [c for c in node.status.conditions if c.type == "Ready"]
@@ -200,10 +209,10 @@ def test_pod_runs_and_exec_and_logs_work(core: Any, pod: str) -> None:
 
 
 def test_pod_has_no_route_out(core: Any, pod: str) -> None:
-    routes = exec_in(core, pod, ["ip", "route", "show"]).strip().splitlines()
+    routes = exec_in(core, pod, ["ip", "route", "show"])[1].strip().splitlines()
     assert routes, "no route at all"
     assert all(r.startswith("10.200.0.0/24 dev eth0") for r in routes), routes
-    assert not exec_in(core, pod, ["ip", "-6", "route", "show", "default"]).strip()
+    assert exec_in(core, pod, ["ip", "-6", "route", "show", "default"]) == (0, "")
 
 
 def test_pod_cannot_reach_a_host_listener(core: Any, pod: str) -> None:
@@ -228,9 +237,9 @@ def test_pod_cannot_reach_a_host_listener(core: Any, pod: str) -> None:
 
     t = threading.Thread(target=accept)
     t.start()
-    out = exec_in(core, pod, ["sh", "-c", f"nc -w 2 {host_ips[0]} {port} </dev/null; echo rc=$?"])
+    rc, out = exec_in(core, pod, ["nc", "-w", "2", host_ips[0], str(port)])
     t.join()
     listener.close()
     assert not accepted
-    assert "rc=1" in out, out
+    assert rc == 1, out
     assert "unreachable" in out.lower(), out
