@@ -68,3 +68,21 @@ def kubeconfig(timeout_s: float = 1800) -> str:
 
 def _down() -> None:
     subprocess.run([str(DEV_CLUSTER), "down"], capture_output=True, timeout=300, check=False)
+
+
+def import_image(archive: str | Path) -> list[str]:
+    """Load an OCI or ``docker save`` archive into the node (containerd's ``k8s.io``
+    namespace; pods then use it with ``imagePullPolicy: Never``); returns the image names.
+
+    Raises ClusterUnavailable if the cluster is not running or the import fails.
+    """
+    res = subprocess.run(
+        [str(DEV_CLUSTER), "import-image", str(archive)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise ClusterUnavailable(f"scripts/dev-cluster import-image {archive}: {res.stderr}")
+    return res.stdout.split()

@@ -122,6 +122,20 @@ def test_kubelet_has_no_cloud_metadata_probes(kubeconfig: str) -> None:
             assert b"metadata.google.internal" in member.read()
 
 
+def test_kubelet_leaves_host_sysctls_alone(kubeconfig: str) -> None:
+    """An unpatched kubelet sets kernel.panic_on_oops=1, vm.overcommit_memory=1 and more on
+    the host; `up` recorded their values before the kubelet started."""
+    before = json.loads((RUN / "sysctls.json").read_text())
+    assert set(before) == {
+        "vm/overcommit_memory",
+        "vm/panic_on_oom",
+        "kernel/panic",
+        "kernel/panic_on_oops",
+    }
+    now = {key: Path(f"/proc/sys/{key}").read_text().strip() for key in before}
+    assert now == before
+
+
 @pytest.fixture(scope="module")
 def pod(core: Any) -> Iterator[str]:
     """A busybox pod (the image `up` imports; never pulled) that logs a line and sleeps."""
