@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import tarfile
@@ -101,10 +102,11 @@ def test_every_component_runs_in_the_namespace(kubeconfig: str) -> None:
         assert Path(f"/proc/{pid(component)}/ns/net").stat().st_ino == cluster_ns, component
     # and the relay listens on the host's loopback only
     assert Path(f"/proc/{pid('relay')}/ns/net").stat().st_ino == cluster_ns  # after setns
+    port = os.environ.get("CORRAL_K8S_PORT", "16443")
     listening = subprocess.run(
-        ["ss", "-Hltnp", "sport", "= :16443"], capture_output=True, text=True, check=True
+        ["ss", "-Hltnp", "sport", f"= :{port}"], capture_output=True, text=True, check=True
     ).stdout
-    assert "127.0.0.1:16443" in listening
+    assert listening.split()[3] == f"127.0.0.1:{port}", listening
     assert f"pid={pid('relay')}," in listening
 
 
