@@ -13,6 +13,7 @@ from typing import Any
 
 from corral._proxy import NetworkEvent
 from corral._sandbox import AsyncSandbox, CommandHandle, PtyHandle
+from corral.backends import Usage
 
 
 def adopt(
@@ -56,3 +57,15 @@ def buffers(handle: CommandHandle) -> Mapping[Any, bytearray]:
 def terminal_ended(handle: PtyHandle) -> bool:
     """The terminal's process ended (its result not yet waited for)."""
     return handle._process.exit.done()
+
+
+def paused(sandbox: AsyncSandbox) -> bool:
+    """The box is frozen (``pause``) and not yet resumed."""
+    return sandbox._paused
+
+
+def usage(sandbox: AsyncSandbox) -> Usage:
+    """The box's counters so far (``Box.usage``: CPU seconds, peak memory);
+    all ``None`` before it starts."""
+    box = sandbox._box
+    return box.usage() if box is not None else Usage()

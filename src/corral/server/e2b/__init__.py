@@ -20,9 +20,10 @@ internet access, root) answers with an error that says so, never a no-op.
 from __future__ import annotations
 
 from ._control import router as control_router
+from ._envd import root_router as files_router
 from ._envd import router as envd_router
 from ._jupyter import router as jupyter_router
 
-ROUTERS = (control_router, envd_router, jupyter_router)
+ROUTERS = (control_router, envd_router, jupyter_router, files_router)
 
 __all__ = ["ROUTERS"]
