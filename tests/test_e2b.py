@@ -254,7 +254,7 @@ def test_timeout_root_and_unsupported(server: ServerProcess, key: str) -> None:
         for call, words in (
             (lambda: sb.commands.run("id", user="root"), "root is never granted"),
             (lambda: sb.files.read("/etc/passwd"), "workspace only"),
-            (lambda: sb.pause(), "pause"),
+            (lambda: Sandbox.create(lifecycle={"on_timeout": "pause"}), "auto-pause"),
             (lambda: Sandbox.create(template="my-custom-template"), "custom template builds"),
             (lambda: Sandbox.create(allow_internet_access=True), "without network"),
         ):
@@ -263,6 +263,201 @@ def test_timeout_root_and_unsupported(server: ServerProcess, key: str) -> None:
                 raise SystemExit(f"not refused: {words}")
             except SandboxException as exc:
                 assert words in str(exc), (words, str(exc))
+        sb.kill()
+        print("ok")
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_pause_resume_and_metrics(server: ServerProcess, key: str) -> None:
+    """pause freezes the box (its processes and memory kept), connect resumes
+    it; metrics come from its cgroup."""
+    out = sdk(
+        server,
+        key,
+        """
+        from e2b import SandboxException, SandboxQuery, SandboxState
+        from e2b_code_interpreter import Sandbox
+
+        sb = Sandbox.create(timeout=120)
+        sb.run_code("kept = 41")
+        h = sb.commands.run("sleep 300", background=True)
+        sb.files.write("blob.bin", b"x" * 100_000)
+        [m] = sb.get_metrics()
+        assert m.cpu_count >= 1 and 0 <= m.cpu_used_pct <= 100, m
+        assert 0 < m.mem_used <= m.mem_total and 100_000 <= m.disk_used <= m.disk_total, m
+
+        assert sb.pause() is True
+        assert sb.pause() is False  # already paused (409)
+        assert sb.get_info().state == SandboxState.PAUSED
+        def listed(state):
+            query = SandboxQuery(state=[state])
+            return [s.sandbox_id for s in Sandbox.list(query=query).next_items()]
+        assert sb.sandbox_id in listed(SandboxState.PAUSED)
+        assert sb.sandbox_id not in listed(SandboxState.RUNNING)
+        try:  # traffic to a paused sandbox is refused, not held
+            sb.commands.run("true")
+            raise SystemExit("a paused sandbox ran a command")
+        except SandboxException as exc:
+            assert "is paused" in str(exc), exc
+        [m] = Sandbox.get_metrics(sb.sandbox_id)  # a paused box's counters still read
+        assert m.mem_used > 0
+
+        again = Sandbox.connect(sb.sandbox_id)  # resumes it
+        assert again.get_info().state == SandboxState.RUNNING
+        assert again.run_code("kept + 1").text == "42"  # its memory survived
+        assert h.pid in [p.pid for p in again.commands.list()]  # and its processes
+        assert again.commands.run("echo back").stdout == "back\\n"
+        again.kill()
+        print("ok")
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_network_rules_at_create_and_update(server: ServerProcess, key: str) -> None:
+    """``network.allow_out`` is corral's allowlist mode; ``update_network``
+    replaces the rules through the same checks as the native API."""
+    out = sdk(
+        server,
+        key,
+        """
+        from e2b import Sandbox, SandboxException
+
+        sb = Sandbox.create(timeout=60, network={"allow_out": ["pypi.org"]})
+        info = sb.get_info()
+        assert info.network == {"allow_out": ["pypi.org"], "deny_out": []}, info.network
+        assert info.allow_internet_access is False
+        sb.update_network({"allow_out": ["files.pythonhosted.org"], "deny_out": ["8.8.8.8"]})
+        assert sb.get_info().network == {
+            "allow_out": ["files.pythonhosted.org"], "deny_out": ["8.8.8.8"]
+        }
+        plain = Sandbox.create(timeout=60)  # the default policy: no network, no rules
+        for call, words in (
+            (lambda: sb.update_network({"allow_out": ["127.0.0.1"]}), "loopback"),
+            (lambda: Sandbox.create(network={"allow_out": ["10.0.0.1"]}), "private"),
+            (lambda: plain.update_network({"allow_out": ["pypi.org"]}), "not 'allowlist'"),
+        ):
+            try:
+                call()
+                raise SystemExit(f"not refused: {words}")
+            except SandboxException as exc:
+                assert words in str(exc), (words, str(exc))
+        assert sb.get_info().network["allow_out"] == ["files.pythonhosted.org"]
+        plain.kill()
+        sb.kill()
+        print("ok")
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_watch_dir_and_signed_urls(server: ServerProcess, key: str) -> None:
+    """Directory watches, polled (sync SDK) and streamed (async SDK); signed
+    download and upload URLs, refused when tampered with or expired."""
+    out = sdk(
+        server,
+        key,
+        """
+        import asyncio, time
+        import httpx
+        from e2b import AsyncSandbox, FilesystemEventType, Sandbox
+
+        sb = Sandbox.create(timeout=120)
+        sb.files.write("old.txt", "1")
+        w = sb.files.watch_dir("/home/user")
+        sb.files.write("new.txt", "x")
+        sb.files.write("old.txt", "22")
+        sb.files.make_dir("sub")
+        events = {(e.name, e.type) for e in w.get_new_events()}
+        assert events == {
+            ("new.txt", FilesystemEventType.CREATE),
+            ("old.txt", FilesystemEventType.WRITE),
+            ("sub", FilesystemEventType.CREATE),
+        }, events
+        sb.files.remove("new.txt")
+        assert [(e.name, e.type) for e in w.get_new_events()] == [
+            ("new.txt", FilesystemEventType.REMOVE)
+        ]
+        assert w.get_new_events() == []
+        w.stop()
+
+        async def streamed():
+            a = await AsyncSandbox.connect(sb.sandbox_id)
+            seen = []
+            handle = await a.files.watch_dir(
+                "/home/user", on_event=lambda e: seen.append((e.name, e.type)), recursive=True
+            )
+            await a.files.write("sub/deep.txt", "d")
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.05)
+            await handle.stop()
+            assert seen == [("sub/deep.txt", FilesystemEventType.CREATE)], seen
+
+        asyncio.run(streamed())
+
+        # signed URLs: the SDK signs with the sandbox's access token
+        url = sb.download_url("old.txt")
+        assert "signature=" in url
+        assert httpx.get(url).text == "22"
+        up = sb.upload_url("uploaded.txt", use_signature_expiration=60)
+        r = httpx.post(up, files={"file": ("uploaded.txt", b"via url")})
+        assert r.status_code == 200, r.text
+        assert sb.files.read("uploaded.txt") == "via url"
+        tampered = url.replace("old.txt", "uploaded.txt", 1)  # another file, same signature
+        assert httpx.get(tampered).status_code == 401
+        as_upload = sb.download_url("uploaded.txt")  # a read signature does not write
+        assert httpx.post(as_upload, files={"file": ("x", b"no")}).status_code == 401
+        expired = sb.download_url("old.txt", use_signature_expiration=-10)
+        r = httpx.get(expired)
+        assert r.status_code == 401 and "expired" in r.text, r.text
+        sb.kill()
+        assert httpx.get(url).status_code == 401  # its sandbox is gone
+        print("ok")
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_keepalives_on_long_streams(server: ServerProcess, key: str) -> None:
+    """A silent command's stream carries envd's keepalive events at the
+    interval the client asks (``Keepalive-Ping-Interval``), and the SDK takes
+    them in its stride."""
+    out = sdk(
+        server,
+        key,
+        f"""
+        import json, struct
+        import httpx
+        import e2b.sandbox_sync.commands.command as command
+        from e2b import Sandbox
+
+        command.KEEPALIVE_PING_INTERVAL_SEC = 1  # the SDK's own header, at 1 s
+        sb = Sandbox.create(timeout=60)
+        seen = []
+        r = sb.commands.run("sleep 2.5; echo late", on_stdout=seen.append)
+        assert r.stdout == "late\\n" and seen == ["late\\n"], (r, seen)
+
+        # the same stream read raw: its keepalives between start and the output
+        body = json.dumps({{"process": {{"cmd": "/bin/sh", "args": ["-c", "sleep 2.5"]}}}})
+        headers = {{
+            "E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "49983",
+            "X-Access-Token": sb._envd_access_token,
+            "Content-Type": "application/connect+json", "Keepalive-Ping-Interval": "1",
+        }}
+        data = httpx.post("{server.url}/e2b/sandbox/process.Process/Start", headers=headers,
+                          content=struct.pack(">BI", 0, len(body)) + body.encode(),
+                          timeout=30).content
+        kinds = []
+        while data:
+            flags, size = struct.unpack(">BI", data[:5])
+            message, data = json.loads(data[5:5 + size]), data[5 + size:]
+            kinds.append("end-of-stream" if flags & 2 else next(iter(message["event"])))
+        assert kinds[0] == "start" and kinds[-2:] == ["end", "end-of-stream"], kinds
+        assert kinds.count("keepalive") >= 2, kinds
         sb.kill()
         print("ok")
         """,

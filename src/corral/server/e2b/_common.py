@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
 from corral._errors import PathOutsideWorkspace
+from corral.server import _internals
 from corral.server._http import describe
 from corral.server._live import Live, ServiceError
 from corral.server._service import Service
@@ -87,6 +88,10 @@ def sandbox_live(request: Request, port: str) -> Live:
     live = service.live.get(sandbox_id)
     if live is None:
         raise ServiceError(502, "sandbox_ended", NOT_FOUND.format(sandbox_id))
+    if _internals.paused(live.sandbox):  # answered now rather than held until a resume
+        raise ServiceError(
+            409, "paused", f"The sandbox {sandbox_id} is paused: connect to it to resume it"
+        )
     return live
 
 

@@ -190,9 +190,14 @@ async def create(request: Request, body: Annotated[dict[str, Any], Body()]) -> R
 async def get_sandbox(request: Request, sandbox_id: str) -> Response:
     service, key = _auth(request)
     row = _running(service, key, sandbox_id)
-    return json_reply(
-        {**_listed(row, _state(service, row.id)), "envdAccessToken": access_token(row.id)}
-    )
+    detail = {**_listed(row, _state(service, row.id)), "envdAccessToken": access_token(row.id)}
+    live = service.live.get(row.id)
+    if live is not None:  # the rules in force now (update_network changes them)
+        net = live.sandbox.policy.network
+        detail["allowInternetAccess"] = False
+        if net.mode == "allowlist":
+            detail["network"] = {"allowOut": list(net.allow), "denyOut": list(net.deny)}
+    return json_reply(detail)
 
 
 def _filters(metadata: str | None, state: str | None) -> tuple[dict[str, str], set[str]]:
