@@ -17,7 +17,11 @@ import pytest
 
 from .server_helpers import ServerProcess, serving
 
-E2B_PYTHON = Path(__file__).resolve().parent.parent / ".venv-e2b" / "bin" / "python"
+ROOT = Path(__file__).resolve().parent.parent
+E2B_PYTHON = ROOT / ".venv-e2b" / "bin" / "python"
+# the oldest SDKs that honour E2B_SANDBOX_URL (tests/e2b-*oldest-requirements.txt)
+OLDEST_E2B = ROOT / ".venv-e2b-2.7" / "bin" / "python"  # e2b 2.7.0
+OLDEST_CI = ROOT / ".venv-e2b-ci-2.9" / "bin" / "python"  # e2b-code-interpreter 2.9.0, e2b 2.26.0
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the server tests run as root here"),
@@ -39,7 +43,13 @@ def key(server: ServerProcess) -> str:
     return server.key("e2b")
 
 
-def sdk(server: ServerProcess, key: str, script: str, timeout_s: float = 180) -> str:
+def sdk(
+    server: ServerProcess,
+    key: str,
+    script: str,
+    timeout_s: float = 180,
+    python: Path = E2B_PYTHON,
+) -> str:
     """Run ``script`` under the SDKs' Python; its stdout (it must exit 0)."""
     env = {
         "PATH": "/usr/bin:/bin",
@@ -48,7 +58,7 @@ def sdk(server: ServerProcess, key: str, script: str, timeout_s: float = 180) ->
         "E2B_API_KEY": key,
     }
     out = subprocess.run(
-        [str(E2B_PYTHON), "-c", textwrap.dedent(script)],
+        [str(python), "-c", textwrap.dedent(script)],
         env=env,
         capture_output=True,
         text=True,
@@ -256,13 +266,20 @@ def test_timeout_root_and_unsupported(server: ServerProcess, key: str) -> None:
             (lambda: sb.files.read("/etc/passwd"), "workspace only"),
             (lambda: Sandbox.create(lifecycle={"on_timeout": "pause"}), "auto-pause"),
             (lambda: Sandbox.create(template="my-custom-template"), "custom template builds"),
-            (lambda: Sandbox.create(allow_internet_access=True), "without network"),
         ):
             try:
                 call()
                 raise SystemExit(f"not refused: {words}")
             except SandboxException as exc:
                 assert words in str(exc), (words, str(exc))
+        sb.kill()
+
+        # allow_internet_access never opens the internet: the default policy
+        # (the older SDKs send True on every create), and the detail says so
+        sb = Sandbox.create(timeout=60, allow_internet_access=True)
+        assert sb.get_info().allow_internet_access is False
+        routes = sb.commands.run("cat /proc/net/route").stdout.splitlines()
+        assert len(routes) == 1, routes  # the header alone: no route out of the box
         sb.kill()
         print("ok")
         """,
@@ -461,5 +478,105 @@ def test_keepalives_on_long_streams(server: ServerProcess, key: str) -> None:
         sb.kill()
         print("ok")
         """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def _need(python: Path) -> None:
+    if not python.exists():
+        pytest.skip(f"{python.parent.parent.name} is missing: scripts/bootstrap test makes it")
+
+
+def test_oldest_e2b_sdk(server: ServerProcess, key: str) -> None:
+    """e2b 2.7.0, the first to honour E2B_SANDBOX_URL: its own Connect client
+    (``e2b_connect``, protobuf), its ``beta_pause``, and its ``connect``,
+    which sends the access token but not ``E2b-Sandbox-Id``."""
+    _need(OLDEST_E2B)
+    out = sdk(
+        server,
+        key,
+        """
+        import asyncio
+        import httpx
+        from e2b import AsyncSandbox, CommandExitException, FilesystemEventType, Sandbox
+
+        sb = Sandbox.create(timeout=120, metadata={"sdk": "2.7"})
+        assert sb.commands.run("echo hi").stdout == "hi\\n"
+        try:
+            sb.commands.run("exit 3")
+            raise SystemExit("a failing command must raise")
+        except CommandExitException as exc:
+            assert exc.exit_code == 3
+        h = sb.commands.run("read x; echo got $x", background=True, stdin=True)
+        sb.commands.send_stdin(h.pid, "typed\\n")
+        assert h.wait().stdout == "got typed\\n"
+        sb.files.write("a.txt", "hello")
+        assert sb.files.read("/home/user/a.txt") == "hello"
+        assert [e.name for e in sb.files.list(".")] == ["a.txt"]
+        w = sb.files.watch_dir("/home/user")
+        sb.files.write("b.txt", "x")
+        assert [(e.name, e.type) for e in w.get_new_events()] == [
+            ("b.txt", FilesystemEventType.CREATE)
+        ]
+        w.stop()
+        assert httpx.get(sb.download_url("a.txt")).text == "hello"
+        [m] = sb.get_metrics()
+        assert m.mem_used > 0
+
+        sb.beta_pause()
+        assert sb.get_info().state.value == "paused"
+        again = Sandbox.connect(sb.sandbox_id)  # resumes; routed by its token
+        assert again.commands.run("echo back").stdout == "back\\n"
+        assert sb.sandbox_id in [s.sandbox_id for s in Sandbox.list().next_items()]
+
+        async def main():
+            a = await AsyncSandbox.connect(sb.sandbox_id)
+            assert (await a.commands.run("echo async")).stdout == "async\\n"
+            seen = []
+            handle = await a.files.watch_dir("/home/user", on_event=seen.append)
+            await a.files.write("c.txt", "c")
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.05)
+            await handle.stop()
+            assert [e.name for e in seen] == ["c.txt"], seen
+            await a.kill()
+
+        asyncio.run(main())
+        assert not sb.is_running()
+        print("ok")
+        """,
+        python=OLDEST_E2B,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_oldest_code_interpreter_sdk(server: ServerProcess, key: str) -> None:
+    """e2b-code-interpreter 2.9.0 (the first to send its cells to
+    E2B_SANDBOX_URL) on e2b 2.26.0, which insists on E2B's key format: the
+    corral key as ``e2b_`` and its hex."""
+    _need(OLDEST_CI)
+    e2b_key = "e2b_" + key.encode().hex()
+    out = sdk(
+        server,
+        e2b_key,
+        """
+        from e2b_code_interpreter import Sandbox
+
+        sb = Sandbox.create(timeout=120)
+        ex = sb.run_code("x = 40\\nprint('p')\\nx + 2")
+        assert ex.text == "42" and ex.logs.stdout == ["p\\n"], ex
+        assert sb.run_code("1 / 0").error.name == "ZeroDivisionError"
+        ctx = sb.create_code_context()
+        sb.run_code("y = 7", context=ctx)
+        assert sb.run_code("y", context=ctx).text == "7"
+        sb.remove_code_context(ctx)
+        sb.files.write("f.txt", "data")
+        assert sb.commands.run("cat f.txt").stdout == "data"
+        assert sb.kill()
+        print("ok")
+        """,
+        python=OLDEST_CI,
     )
     assert out.strip().endswith("ok")

@@ -173,7 +173,8 @@ def test_js_sdk_pause_watch_urls_metrics(server: ServerProcess, key: str) -> Non
         const w = await sb.files.watchDir('/home/user', (e) => events.push([e.name, e.type]),
                                           { recursive: true })
         await sb.files.write('sub/new.txt', 'n')
-        for (let i = 0; i < 100 && events.length < 2; i++) await new Promise((r) => setTimeout(r, 50))
+        const pause = (ms) => new Promise((r) => setTimeout(r, ms))
+        for (let i = 0; i < 100 && events.length < 2; i++) await pause(50)
         await w.stop()
         assert.deepEqual(events, [['sub', FilesystemEventType.CREATE],
                                   ['sub/new.txt', FilesystemEventType.CREATE]])

@@ -69,6 +69,16 @@ class E2bRoute(APIRoute):
         return route
 
 
+def _by_token(service: Service, token: str) -> str:
+    """The running sandbox whose access token this is ("" if none): the
+    routing of SDKs that send the token without ``E2b-Sandbox-Id`` (``e2b``
+    2.7's ``Sandbox.connect``). Each token is one sandbox's, so it names it."""
+    for sandbox_id in list(service.live):
+        if hmac.compare_digest(token, access_token(sandbox_id)):
+            return sandbox_id
+    return ""
+
+
 def sandbox_live(request: Request, port: str) -> Live:
     """The running sandbox a sandbox-traffic request names, checked against its
     token. A wrong or missing token is answered like an absent sandbox (404):
@@ -82,6 +92,8 @@ def sandbox_live(request: Request, port: str) -> Live:
     token = request.headers.get("x-access-token") or request.headers.get(
         "e2b-traffic-access-token", ""
     )
+    if not sandbox_id and token:
+        sandbox_id = _by_token(service, token)
     # constant-time: the token is the only credential of sandbox traffic
     if not sandbox_id or not hmac.compare_digest(token, access_token(sandbox_id)):
         raise ServiceError(404, "not_found", NOT_FOUND.format(sandbox_id))

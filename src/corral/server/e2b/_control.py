@@ -41,10 +41,15 @@ _STOCK_TEMPLATES = {"", "base", "code-interpreter-v1", "code-interpreter", "defa
 
 def _auth(request: Request) -> tuple[Service, ApiKey]:
     service: Service = request.app.state.service
-    token = request.headers.get("x-api-key")
+    token = request.headers.get("x-api-key") or ""
+    if token.startswith("e2b_"):  # a corral key in E2B's key format, for the SDKs that check it
+        with contextlib.suppress(ValueError):
+            token = bytes.fromhex(token[4:]).decode()
     key = service.store.authenticate(token) if token else None
     if key is None:
-        raise ServiceError(401, "unauthorized", "Invalid API key: a corral key is required")
+        raise ServiceError(
+            401, "unauthorized", "Invalid API key: a corral key (or 'e2b_' and its hex) is required"
+        )
     return service, key
 
 
@@ -154,16 +159,14 @@ async def create(request: Request, body: Annotated[dict[str, Any], Body()]) -> R
     ):
         if body.get(field):
             raise unsupported(what)
-    if body.get("autoPause") or body.get("autoResume"):
+    resume = body.get("autoResume")
+    if body.get("autoPause") or (resume.get("enabled") if isinstance(resume, dict) else resume):
         raise unsupported("auto-pause")
-    if body.get("allow_internet_access"):
-        # deny by default: the E2B API never grants more than the server's default policy
-        raise ServiceError(
-            403,
-            "policy_forbidden",
-            "allow_internet_access: corral's E2B API creates sandboxes without network; "
-            "use corral's native API with a network policy your key permits",
-        )
+    # allow_internet_access is never more than the policy below (no network, or
+    # the allowlist network.allowOut names): corral's E2B API does not open the
+    # internet to a box. The detail reports allowInternetAccess false. Refusing
+    # it would refuse every create of the Python SDKs before 2.3x, which send
+    # True by default.
     timeout = body.get("timeout")
     if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool)):
         raise ServiceError(400, "invalid_request", "timeout: seconds, a number")
