@@ -159,6 +159,18 @@ def test_async_sdk_and_listing(server: ServerProcess, key: str) -> None:
         from e2b import SandboxQuery
         from e2b_code_interpreter import AsyncSandbox
 
+        async def close_pools():
+            # The SDK keeps its pyqwest (Rust) connection pools in module globals
+            # and never closes them: left to the interpreter's exit, they are
+            # dropped by tokio threads after Python has finalized, which can
+            # abort the process after its work is done. Closed here, in the loop.
+            from e2b.api import client_async
+            for pool in list(client_async._pools.values()):
+                await pool.aclose()
+            for cache in (client_async._pools, client_async._transports,
+                          client_async._httpx_transports):
+                cache.clear()
+
         async def main():
             boxes = [await AsyncSandbox.create(timeout=60, metadata={"set": "a", "n": str(i)})
                      for i in range(3)]
@@ -182,6 +194,7 @@ def test_async_sdk_and_listing(server: ServerProcess, key: str) -> None:
             await boxes[0].set_timeout(120)
             for b in boxes:
                 await b.kill()
+            await close_pools()
             print("ok")
 
         asyncio.run(main())

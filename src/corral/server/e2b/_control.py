@@ -3,7 +3,8 @@
 ``templateID`` names a corral runtime (``corral runtime list``); E2B's stock
 templates (``base``, ``code-interpreter-v1``) are the default runtime.
 ``timeout`` is seconds, ``metadata`` and ``envVars`` are corral's. Sandboxes
-use the server's ``default`` policy: no network.
+use the server's ``default`` policy (no network), or allowlist mode with the
+rules of ``network.allowOut``/``denyOut``. Pause is the freezer.
 """
 
 from __future__ import annotations

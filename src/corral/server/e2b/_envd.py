@@ -4,9 +4,11 @@ filesystem as Connect RPC (``_connect``), bytes through ``/files``.
 Every process is a background command of the sandbox (``Live``): ``Start``
 streams its start, output and end, ``Connect`` follows it again, and
 ``SendInput``, ``CloseStdin``, ``SendSignal`` and ``List`` reach it by pid.
-``Connect-Timeout-Ms`` bounds the command, as envd does. Paths: ``/home/user``
-is the workspace (``_common.to_box``). Not supported (answered
-``unimplemented``): PTYs, stdin streams, directory watches.
+``Connect-Timeout-Ms`` bounds the command, as envd does; streams carry
+keepalives at the client's ``Keepalive-Ping-Interval``. Paths: ``/home/user``
+is the workspace (``_common.to_box``). Directory watches: ``_watch``.
+``/files`` takes the access token or a signed URL. Not supported (answered
+``unimplemented``): PTYs, stdin streams.
 """
 
 from __future__ import annotations
