@@ -159,17 +159,15 @@ def test_async_sdk_and_listing(server: ServerProcess, key: str) -> None:
         from e2b import SandboxQuery
         from e2b_code_interpreter import AsyncSandbox
 
-        async def close_pools():
-            # The SDK keeps its pyqwest (Rust) connection pools in module globals
-            # and never closes them: left to the interpreter's exit, they are
-            # dropped by tokio threads after Python has finalized, which can
-            # abort the process after its work is done. Closed here, in the loop.
-            from e2b.api import client_async
-            for pool in list(client_async._pools.values()):
-                await pool.aclose()
-            for cache in (client_async._pools, client_async._transports,
-                          client_async._httpx_transports):
-                cache.clear()
+        async def settle():
+            # The SDK's HTTP client (pyqwest) completes each request on a tokio
+            # thread that hands the result to the loop with call_soon_threadsafe
+            # and then needs the GIL back once its wake-up write returns. If the
+            # script ends in that window, the thread finds Python finalizing, is
+            # made to pthread_exit, and the forced unwind through Rust frames
+            # aborts the process (SIGABRT after "ok"; seen in core dumps, 3 runs
+            # in 40). Idling the loop a moment lets those threads finish first.
+            await asyncio.sleep(0.2)
 
         async def main():
             boxes = [await AsyncSandbox.create(timeout=60, metadata={"set": "a", "n": str(i)})
@@ -194,7 +192,7 @@ def test_async_sdk_and_listing(server: ServerProcess, key: str) -> None:
             await boxes[0].set_timeout(120)
             for b in boxes:
                 await b.kill()
-            await close_pools()
+            await settle()
             print("ok")
 
         asyncio.run(main())

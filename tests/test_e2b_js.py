@@ -19,6 +19,8 @@ import pytest
 from .server_helpers import ServerProcess, serving
 
 JS_DIR = Path(__file__).resolve().parent / "e2b-js"
+# the oldest that honour E2B_SANDBOX_URL: e2b 2.7.0; @e2b/code-interpreter 2.7.0 on e2b 2.28.0
+JS_OLDEST = Path(__file__).resolve().parent / "e2b-js-oldest"
 NODE = shutil.which("node", path="/usr/local/bin:/usr/bin:/bin")
 
 pytestmark = [
@@ -42,9 +44,11 @@ def key(server: ServerProcess) -> str:
     return server.key("e2b-js")
 
 
-def node(server: ServerProcess, key: str, script: str, timeout_s: float = 180) -> str:
-    """Run the ES module ``script`` under Node in tests/e2b-js (where its
-    imports resolve); its stdout (it must exit 0)."""
+def node(
+    server: ServerProcess, key: str, script: str, timeout_s: float = 180, where: Path = JS_DIR
+) -> str:
+    """Run the ES module ``script`` under Node in ``where`` (where its imports
+    resolve); its stdout (it must exit 0)."""
     assert NODE is not None
     env = {
         "PATH": "/usr/bin:/bin",
@@ -54,7 +58,7 @@ def node(server: ServerProcess, key: str, script: str, timeout_s: float = 180) -
     }
     out = subprocess.run(
         [NODE, "--input-type=module", "-e", textwrap.dedent(script)],
-        cwd=JS_DIR,
+        cwd=where,
         env=env,
         capture_output=True,
         text=True,
@@ -201,5 +205,56 @@ def test_js_sdk_pause_watch_urls_metrics(server: ServerProcess, key: str) -> Non
         await assert.rejects(short.commands.run('true'), SandboxError)
         console.log('ok')
         """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_js_oldest_sdks(server: ServerProcess, key: str) -> None:
+    """JavaScript ``e2b`` 2.7.0 and ``@e2b/code-interpreter`` 2.7.0 (on
+    ``e2b`` 2.28.0), the first to honour E2B_SANDBOX_URL."""
+    if not (JS_OLDEST / "node_modules" / "@e2b" / "code-interpreter").is_dir():
+        pytest.skip("scripts/bootstrap test runs npm ci in tests/e2b-js-oldest")
+    e2b_key = "e2b_" + key.encode().hex()  # e2b 2.28 insists on E2B's key format
+    out = node(
+        server,
+        e2b_key,
+        r"""
+        import assert from 'node:assert/strict'
+        import { Sandbox as Base } from 'e2b'
+        import { Sandbox } from '@e2b/code-interpreter'
+
+        const sb = await Base.create({ timeoutMs: 120_000 })
+        assert.equal((await sb.commands.run('echo hi')).stdout, 'hi\n')
+        const h = await sb.commands.run('read x; echo got $x', { background: true, stdin: true })
+        await sb.commands.sendStdin(h.pid, 'typed\n')
+        assert.equal((await h.wait()).stdout, 'got typed\n')
+        await sb.files.write('a.txt', 'hello')
+        assert.equal(await sb.files.read('/home/user/a.txt'), 'hello')
+        const events = []
+        const w = await sb.files.watchDir('/home/user', (e) => events.push(e.name))
+        await sb.files.write('b.txt', 'b')
+        const pause = (ms) => new Promise((r) => setTimeout(r, ms))
+        for (let i = 0; i < 100 && !events.length; i++) await pause(50)
+        await w.stop()
+        assert.deepEqual(events, ['b.txt'])
+        assert.equal(await (await fetch(await sb.downloadUrl('a.txt'))).text(), 'hello')
+        assert.ok((await sb.getMetrics())[0].memUsed > 0)
+        assert.equal(await sb.betaPause(), true)
+        const again = await Base.connect(sb.sandboxId)  // resumes it
+        assert.equal((await again.commands.run('echo back')).stdout, 'back\n')
+        assert.ok((await Base.list().nextItems()).some((s) => s.sandboxId === sb.sandboxId))
+        await again.kill()
+
+        const ci = await Sandbox.create({ timeoutMs: 120_000 })
+        const ex = await ci.runCode("x = 40\nprint('p')\nx + 2")
+        assert.equal(ex.text, '42')
+        assert.deepEqual(ex.logs.stdout, ['p\n'])
+        const ctx = await ci.createCodeContext()
+        await ci.runCode('y = 7', { context: ctx })
+        assert.equal((await ci.runCode('y', { context: ctx })).text, '7')
+        await ci.kill()
+        console.log('ok')
+        """,
+        where=JS_OLDEST,
     )
     assert out.strip().endswith("ok")
