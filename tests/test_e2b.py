@@ -223,7 +223,9 @@ def test_another_keys_sandbox_is_absent(server: ServerProcess, key: str) -> None
         sid = {sandbox_id!r}
         assert sid not in [s.sandbox_id for s in Sandbox.list().next_items()]
         for call in (lambda: Sandbox.get_info(sid), lambda: Sandbox.connect(sid),
-                     lambda: Sandbox.set_timeout(sid, 30)):
+                     lambda: Sandbox.set_timeout(sid, 30), lambda: Sandbox.pause(sid),
+                     lambda: Sandbox.get_metrics(sid),
+                     lambda: Sandbox.update_network(sid, {"allow_out": ["pypi.org"]})):
             try:
                 call()
                 raise SystemExit("another key reached the sandbox")
