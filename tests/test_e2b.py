@@ -225,7 +225,7 @@ def test_another_keys_sandbox_is_absent(server: ServerProcess, key: str) -> None
         for call in (lambda: Sandbox.get_info(sid), lambda: Sandbox.connect(sid),
                      lambda: Sandbox.set_timeout(sid, 30), lambda: Sandbox.pause(sid),
                      lambda: Sandbox.get_metrics(sid),
-                     lambda: Sandbox.update_network(sid, {"allow_out": ["pypi.org"]})):
+                     lambda: Sandbox.update_network(sid, {{"allow_out": ["pypi.org"]}})):
             try:
                 call()
                 raise SystemExit("another key reached the sandbox")
