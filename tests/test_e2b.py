@@ -307,6 +307,7 @@ def test_pause_resume_and_metrics(server: ServerProcess, key: str) -> None:
         server,
         key,
         """
+        import httpx
         from e2b import SandboxException, SandboxQuery, SandboxState
         from e2b_code_interpreter import Sandbox
 
@@ -318,6 +319,7 @@ def test_pause_resume_and_metrics(server: ServerProcess, key: str) -> None:
         assert m.cpu_count >= 1 and 0 <= m.cpu_used_pct <= 100, m
         assert 0 < m.mem_used <= m.mem_total and 100_000 <= m.disk_used <= m.disk_total, m
 
+        url = sb.download_url("blob.bin")
         assert sb.pause() is True
         assert sb.pause() is False  # already paused (409)
         assert sb.get_info().state == SandboxState.PAUSED
@@ -331,6 +333,8 @@ def test_pause_resume_and_metrics(server: ServerProcess, key: str) -> None:
             raise SystemExit("a paused sandbox ran a command")
         except SandboxException as exc:
             assert "is paused" in str(exc), exc
+        r = httpx.get(url, timeout=30)  # a signed URL too
+        assert r.status_code == 409 and "is paused" in r.text, r.text
         [m] = Sandbox.get_metrics(sb.sandbox_id)  # a paused box's counters still read
         assert m.mem_used > 0
 

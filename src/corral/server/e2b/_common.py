@@ -100,11 +100,16 @@ def sandbox_live(request: Request, port: str) -> Live:
     live = service.live.get(sandbox_id)
     if live is None:
         raise ServiceError(502, "sandbox_ended", NOT_FOUND.format(sandbox_id))
-    if _internals.paused(live.sandbox):  # answered now rather than held until a resume
-        raise ServiceError(
-            409, "paused", f"The sandbox {sandbox_id} is paused: connect to it to resume it"
-        )
+    refuse_paused(live)
     return live
+
+
+def refuse_paused(live: Live) -> None:
+    """Traffic to a paused sandbox is answered now rather than held until a resume."""
+    if _internals.paused(live.sandbox):
+        raise ServiceError(
+            409, "paused", f"The sandbox {live.id} is paused: connect to it to resume it"
+        )
 
 
 def check_user(request: Request, user: str | None = None) -> None:

@@ -41,6 +41,7 @@ from ._common import (
     check_user,
     cwd_to_box,
     from_box,
+    refuse_paused,
     sandbox_live,
     to_box,
     unsupported,
@@ -350,6 +351,7 @@ def _files_live(request: Request, operation: str, path: str | None, username: st
         token = access_token(sandbox_id)
         expected = _signature(path or "", operation, username or "", token, expiration)
         if hmac.compare_digest(signature, expected):
+            refuse_paused(live)
             return live
     raise ServiceError(401, "unauthorized", "invalid signature for this file and operation")
 
