@@ -459,7 +459,7 @@ def test_watch_dir_and_signed_urls(server: ServerProcess, key: str) -> None:
 def test_keepalives_on_long_streams(server: ServerProcess, key: str) -> None:
     """A silent command's stream carries envd's keepalive events at the
     interval the client asks (``Keepalive-Ping-Interval``), and the SDK takes
-    them in its stride."""
+    them in its stride; so does a silent cell's ``/execute`` stream."""
     out = sdk(
         server,
         key,
@@ -492,6 +492,15 @@ def test_keepalives_on_long_streams(server: ServerProcess, key: str) -> None:
             kinds.append("end-of-stream" if flags & 2 else next(iter(message["event"])))
         assert kinds[0] == "start" and kinds[-2:] == ["end", "end-of-stream"], kinds
         assert kinds.count("keepalive") >= 2, kinds
+
+        # and a silent cell's /execute stream (NDJSON): keepalive lines
+        headers["E2b-Sandbox-Port"] = "49999"
+        headers["Content-Type"] = "application/json"
+        r = httpx.post("{server.url}/e2b/sandbox/execute", headers=headers, timeout=60,
+                       json={{"code": "import time; time.sleep(2.5); 7"}})
+        kinds = [json.loads(line)["type"] for line in r.text.splitlines()]
+        assert kinds.count("keepalive") >= 2 and "result" in kinds, kinds
+        assert kinds[-1] == "end_of_execution", kinds
         sb.kill()
         print("ok")
         """,
@@ -595,5 +604,40 @@ def test_oldest_code_interpreter_sdk(server: ServerProcess, key: str) -> None:
         print("ok")
         """,
         python=OLDEST_CI,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_execute_interrupted_when_the_client_goes(server: ServerProcess, key: str) -> None:
+    """A client that drops its ``/execute`` stream ends the cell: its kernel
+    stops ticking and takes the next cell."""
+    out = sdk(
+        server,
+        key,
+        f"""
+        import time
+        import httpx
+        from e2b_code_interpreter import Sandbox
+
+        sb = Sandbox.create(timeout=120)
+        headers = {{"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "49999",
+                   "X-Access-Token": sb._envd_access_token}}
+        cell = (
+            "import time\\nfor i in range(600):\\n"
+            "    open('tick', 'w').write(str(i)); time.sleep(0.1)"
+        )
+        with httpx.stream("POST", "{server.url}/e2b/sandbox/execute", headers=headers,
+                          json={{"code": cell}}, timeout=60) as r:
+            while not sb.files.exists("tick"):
+                time.sleep(0.1)
+        # the connection is closed: the cell must stop
+        time.sleep(2)
+        first = sb.files.read("tick")
+        time.sleep(1)
+        assert sb.files.read("tick") == first, "the cell still runs"
+        assert sb.run_code("1+1").text == "2"
+        sb.kill()
+        print("ok")
+        """,
     )
     assert out.strip().endswith("ok")
