@@ -287,3 +287,84 @@ def test_downloads_are_attachments_never_rendered(server: ServerProcess) -> None
         )
         assert missing.headers["content-type"].startswith("text/html")
         assert "Traceback" not in missing.text
+
+
+@needs_browser
+@pytest.mark.timeout(300)
+def test_usage_charts_and_terminal_in_a_browser(server: ServerProcess, tmp_path: Path) -> None:
+    key, other = server.key("ui-term"), server.key("ui-term-other")
+    with _api(server, key) as api, _api(server, other) as api_b:
+        box = _create(api, policy={"limits": {"memory_bytes": 256 << 20}})
+        theirs = _create(api_b)
+        out = subprocess.run(
+            [
+                "node",
+                str(HERE / "ui" / "terminal.mjs"),
+                json.dumps(
+                    {
+                        "url": server.url,
+                        "key": key,
+                        "other": other,
+                        "box": box,
+                        "theirs": theirs,
+                        "shots": str(tmp_path),
+                    }
+                ),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=280,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout.strip().splitlines()[-1])
+
+    # the charts: all four drawn, then redrawn by the page as the box burns a core
+    # and takes 96 MiB (the values the page shows are the server's samples)
+    names = ["usage-cpu", "usage-memory", "usage-pids", "usage-disk"]
+    assert [c["id"] for c in seen["charts_idle"]] == names
+    assert all(c["points"] >= 1 for c in seen["charts_idle"])
+    assert seen["burn_status"] == 201
+    assert seen["cpu_busy"] > 50 > seen["cpu_idle"]
+    assert seen["memory_busy"] > seen["memory_idle"] + (64 << 20)
+    assert all(
+        busy["points"] > idle["points"]
+        for busy, idle in zip(seen["charts_busy"], seen["charts_idle"], strict=True)
+    )
+    assert seen["charts_busy"][0]["value"] != seen["charts_idle"][0]["value"]
+
+    # the terminal: typed commands ran in the box, their output shown
+    assert seen["echo_seen"] and "corral-42-ok" in seen["screen"]
+    # hostile output stays text: no element made, nothing ran, no title, no link followed
+    assert seen["payload_seen"]
+    assert "<img src=x onerror=window.__corral_xss=1><script>" in seen["screen"]
+    assert seen["link_drawn"] == 1  # xterm drew the OSC 8 link; clicking it did nothing
+    assert seen["terminal_xss"] == {
+        "flag": None,
+        "scripts": ["/ui/static/usage.js", "/ui/static/terminal.js"],
+        "imgs": 0,
+        "title": f"{box} · corral",
+    }
+    assert seen["popups"] == 0
+    assert seen["dialogs"] == []
+    assert seen["violations"] == []  # xterm.js runs under the page's CSP, nonce'd styles
+    # only the server was asked for anything (the terminal's socket included)
+    origins = {f"{urlsplit(u).scheme}://{urlsplit(u).netloc}" for u in seen["requests"]}
+    assert origins == {server.url}, origins
+
+    # a second key: no page, no terminal (its own CSRF token or none)
+    assert seen["other_status"] == 404
+    assert seen["other_ws"] == {"code": 1008, "reason": "stale page: reload it", "received": 0}
+    assert seen["other_ws_token"]["code"] == 1011
+    assert "no sandbox" in seen["other_ws_token"]["reason"]
+    assert seen["other_ws_token"]["received"] == 0
+    # one shell was opened (audited), and killed when the page closed it
+    with _api(server, key) as api:
+        log = api.get("/v1/audit", params={"sandbox_id": box, "action": "pty.create"})
+        assert len(log.json()["entries"]) == 1
+        processes = api.get(f"/v1/sandboxes/{box}/commands").json()
+    assert not [p for p in json.dumps(processes).split('"') if "bash -i" in p], processes
+    shot = tmp_path / "ui-terminal.png"
+    assert shot.stat().st_size > 1000
+    if os.environ.get("CORRAL_UI_SCREENSHOTS"):
+        shutil.copy(shot, DOCS / shot.name)
