@@ -12,12 +12,16 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from corral.server.ui._routes import csrf_token
 from tests.server_helpers import ServerProcess, serving
@@ -164,7 +168,9 @@ def test_dashboard_in_a_browser(server: ServerProcess, tmp_path: Path) -> None:
         assert '"allowlist"' in seen["policy"]
 
         # hostile strings render as text: nothing ran, no element was injected
-        assert "script-src 'none'" in seen["csp"]
+        # the sandbox page runs its own static scripts only: no inline script, no eval
+        assert "script-src 'self';" in seen["csp"]
+        assert "unsafe" not in seen["csp"]
         assert XSS in seen["metadata"]
         assert FILE in seen["files"]
         for page in ("list_xss", "sandbox_xss", "files_xss"):
@@ -363,8 +369,72 @@ def test_usage_charts_and_terminal_in_a_browser(server: ServerProcess, tmp_path:
         log = api.get("/v1/audit", params={"sandbox_id": box, "action": "pty.create"})
         assert len(log.json()["entries"]) == 1
         processes = api.get(f"/v1/sandboxes/{box}/commands").json()
-    assert not [p for p in json.dumps(processes).split('"') if "bash -i" in p], processes
+    assert [p for p in processes["processes"] if p["pty"]] == [], processes
     shot = tmp_path / "ui-terminal.png"
     assert shot.stat().st_size > 1000
     if os.environ.get("CORRAL_UI_SCREENSHOTS"):
         shutil.copy(shot, DOCS / shot.name)
+
+
+def _terminal_socket(srv: ServerProcess, sandbox_id: str, cookie: str | None, origin: str) -> Any:
+    headers = {"Cookie": f"corral_key={cookie}"} if cookie else {}
+    return ws_connect(
+        f"ws://{urlsplit(srv.url).netloc}/ui/sandboxes/{sandbox_id}/terminal",
+        origin=origin,  # type: ignore[arg-type]
+        additional_headers=headers,
+        open_timeout=30,
+    )
+
+
+def test_the_terminal_socket_checks_origin_session_and_token(server: ServerProcess) -> None:
+    key, other = server.key("ui-ws"), server.key("ui-ws-other")
+    with _api(server, key) as api:
+        box = _create(api)
+        # another site's page (the browser names it in Origin): refused at the handshake
+        with pytest.raises(InvalidStatus) as refused:
+            _terminal_socket(server, box, key, "http://127.0.0.2:1")
+        assert refused.value.response.status_code == 403
+        # no session
+        with pytest.raises(InvalidStatus):
+            _terminal_socket(server, box, None, server.url)
+        # the session but not the page's token
+        with _terminal_socket(server, box, key, server.url) as ws:
+            ws.send(json.dumps({"csrf": "0" * 64, "cols": 80, "rows": 24}))
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        # another key, with its own valid token: the box is not its
+        with _terminal_socket(server, box, other, server.url) as ws:
+            ws.send(json.dumps({"csrf": csrf_token(other), "cols": 80, "rows": 24}))
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+        assert api.get(f"/v1/sandboxes/{box}/commands").json()["processes"] == []
+        # the key's own: a shell, listed as a PTY process while the socket is open
+        with _terminal_socket(server, box, key, server.url) as ws:
+            ws.send(json.dumps({"csrf": csrf_token(key), "cols": 80, "rows": 24}))
+            ws.send(b"echo $((40+2))-from-ws\n")
+            seen = b""
+            while b"42-from-ws" not in seen:
+                message = ws.recv(timeout=30)
+                assert isinstance(message, bytes)
+                seen += message
+            listed = api.get(f"/v1/sandboxes/{box}/commands").json()["processes"]
+            assert [p["pty"] for p in listed] == [True]
+        # closed by the page: the shell is killed, nothing left in the box
+        for _ in range(50):
+            if not api.get(f"/v1/sandboxes/{box}/commands").json()["processes"]:
+                break
+            time.sleep(0.2)
+        assert api.get(f"/v1/sandboxes/{box}/commands").json()["processes"] == []
+        # the shell ending by itself: its exit code, then the socket closes
+        with _terminal_socket(server, box, key, server.url) as ws:
+            ws.send(json.dumps({"csrf": csrf_token(key), "cols": 80, "rows": 24}))
+            ws.send(b"exit 7\n")
+            texts: list[str] = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    message = ws.recv(timeout=30)
+                    if isinstance(message, str):
+                        texts.append(message)
+        assert [json.loads(m) for m in texts] == [{"exit_code": 7}]
