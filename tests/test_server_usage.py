@@ -53,17 +53,19 @@ def test_usage_follows_what_the_box_does(server: ServerProcess) -> None:
         assert created.status_code == 201, created.text
         sid = created.json()["id"]
         report = api.get(f"/v1/sandboxes/{sid}/metrics").json()
-        assert report["sandbox_id"] == sid and report["state"] == "running"
+        assert report["sandbox_id"] == sid
+        assert report["state"] == "running"
         assert report["interval_s"] > 0
         assert report["limits"]["memory_bytes"] == 256 << 20
         assert report["limits"]["pids"] == 64
         idle = _until(api, sid, lambda s: len(s) >= 3 and s[-1]["cpu_used_pct"] is not None)
         base_memory, base_pids = idle[-1]["memory_bytes"], idle[-1]["pids"]
-        assert isinstance(base_memory, int) and isinstance(base_pids, int)
+        assert isinstance(base_memory, int)
+        assert isinstance(base_pids, int)
 
         # burn one core, hold 96 MiB, run 8 more processes, write 8 MiB to the workspace
         work = (
-            "python3 -c 'import time; x = bytearray(96 << 20); x[::4096] = b\"1\" * len(x[::4096]);"
+            'python3 -c \'import time; x = bytearray(96 << 20); x[::4096] = b"1" * len(x[::4096]);'
             " time.sleep(60)' & "
             "for i in 1 2 3 4 5 6 7 8; do sleep 60 & done; "
             "head -c 8388608 /dev/zero > $HOME/blob; "

@@ -81,7 +81,7 @@ templates.env.filters["size"] = lambda n: _size(n)
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-def _size(n: int | None) -> str:
+def _size(n: float | None) -> str:
     if n is None:
         return "no limit"
     value = float(n)
