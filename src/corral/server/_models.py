@@ -145,7 +145,7 @@ class SandboxInfo(BaseModel):
     degraded: list[str] = Field(description="controls this host enforces only weakened")
 
 
-class UsageSampleModel(BaseModel):
+class UsageSample(BaseModel):
     time: float = Field(description="Unix time, seconds")
     cpu_time_s: float | None = Field(description="CPU seconds used since the box started")
     cpu_used_pct: float | None = Field(
@@ -173,7 +173,7 @@ class UsageReport(BaseModel):
     state: Literal["running", "ended"]
     interval_s: float
     limits: UsageLimits
-    samples: list[UsageSampleModel]
+    samples: list[UsageSample]
 
 
 class SandboxList(BaseModel):
