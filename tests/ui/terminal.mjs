@@ -79,6 +79,7 @@ try {
     }
     return false;
   };
+  out.prompt_seen = await waitScreen("$ ");  // the shell is ready for input
   await page.keyboard.type("echo corral-$((6*7))-ok\n");
   out.echo_seen = await waitScreen("corral-42-ok");
   // hostile output: HTML, a script, a terminal title and a javascript: link (OSC 8)

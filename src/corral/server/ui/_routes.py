@@ -356,12 +356,13 @@ async def usage(request: Request, sandbox_id: str) -> Response:
 
 # -- usage charts: SVG sparklines drawn here, in the page and in usage.json ----------------
 
-CHART_W, CHART_H, CHART_SAMPLES = 240, 48, 120
+CHART_W, CHART_H, CHART_SAMPLES, CHART_MIN_SPAN = 240, 48, 120, 30
 
 
 def charts(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One sparkline per measure of a ``usage_report``: its polyline's points
-    (the last ``CHART_SAMPLES`` samples, right-aligned; y scaled to the limit
+    (the last ``CHART_SAMPLES`` samples, right-aligned in a width of at least
+    ``CHART_MIN_SPAN``; y scaled to the limit
     when there is one), the latest value as text and as a number."""
     samples = report["samples"][-CHART_SAMPLES:]
     limits = report["limits"]
@@ -376,9 +377,10 @@ def charts(report: dict[str, Any]) -> list[dict[str, Any]]:
         values = [s[field] for s in samples]
         known = [float(v) for v in values if v is not None]
         top = max([float(ceiling or 0), *known, 1.0])
-        offset = CHART_SAMPLES - len(values)
+        span = max(len(values), CHART_MIN_SPAN)  # a young box's few samples: not a dot
+        offset = span - len(values)
         points = " ".join(
-            f"{(offset + i) * CHART_W / (CHART_SAMPLES - 1):.1f},"
+            f"{(offset + i) * CHART_W / (span - 1):.1f},"
             f"{CHART_H - 2 - float(v) / top * (CHART_H - 4):.1f}"
             for i, v in enumerate(values)
             if v is not None
