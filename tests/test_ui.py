@@ -437,6 +437,19 @@ def test_the_terminal_socket_checks_origin_session_and_token(server: ServerProce
             ws.send(b"exit 7\n")
             texts = _until_closed(ws)
         assert [json.loads(m) for m in texts] == [{"exit_code": 7}]
+        # the box ending under the terminal: the socket closes, saying why
+        with _terminal_socket(server, box, key, server.url) as ws:
+            ws.send(json.dumps({"csrf": csrf_token(key), "cols": 80, "rows": 24}))
+            ws.send(b"echo ready-$((1+1))\n")
+            seen = b""
+            while b"ready-2" not in seen:
+                message = ws.recv(timeout=30)
+                assert isinstance(message, bytes)
+                seen += message
+            assert api.delete(f"/v1/sandboxes/{box}").status_code == 200
+            _until_closed(ws)
+        assert ws.close_code == 1011
+        assert ws.close_reason == f"sandbox {box} has ended (closed)"
 
 
 def _until_closed(ws: Any) -> list[str]:

@@ -618,6 +618,8 @@ class Service:
         while True:
             await asyncio.sleep(self.config.usage.interval_s)
             lives = [(sid, live) for sid, live in self.live.items() if sid in self.usage_series]
+            if not lives:
+                continue
             try:  # cgroup files: quick, but a thread keeps the loop free
                 readings = await asyncio.to_thread(
                     lambda boxes: [_internals.usage(live.sandbox) for _, live in boxes], lives

@@ -56,7 +56,7 @@ CSP = (
 def _script_csp(style_nonce: str) -> str:
     return (
         "default-src 'none'; script-src 'self'; connect-src 'self'; "
-        f"style-src 'self' 'nonce-{style_nonce}'; img-src 'self'; font-src 'self'; "
+        f"style-src 'self' 'nonce-{style_nonce}'; img-src 'self'; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     )
 
@@ -465,7 +465,7 @@ async def terminal(ws: WebSocket, sandbox_id: str) -> None:
         ):
             await ws.close(code=1008, reason="stale page: reload it")
             return
-        cols, rows = _size_of(hello.get("cols")), _size_of(hello.get("rows"))
+        cols, rows = _size_of(hello.get("cols"), 80), _size_of(hello.get("rows"), 24)
         async with service.using(key, sandbox_id) as live:
             env = {"TERM": "xterm-256color"}
             pid = await live.open_terminal(cols, rows, _SHELL, env, None)
@@ -480,12 +480,16 @@ async def terminal(ws: WebSocket, sandbox_id: str) -> None:
     except Exception as exc:  # the box ended, refused, or the client spoke nonsense
         wired = _wired(exc)
         message = wired[2] if wired is not None else "the terminal failed"
+        try:  # the box ended under the terminal: say so, with its reason
+            service.get_live(key, sandbox_id)
+        except ServiceError as ended:
+            message = str(ended)
         with contextlib.suppress(Exception):
             await ws.close(code=1011, reason=message[:120])
 
 
-def _size_of(value: object) -> int:
-    return value if isinstance(value, int) and 1 <= value <= 1000 else 80
+def _size_of(value: object, default: int) -> int:
+    return value if isinstance(value, int) and 1 <= value <= 1000 else default
 
 
 async def _pump(ws: WebSocket, live: Live, pid: int) -> None:
@@ -513,7 +517,9 @@ async def _pump(ws: WebSocket, live: Live, pid: int) -> None:
             elif message.get("text") is not None:
                 resize = json.loads(message["text"]).get("resize")
                 if isinstance(resize, list) and len(resize) == 2:
-                    await live.terminal(pid).resize(_size_of(resize[0]), _size_of(resize[1]))
+                    await live.terminal(pid).resize(
+                        _size_of(resize[0], 80), _size_of(resize[1], 24)
+                    )
 
     tasks = [asyncio.ensure_future(output()), asyncio.ensure_future(input_())]
     try:
