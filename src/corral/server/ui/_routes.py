@@ -40,8 +40,9 @@ from corral.server._store import ApiKey
 
 COOKIE = "corral_key"
 _HERE = Path(str(files(__package__)))
-# No script at all: a payload that slips past escaping still cannot run, and
-# nothing but this server is ever contacted (default-src 'none' for the rest).
+# No script on every page but a sandbox's (below): a payload that slips past
+# escaping still cannot run, and nothing but this server is ever contacted
+# (default-src 'none' for the rest).
 CSP = (
     "default-src 'none'; script-src 'none'; style-src 'self'; img-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -362,8 +363,9 @@ CHART_W, CHART_H, CHART_SAMPLES, CHART_MIN_SPAN = 240, 48, 120, 30
 def charts(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One sparkline per measure of a ``usage_report``: its polyline's points
     (the last ``CHART_SAMPLES`` samples, right-aligned in a width of at least
-    ``CHART_MIN_SPAN``; y scaled to the limit
-    when there is one), the latest value as text and as a number."""
+    ``CHART_MIN_SPAN`` samples; y scaled to the limit when there is one), and
+    the latest value as text and as a number. The page draws these points as
+    inline SVG; usage.json sends them for static/usage.js to redraw."""
     samples = report["samples"][-CHART_SAMPLES:]
     limits = report["limits"]
     cores = limits.get("cpu_cores")
