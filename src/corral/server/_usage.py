@@ -27,7 +27,7 @@ class UsageConfig:
     interval_s: float = 1.0  # between two samples of one sandbox
     samples: int = 300  # kept per sandbox (5 minutes at 1 s)
     keep_ended_s: float = 600.0  # an ended sandbox's series stays this long
-    keep_ended: int = 256  # and at most this many ended series
+    keep_ended: int = 64  # and at most this many ended series
 
 
 @dataclass(frozen=True, slots=True)
