@@ -5,14 +5,21 @@ the box ended."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from corral.backends import Usage
+from corral.server._live import ServiceError
+from corral.server._service import Service, ServiceConfig
+from corral.server._store import Store
 from corral.server._usage import UsageConfig, UsageHistory
 from tests.server_helpers import ServerProcess, serving
 
@@ -123,3 +130,58 @@ def test_another_keys_or_a_missing_sandbox_is_404(server: ServerProcess) -> None
         reply = api.get("/v1/sandboxes/sb_nope/metrics")
         assert reply.status_code == 404
         assert reply.json()["error"]["code"] == "not_found"
+
+
+async def test_ended_series_are_kept_briefly_and_few() -> None:
+    # a Service in this process, with real boxes: the ring of an ended box stays
+    # for keep_ended_s, and only the keep_ended newest of them stay at all
+    parent = Path(tempfile.mkdtemp(prefix="corral-test-usage-"))
+    parent.chmod(0o755)  # the boxes' uids reach their workspaces through it
+    config = ServiceConfig(
+        data_dir=parent / "data",
+        usage=UsageConfig(interval_s=0.2, keep_ended_s=3.0, keep_ended=1),
+    )
+    service = Service(Store(f"sqlite:///{parent}/corral.db"), config)
+    try:
+        await service.start()
+        key, _ = service.store.create_key("k")
+        other, _ = service.store.create_key("other")
+
+        async def box() -> str:
+            row = await service.create(
+                key,
+                policy=service.resolve_policy(None),
+                runtime=None,
+                timeout_s=60,
+                idle_timeout_s=None,
+                metadata={},
+                env={},
+                network_approval=False,
+            )
+            return row.id
+
+        first, second = await box(), await box()
+        for _ in range(100):
+            series = [service.usage(key, sid) for sid in (first, second)]
+            if all(s is not None and len(s.samples) >= 2 for s in series):
+                break
+            await asyncio.sleep(0.1)
+        with pytest.raises(ServiceError) as theirs:
+            service.usage(other, first)
+        assert theirs.value.status == 404
+        await service.end(first, "closed")
+        kept = service.usage(key, first)
+        assert kept is not None
+        assert kept.ended_at is not None
+        count = len(kept.samples)
+        await asyncio.sleep(0.6)  # no sample is added to an ended ring
+        assert len(kept.samples) == count
+        await service.end(second, "closed")  # keep_ended=1: the older ended ring goes
+        assert service.usage(key, first) is None
+        assert service.usage(key, second) is not None
+        await asyncio.sleep(3.5)  # keep_ended_s: the sampler drops it
+        assert service.usage(key, second) is None
+        assert service.usage_series == {}
+    finally:
+        await service.stop()
+        shutil.rmtree(parent)

@@ -617,6 +617,7 @@ class Service:
         """Every ``usage.interval_s``: one sample of each live sandbox."""
         while True:
             await asyncio.sleep(self.config.usage.interval_s)
+            self._drop_ended_usage()
             lives = [(sid, live) for sid, live in self.live.items() if sid in self.usage_series]
             if not lives:
                 continue
@@ -633,7 +634,6 @@ class Service:
                 series = self.usage_series.get(sandbox_id)
                 if reading is not None and series is not None and series.ended_at is None:
                     series.add(reading, live.disk_bytes)
-            self._drop_ended_usage()
 
     def _usage_ended(self, sandbox_id: str, live: Live) -> None:
         """The box ends: its series takes a last sample and is kept for a while."""
