@@ -617,23 +617,28 @@ class Service:
         """Every ``usage.interval_s``: one sample of each live sandbox."""
         while True:
             await asyncio.sleep(self.config.usage.interval_s)
-            self._drop_ended_usage()
-            lives = [(sid, live) for sid, live in self.live.items() if sid in self.usage_series]
-            if not lives:
-                continue
-            try:  # cgroup files: quick, but a thread keeps the loop free
-                readings = await asyncio.to_thread(
-                    lambda boxes: [_internals.usage(live.sandbox) for _, live in boxes], lives
-                )
+            try:
+                await self._sample_once()
             except Exception as exc:  # the sampler must outlive any one box's trouble
                 self.store.audit(
                     "server.sampler_error", key_id=None, sandbox_id=None, error=str(exc)
                 )
-                continue
-            for (sandbox_id, live), reading in zip(lives, readings, strict=True):
-                series = self.usage_series.get(sandbox_id)
-                if reading is not None and series is not None and series.ended_at is None:
-                    series.add(reading, live.disk_bytes)
+
+    async def _sample_once(self) -> None:
+        # a function of its own: nothing of a sandbox stays in the sampler's frame
+        # between ticks (an ended sandbox's Live must be freed)
+        self._drop_ended_usage()
+        lives = [(sid, live) for sid, live in self.live.items() if sid in self.usage_series]
+        if not lives:
+            return
+        # cgroup files: quick, but a thread keeps the loop free
+        readings = await asyncio.to_thread(
+            lambda boxes: [_internals.usage(live.sandbox) for _, live in boxes], lives
+        )
+        for (sandbox_id, live), reading in zip(lives, readings, strict=True):
+            series = self.usage_series.get(sandbox_id)
+            if reading is not None and series is not None and series.ended_at is None:
+                series.add(reading, live.disk_bytes)
 
     def _usage_ended(self, sandbox_id: str, live: Live) -> None:
         """The box ends: its series takes a last sample and is kept for a while."""
