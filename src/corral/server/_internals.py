@@ -37,6 +37,13 @@ def died_of_oom(sandbox: AsyncSandbox) -> bool:
     return sandbox._oom_kills() > 0
 
 
+def usage(sandbox: AsyncSandbox) -> Usage | None:
+    """The box's counters now (``Box.usage()``: cgroup files, cheap); None
+    before it started."""
+    box = sandbox._box
+    return box.usage() if box is not None else None
+
+
 def failure(sandbox: AsyncSandbox) -> str:
     """Why the sandbox's channel failed ("" if it did not)."""
     connection = sandbox._connection
@@ -62,10 +69,3 @@ def terminal_ended(handle: PtyHandle) -> bool:
 def paused(sandbox: AsyncSandbox) -> bool:
     """The box is frozen (``pause``) and not yet resumed."""
     return sandbox._paused
-
-
-def usage(sandbox: AsyncSandbox) -> Usage:
-    """The box's counters so far (``Box.usage``: CPU seconds, peak memory);
-    all ``None`` before it starts."""
-    box = sandbox._box
-    return box.usage() if box is not None else Usage()

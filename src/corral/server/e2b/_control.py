@@ -15,10 +15,8 @@ import datetime
 import json
 import math
 import os
-import time
 import urllib.parse
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
@@ -31,7 +29,6 @@ from corral.server._http import json_reply
 from corral.server._live import Live, ServiceError
 from corral.server._service import Service
 from corral.server._store import ApiKey, SandboxRow
-from corral.server._workspace import _usage
 
 from ._common import ENVD_VERSION, E2bRoute, access_token, unsupported
 
@@ -354,38 +351,42 @@ async def connect(
 
 
 @router.get("/sandboxes/{sandbox_id}/metrics")
-async def metrics(request: Request, sandbox_id: str) -> Response:
-    """One sample, now, from the box's cgroup (E2B keeps a series sampled every
-    few seconds; corral keeps no history, so ``start``/``end`` select nothing
-    more). ``cpuUsedPct``: CPU time over wall time since the sandbox started,
-    per allowed core; ``memUsed``: the cgroup's peak so far (the high-water
-    mark, what corral's memory limit is checked against); ``diskUsed``: the
-    workspace's allocated blocks. Totals are the sandbox's limits."""
+async def metrics(
+    request: Request,
+    sandbox_id: str,
+    start: Annotated[int | None, Query(ge=0)] = None,
+    end: Annotated[int | None, Query(ge=0)] = None,
+) -> Response:
+    """The sandbox's usage series (``Service.usage``: one sample a second from
+    its cgroup, the last five minutes by default), between Unix seconds
+    ``start`` and ``end``, oldest first, in E2B's shape. ``cpuUsedPct``: CPU
+    used since the previous sample, in percent of the sandbox's cores;
+    ``memUsed``: memory charged to it now (page cache included, as its limit
+    counts it; ``memCache`` is not told apart: 0); ``diskUsed``: its
+    workspace at the last disk check. Totals are the sandbox's limits. Empty
+    until the first sample, as E2B's."""
     service, key = _auth(request)
     row = _running(service, key, sandbox_id)
-    live = service.get_live(key, sandbox_id)
-    usage = _internals.usage(live.sandbox)
-    now = time.time()
-    cpus = row.policy.get("limits", {}).get("cpu_cores") or os.cpu_count() or 1
-    elapsed = max(now - row.created_at, 1e-3)
-    cpu_pct = 100.0 * (usage.cpu_time_s or 0.0) / (elapsed * float(cpus))
-    disk = await asyncio.to_thread(_disk_used, live.workspace)
-    sample = {
-        "timestamp": _iso(now),
-        "timestampUnix": int(now),
-        "cpuCount": max(1, math.ceil(float(cpus))),
-        "cpuUsedPct": round(min(cpu_pct, 100.0), 2),
-        "memUsed": usage.peak_memory_bytes or 0,
-        "memTotal": row.memory_bytes or 0,
-        "memCache": 0,
-        "diskUsed": disk,
-        "diskTotal": row.disk_bytes or 0,
-    }
-    return Response(json.dumps([sample]), media_type="application/json")
-
-
-def _disk_used(workspace: Path) -> int:
-    return _usage(workspace, 1 << 62, 1 << 20).bytes
+    series = service.usage(key, sandbox_id)
+    cpus = float(row.policy.get("limits", {}).get("cpu_cores") or os.cpu_count() or 1)
+    samples = []
+    for sample in series.since(None) if series is not None else []:
+        if (start is not None and sample.time < start) or (end is not None and sample.time > end):
+            continue
+        samples.append(
+            {
+                "timestamp": _iso(sample.time),
+                "timestampUnix": int(sample.time),
+                "cpuCount": max(1, math.ceil(cpus)),
+                "cpuUsedPct": round(min((sample.cpu_used_pct or 0.0) / cpus, 100.0), 2),
+                "memUsed": sample.memory_bytes or 0,
+                "memTotal": row.memory_bytes or 0,
+                "memCache": 0,
+                "diskUsed": sample.disk_bytes or 0,
+                "diskTotal": row.disk_bytes or 0,
+            }
+        )
+    return Response(json.dumps(samples), media_type="application/json")
 
 
 @router.put("/sandboxes/{sandbox_id}/network", status_code=204)
