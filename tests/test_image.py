@@ -124,7 +124,7 @@ def test_the_lock_key_follows_every_input(tmp_path: Path) -> None:
     other.write_text(text.replace("source_date_epoch = ", "source_date_epoch = 1"))
     assert image.Lock.load(other).key() != lock.key()
     bad = tmp_path / "bad.lock"
-    bad.write_text('suite = "bookworm"\n')
+    bad.write_text('suite = "bookworm"\nmirrors = []\ninclude = []\n')  # no variant
     with pytest.raises(CorralError) as exc:
         image.Lock.load(bad)
     assert "bad.lock" in str(exc.value)
@@ -210,19 +210,19 @@ def test_a_sandbox_on_the_default_image(
     marker = _host_marker()
     with Sandbox(backend=engine_with_image, image=default_image.ref) as sb:
         os_release = sb.commands.run("cat /etc/os-release").stdout
-        assert "VERSION_CODENAME=bookworm" in os_release
+        assert b"VERSION_CODENAME=bookworm" in os_release
         # the image's root, not the host's /usr
         assert sb.commands.run(f"test -e {marker}").exit_code == 1
         mounts = sb.commands.run("cat /proc/self/mountinfo").stdout
-        assert " /usr " not in mounts
-        assert " /opt/corral/runtime " not in mounts
+        assert b" /usr " not in mounts
+        assert b" /opt/corral/runtime " not in mounts
         python = sb.commands.run("python3 -c 'import sys; print(sys.executable)'")
-        assert python.stdout.strip() == "/usr/bin/python3", python
+        assert python.stdout.strip() == b"/usr/bin/python3", python
         # files
         sb.files.write("data.txt", b"from the host")
-        assert sb.commands.run("cat data.txt").stdout == "from the host"
+        assert sb.commands.run("cat data.txt").stdout == b"from the host"
         sb.commands.run("echo from the box > out.txt")
-        assert sb.files.read("out.txt") == "from the box\n"
+        assert sb.files.read("out.txt") == b"from the box\n"
         # the read-only root holds
         assert sb.commands.run("touch /usr/bin/x").exit_code != 0
         # run_code: the image's runtime
@@ -283,18 +283,30 @@ def test_a_dockerfile_from_the_default_image(
     assert image.build_dockerfile(tmp_path / "Dockerfile", tag, engine=engine_with_image) == tag  # type: ignore[arg-type]
     with Sandbox(backend=engine_with_image, image=tag) as sb:
         assert sb.commands.run("cat /opt/greeting.txt /opt/built").stdout == (
-            "hello from a layer\nok\n"
+            b"hello from a layer\nok\n"
         )
         assert sb.run_code("1 + 1").text == "2"
 
 
-def test_a_dockerfile_whose_base_is_absent_fails_naming_the_engine(
+def test_a_dockerfile_whose_base_is_absent_is_refused_before_any_pull(
     engine_with_image: str, tmp_path: Path
 ) -> None:
-    (tmp_path / "Dockerfile").write_text("FROM localhost/corral-no-such-base:1\n")
+    (tmp_path / "Dockerfile").write_text(
+        "FROM localhost/corral-no-such-base:1 AS build\nFROM build\nRUN true\n"
+    )
     with pytest.raises(CorralError) as exc:
         image.build_dockerfile(tmp_path / "Dockerfile", "localhost/x:1", engine=engine_with_image)  # type: ignore[arg-type]
-    assert f"{engine_with_image} build of localhost/x:1 failed" in str(exc.value)
+    assert "FROM localhost/corral-no-such-base:1: no such image in" in str(exc.value)
+    assert "never pulls" in str(exc.value)
+
+
+def test_the_bases_a_dockerfile_names() -> None:
+    text = (
+        "# syntax comment\nARG BASE=x\nFROM --platform=linux/amd64 debian:12 AS one\n"
+        "from one\nFROM $BASE\nFROM scratch\nFROM localhost/corral-default:abc as two\n"
+        "RUN echo FROM nothing\n"
+    )
+    assert image.dockerfile_bases(text) == ["debian:12", "localhost/corral-default:abc"]
 
 
 def test_import_into_containerd_for_kubernetes(default_image: image.ImageArchive) -> None:

@@ -119,6 +119,28 @@ def import_into_containerd(
     return True
 
 
+def dockerfile_bases(text: str) -> list[str]:
+    """The images a Dockerfile's ``FROM`` lines name, without earlier stages,
+    ``scratch`` and names built from ``ARG``s (which only the engine can resolve)."""
+    bases: list[str] = []
+    stages: set[str] = set()
+    for line in text.replace("\\\n", " ").splitlines():
+        words = line.split()
+        if not words or words[0].upper() != "FROM":
+            continue
+        args = [w for w in words[1:] if not w.startswith("--")]
+        if not args:
+            continue
+        name = args[0]
+        if len(args) >= 3 and args[1].upper() == "AS":
+            stages.add(args[2].lower())
+        if name.lower() in stages or name == "scratch" or "$" in name:
+            continue
+        if name not in bases:
+            bases.append(name)
+    return bases
+
+
 def build_dockerfile(
     dockerfile: str | Path,
     tag: str,
@@ -127,11 +149,11 @@ def build_dockerfile(
     context: str | Path | None = None,
 ) -> str:
     """``ENGINE build -f DOCKERFILE -t TAG CONTEXT`` (context: the Dockerfile's
-    directory), its output streamed to stderr. The base image must be present
-    in the engine already (nothing is pulled: podman with ``--pull=never``;
-    docker's classic builder pulls only a base it lacks, and corral's hosts
-    reach no registry). Returns ``tag``; ``CorralError`` naming the engine's
-    last words when the build fails, ``FileNotFoundError`` for a missing file."""
+    directory), its output streamed to stderr. Every base image (``FROM``)
+    must be in the engine already: corral checks them first and never lets
+    the engine pull (podman also gets ``--pull=never``). Returns ``tag``;
+    ``CorralError`` naming a missing base, or the engine's last words when
+    the build fails; ``FileNotFoundError`` for a missing file."""
     path = Path(dockerfile)
     if not path.is_file():
         raise FileNotFoundError(2, "no such Dockerfile", str(path))
@@ -139,24 +161,31 @@ def build_dockerfile(
     if not ctx.is_dir():
         raise FileNotFoundError(2, "no such build context directory", str(ctx))
     eng = _engine(engine)
+    for base in dockerfile_bases(path.read_text(encoding="utf-8", errors="replace")):
+        if not engine_has_image(engine, base):
+            # checked here: docker's classic builder would try a registry for it
+            raise CorralError(
+                f"{path}: FROM {base}: no such image in {engine}, and corral never pulls; "
+                f"build or load it first (corral image build --into {engine} for the default)"
+            )
     argv = [*eng.command, "build", "--file", str(path), "--tag", tag]
     if engine == "podman":
         argv.append("--pull=never")
     argv.append(str(ctx))
     print(f"corral image: {engine} build {tag} from {path}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(
+    tail: list[str] = []
+    with subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=eng.env(),
         stdin=subprocess.DEVNULL,
-    )
-    assert proc.stdout is not None
-    tail: list[str] = []
-    for raw in proc.stdout:
-        line = raw.decode(errors="replace")
-        sys.stderr.write(line)
-        tail = [*tail[-5:], line.strip()]
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            sys.stderr.write(line)
+            tail = [*tail[-5:], line.strip()]
     if proc.wait() != 0:
         raise CorralError(f"{engine} build of {tag} failed: {' / '.join(t for t in tail if t)}")
     return tag
