@@ -22,6 +22,7 @@ import pytest
 from corral import CorralError, HostToolMissing, Sandbox, UnsupportedPolicy, image
 from corral._run import run_async
 from corral.backends import get_backend
+from corral.backends.engine._engine import Engine
 from corral.image import _archive
 from tests._containerd import own_containerd
 from tests._dockerd import own_dockerd
@@ -280,12 +281,20 @@ def test_a_dockerfile_from_the_default_image(
         'RUN /opt/corral/runtime/bin/python -c "import pandas" && echo ok > /opt/built\n'
     )
     tag = f"localhost/corral-test-stack:{engine_with_image}"
-    assert image.build_dockerfile(tmp_path / "Dockerfile", tag, engine=engine_with_image) == tag  # type: ignore[arg-type]
-    with Sandbox(backend=engine_with_image, image=tag) as sb:
-        assert sb.commands.run("cat /opt/greeting.txt /opt/built").stdout == (
-            b"hello from a layer\nok\n"
+    engine = Engine(engine_with_image)  # type: ignore[arg-type]
+    try:
+        built = image.build_dockerfile(tmp_path / "Dockerfile", tag, engine=engine_with_image)  # type: ignore[arg-type]
+        assert built == tag
+        with Sandbox(backend=engine_with_image, image=tag) as sb:
+            assert sb.commands.run("cat /opt/greeting.txt /opt/built").stdout == (
+                b"hello from a layer\nok\n"
+            )
+            assert sb.run_code("1 + 1").text == "2"
+    finally:
+        subprocess.run(
+            [*engine.command, "rmi", "--force", tag], capture_output=True, env=engine.env()
         )
-        assert sb.run_code("1 + 1").text == "2"
+    assert not image.engine_has_image(engine_with_image, tag)  # type: ignore[arg-type]
 
 
 def test_a_dockerfile_whose_base_is_absent_is_refused_before_any_pull(
