@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from corral import CorralError, HostToolMissing, Sandbox, UnsupportedPolicy, image
+from corral import CorralError, HostToolMissing, Pool, Sandbox, UnsupportedPolicy, image
 from corral._run import run_async
 from corral.backends import get_backend
 from corral.backends.engine._engine import Engine
@@ -231,6 +231,21 @@ def test_a_sandbox_on_the_default_image(
         assert ex.error is None, ex.error
         assert sb.run_code("x").text == "42"
         assert sb.run_code("sys.prefix").text == "'/opt/corral/runtime'"
+        # and its other kernels: Deno (JavaScript) and bash
+        js = sb.run_code("console.log(1 + 1)", language="javascript")
+        assert js.logs.stdout == ("2\n",), js
+        assert sb.run_code("echo $((6 * 7))", language="bash").logs.stdout == ("42\n",)
+
+
+def test_a_pool_on_the_default_image(
+    engine_with_image: str, default_image: image.ImageArchive
+) -> None:
+    with (
+        Pool(backend=engine_with_image, image=default_image.ref, size=1) as pool,
+        pool.sandbox() as sb,
+    ):
+        assert sb.run_code("import sys; sys.prefix").text == "'/opt/corral/runtime'"
+        assert sb.commands.run(f"test -e {_host_marker()}").exit_code == 1
 
 
 def test_a_one_shot_run_on_the_default_image(

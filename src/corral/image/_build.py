@@ -161,8 +161,8 @@ def _build(
     adopt: Callable[[dict[str, str]], Lock] | None = None,
 ) -> tuple[ImageArchive, dict[str, str]]:
     if os.geteuid() != 0:
-        raise HostToolMissing(
-            "root", "corral image build runs mmdebstrap as root (--mode=root): run it with sudo"
+        raise CorralError(
+            "corral image build needs root: mmdebstrap runs in its root mode (run it with sudo)"
         )
     mmdebstrap = shutil.which("mmdebstrap")
     if mmdebstrap is None:
