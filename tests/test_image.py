@@ -312,6 +312,30 @@ def test_a_dockerfile_from_the_default_image(
     assert not image.engine_has_image(engine_with_image, tag)  # type: ignore[arg-type]
 
 
+def test_an_image_without_the_runtime_runs_commands_and_names_it_for_run_code(
+    engine_with_image: str, default_image: image.ImageArchive, tmp_path: Path
+) -> None:
+    # any image with python3 runs a sandbox (the agent is placed at start);
+    # run_code needs the runtime, and its absence names the image
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {default_image.ref}\nRUN rm -rf /opt/corral/runtime\n"
+    )
+    tag = f"localhost/corral-test-bare:{engine_with_image}"
+    engine = Engine(engine_with_image)  # type: ignore[arg-type]
+    try:
+        image.build_dockerfile(tmp_path / "Dockerfile", tag, engine=engine_with_image)  # type: ignore[arg-type]
+        with Sandbox(backend=engine_with_image, image=tag) as sb:
+            assert sb.commands.run("python3 -c 'print(1 + 1)'").stdout == b"2\n"
+            with pytest.raises(HostToolMissing) as exc:
+                sb.run_code("1 + 1")
+            assert f"the code runtime in the image {tag!r}" in str(exc.value)
+            assert sb.commands.run("true").exit_code == 0  # the box is still fine
+    finally:
+        subprocess.run(
+            [*engine.command, "rmi", "--force", tag], capture_output=True, env=engine.env()
+        )
+
+
 def test_a_dockerfile_whose_base_is_absent_is_refused_before_any_pull(
     engine_with_image: str, tmp_path: Path
 ) -> None:
