@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from corral import CorralError, HostToolMissing, Pool, Sandbox, UnsupportedPolicy, image
+from corral import CorralError, HostToolMissing, Policy, Pool, Sandbox, UnsupportedPolicy, image
 from corral._run import run_async
 from corral.backends import get_backend
 from corral.backends.engine._engine import Engine
 from corral.image import _archive
 from tests._containerd import own_containerd
 from tests._dockerd import own_dockerd
+from tests.test_engines import ATTACK
 
 SDE = 1767225600
 
@@ -246,6 +247,38 @@ def test_a_pool_on_the_default_image(
     ):
         assert sb.run_code("import sys; sys.prefix").text == "'/opt/corral/runtime'"
         assert sb.commands.run(f"test -e {_host_marker()}").exit_code == 1
+
+
+async def test_attacks_from_inside_an_image_box_fail(
+    engine_with_image: str, default_image: image.ImageArchive
+) -> None:
+    # the same hardening as a host-bound box: only the root's files differ
+    result = await run_async(
+        ["/usr/bin/python3", "-c", ATTACK + HOST_FILES],
+        policy=Policy.preset("default"),
+        backend=engine_with_image,
+        image=default_image.ref,
+    )
+    lines = dict(line.split(" ", 1) for line in result.stdout.decode().splitlines())
+    assert lines["caps"] == "0000000000000000", result  # every capability dropped
+    assert lines["nnp"] == "1"  # no-new-privileges
+    assert int(lines["uid"]) != 0  # never root
+    assert lines["mount"] == "-1 1"  # EPERM: corral's seccomp rule
+    assert lines["ptrace"].startswith("-1 ")
+    assert lines["rootfs"] in ("30", "13")  # the image's root is read-only
+    assert lines["ifaces"] == "['lo']"  # --network none
+    assert lines["shadow"] == "13"  # the image's own /etc/shadow: root's only (EACCES)
+    assert lines["host"] == "absent"  # nothing of the host's tree
+
+
+HOST_FILES = r"""
+try:
+    open("/etc/shadow").read()
+    print("shadow readable")
+except OSError as exc:
+    print("shadow", exc.errno)
+print("host", "present" if os.path.exists("/work") or os.path.exists("/root/.ssh") else "absent")
+"""
 
 
 def test_a_one_shot_run_on_the_default_image(
