@@ -200,7 +200,7 @@ def write_archive(layer: Path, layer_digest: str, out: Path, config: ImageConfig
             }
         ]
     )
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # concurrent builds: their own
     with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
 
         def add(name: str, data: bytes | None = None, *, directory: bool = False) -> None:
