@@ -414,3 +414,17 @@ def test_containerd_not_answering_is_a_clear_error(tmp_path: Path) -> None:
         image.import_into_containerd(tmp_path / "x.tar", str(tmp_path / "none.sock"), ref="a:b")
     assert "does not answer" in str(exc.value)
     assert str(tmp_path / "none.sock") in str(exc.value)
+
+
+def test_what_a_killed_build_left_is_swept(tmp_path: Path) -> None:
+    from corral.image._build import _sweep
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead, alive = gone.pid, os.getpid()
+    (tmp_path / f".build-{dead}" / "root" / "usr").mkdir(parents=True)
+    (tmp_path / f"default-abc.tar.partial-{dead}").write_bytes(b"x")
+    (tmp_path / f".build-{alive}").mkdir()  # a build still running: kept
+    (tmp_path / "default-abc.tar").write_bytes(b"x")  # a finished archive: kept
+    _sweep(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".build-{alive}", "default-abc.tar"]

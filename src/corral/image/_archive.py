@@ -201,30 +201,37 @@ def write_archive(layer: Path, layer_digest: str, out: Path, config: ImageConfig
         ]
     )
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # concurrent builds: their own
-    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    try:
+        with (
+            open(tmp, "wb") as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
 
-        def add(name: str, data: bytes | None = None, *, directory: bool = False) -> None:
-            info = tarfile.TarInfo(name)
-            info.mtime = config.source_date_epoch
-            info.mode = 0o755 if directory else 0o644
-            if directory:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            else:
-                assert data is not None
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            def add(name: str, data: bytes | None = None, *, directory: bool = False) -> None:
+                info = tarfile.TarInfo(name)
+                info.mtime = config.source_date_epoch
+                info.mode = 0o755 if directory else 0o644
+                if directory:
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                else:
+                    assert data is not None
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
 
-        add("blobs", directory=True)
-        add("blobs/sha256", directory=True)
-        add(path_of(config_digest), config_bytes)
-        info = tarfile.TarInfo(path_of(layer_digest))
-        info.mtime, info.mode, info.size = config.source_date_epoch, 0o644, layer_size
-        with open(layer, "rb") as body:
-            tar.addfile(info, body)
-        add(path_of(manifest_digest), manifest_bytes)
-        add("index.json", index)
-        add("manifest.json", docker_manifest)
-        add("oci-layout", _json({"imageLayoutVersion": "1.0.0"}))
-    os.replace(tmp, out)
+            add("blobs", directory=True)
+            add("blobs/sha256", directory=True)
+            add(path_of(config_digest), config_bytes)
+            info = tarfile.TarInfo(path_of(layer_digest))
+            info.mtime, info.mode, info.size = config.source_date_epoch, 0o644, layer_size
+            with open(layer, "rb") as body:
+                tar.addfile(info, body)
+            add(path_of(manifest_digest), manifest_bytes)
+            add("index.json", index)
+            add("manifest.json", docker_manifest)
+            add("oci-layout", _json({"imageLayoutVersion": "1.0.0"}))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return manifest_digest

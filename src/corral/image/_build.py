@@ -173,6 +173,7 @@ def _build(
     started = time.monotonic()
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
+    _sweep(cache)
     work = cache / f".build-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(mode=0o700)
@@ -206,6 +207,23 @@ def _build(
         return archive, packages
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _sweep(cache: Path) -> None:
+    """Remove what builds killed half-way left: ``.build-<pid>`` trees and
+    ``*.partial-<pid>`` archives whose process is gone."""
+    for path in [*cache.glob(".build-*"), *cache.glob("*.partial-*")]:
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        if path.is_dir():
+            if any(
+                str(path) in line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            ):
+                continue  # something is still mounted in it: leave it to an operator
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _mmdebstrap(
