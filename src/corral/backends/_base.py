@@ -108,12 +108,16 @@ class Usage:
     """What the box has used so far, from host-side counters. ``None``: this
     backend or host does not count it (no cgroup). ``oom_kills`` and
     ``pids_limit_hits`` are events so far (processes the memory limit killed,
-    forks the process limit refused): compare two readings for one run."""
+    forks the process limit refused): compare two readings for one run.
+    ``memory_bytes`` and ``pids`` are now (the cgroup's ``memory.current`` or
+    v1 ``memory.usage_in_bytes``, page cache included; ``pids.current``)."""
 
     cpu_time_s: float | None = None
     peak_memory_bytes: int | None = None
     oom_kills: int = 0
     pids_limit_hits: int = 0
+    memory_bytes: int | None = None
+    pids: int | None = None
 
 
 @runtime_checkable

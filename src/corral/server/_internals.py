@@ -13,6 +13,7 @@ from typing import Any
 
 from corral._proxy import NetworkEvent
 from corral._sandbox import AsyncSandbox, CommandHandle, PtyHandle
+from corral.backends import Usage
 
 
 def adopt(
@@ -34,6 +35,13 @@ def adopt(
 def died_of_oom(sandbox: AsyncSandbox) -> bool:
     """The box's cgroup saw an OOM kill (the box's ``usage()``)."""
     return sandbox._oom_kills() > 0
+
+
+def usage(sandbox: AsyncSandbox) -> Usage | None:
+    """The box's counters now (``Box.usage()``: cgroup files, cheap); None
+    before it started."""
+    box = sandbox._box
+    return box.usage() if box is not None else None
 
 
 def failure(sandbox: AsyncSandbox) -> str:

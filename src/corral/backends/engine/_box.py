@@ -125,6 +125,8 @@ class EngineBox:
                         peak_memory_bytes=stats.peak_memory_bytes,
                         oom_kills=max(stats.oom_kills, self._usage.oom_kills),
                         pids_limit_hits=max(stats.pids_limit_hits, self._usage.pids_limit_hits),
+                        memory_bytes=stats.memory_bytes,
+                        pids=stats.pids,
                     )
         return self._usage
 
