@@ -15,9 +15,9 @@ import time
 from collections.abc import Mapping, Sequence
 
 from ._policy import Policy
-from ._proxy import Approval
 from ._result import LimitEvidence, LimitKind, RunResult, decide_limits, said_by_launcher
 from .backends import Backend, Box, BoxSpec, resolve_backend
+from .net._proxy import Approval
 
 _CPU_POLL_S = 0.1
 _DRAIN_AFTER_EXIT_S = 2.0

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from corral._proxy import NetworkEvent
 from corral._sandbox import AsyncSandbox, CommandHandle, PtyHandle
+from corral.net._proxy import NetworkEvent
 
 
 def adopt(

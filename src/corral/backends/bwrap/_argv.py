@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from corral._errors import HostToolMissing
 from corral._policy import Policy
-from corral._proxy import PORT as PROXY_PORT
 from corral.backends.linux import _seccomp
+from corral.net._proxy import PORT as PROXY_PORT
 from corral.plan import Plans, _capabilities, _mounts, _namespaces
 
 BWRAP_INSTALL_HINT = (

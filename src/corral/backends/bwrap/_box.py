@@ -39,9 +39,7 @@ from pathlib import Path
 from typing import IO
 
 from corral._errors import HostToolMissing, SandboxError
-from corral._netrules import Rules
 from corral._policy import Policy
-from corral._proxy import Proxy
 from corral.backends._base import BoxSpec, Usage
 from corral.backends.bwrap._argv import PROXY_ENV, _Fds, find_util, render_argv
 from corral.backends.linux import _cgroups, _workdir
@@ -53,6 +51,8 @@ from corral.backends.linux._identity import (
 )
 from corral.backends.linux._netns import NetnsError, prepare_allowlist
 from corral.backends.linux._procbox import CgroupProcessBox
+from corral.net._proxy import Proxy
+from corral.net._rules import Rules
 from corral.plan import HostFacts, Plans, _mounts, make_plans
 
 _KILL_GRACE_S = 2.0  # after the box's init was killed, before bwrap itself is

@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 from xml.etree import ElementTree
 
-from . import _runtime
-from ._errors import CorralError
-from ._policy import Policy
-from ._result import RunResult
-from ._run import run_async
-from ._sandbox import AsyncSandbox
-from .backends import Backend, resolve_backend
+from corral import _runtime
+from corral._errors import CorralError
+from corral._policy import Policy
+from corral._result import RunResult
+from corral._run import run_async
+from corral._sandbox import AsyncSandbox
+from corral.backends import Backend, resolve_backend
 
 Verdict = Literal["pass", "fail", "skip", "error"]
 BOX_PYTHON = "/usr/bin/python3"
@@ -563,7 +563,7 @@ async def _symlink(ctx: Context) -> Outcome:
 )
 async def _server_walk(ctx: Context) -> Outcome:
     try:
-        from .server._workspace import walk_beneath
+        from corral.server._workspace import walk_beneath
     except ImportError:
         return Outcome("skip", "corral serve is not installed here")
 

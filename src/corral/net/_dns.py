@@ -28,10 +28,10 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from ._netrules import RuleError, canonical_host
+from corral.net._rules import RuleError, canonical_host
 
 if TYPE_CHECKING:
-    from ._proxy import Proxy
+    from corral.net._proxy import Proxy
 
 TTL_S = 30
 MAX_QUERY = 4096  # bytes: larger datagrams are dropped unread
@@ -57,7 +57,7 @@ class DnsResponder(asyncio.DatagramProtocol):
 
     def answer(self, data: bytes) -> bytes | None:
         """The reply to one query in wire format (None: not a query, dropped)."""
-        from ._proxy import NetworkEvent
+        from corral.net._proxy import NetworkEvent
 
         try:
             query = dns.message.from_wire(data)

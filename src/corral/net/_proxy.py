@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
-from ._netrules import Decision, IPAddress, RuleError, Rules, canonical_host, parse_address
+from corral.net._rules import Decision, IPAddress, RuleError, Rules, canonical_host, parse_address
 
 PORT = 3128
 HEAD_LIMIT = 64 << 10  # request line and headers
@@ -67,6 +67,11 @@ MAX_NAMES = 65_536  # distinct names one box's DNS responder hands addresses for
 MAX_QUESTIONS = 1024  # distinct hosts one box may have the callback asked about
 _SO_ORIGINAL_DST = 80
 _BAD_HEAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# the DNS responder answers allowed names with addresses from these pools; the
+# proxy maps them back to the name (RFC 2544's benchmarking block and a ULA
+# prefix: never routed anywhere, and refused by the SSRF guard if unmapped)
+SYNTHETIC_V4 = ipaddress.IPv4Network("198.18.0.0/15")
+SYNTHETIC_V6 = ipaddress.IPv6Network("fdc0:4272:616c::/64")
 
 # Decides an unlisted host: (host, port) -> bool, or an awaitable of one.
 Approval = Callable[[str, int], "bool | Awaitable[bool]"]
@@ -123,7 +128,7 @@ class Proxy:
     ) -> None:
         """Serve the transparent listeners (TCP the box's nftables rules redirect,
         read with SO_ORIGINAL_DST) and the box's DNS responder (UDP sockets)."""
-        from ._dns import serve_dns
+        from corral.net._dns import serve_dns
 
         for sock in listeners:
             self._servers.append(
@@ -142,8 +147,6 @@ class Proxy:
 
     def synthetic(self, host: str) -> tuple[IPAddress, IPAddress] | None:
         """The (IPv4, IPv6) addresses standing for ``host`` in this box (None: pool full)."""
-        from .backends.linux._netns import SYNTHETIC_V4, SYNTHETIC_V6
-
         if host not in self._synthetic:
             index = len(self._synthetic) + 1
             if index >= MAX_NAMES:
