@@ -21,7 +21,8 @@ import pytest
 
 from corral import Policy
 from corral import run as corral_run
-from corral.audit import _HARMLESS_DEV, PRELUDE
+from corral.audit import PRELUDE
+from corral.audit._filesystem import _HARMLESS_DEV
 
 from .conftest import SYSTEM_PYTHON, UNPRIVILEGED_USER, Runner, py, unprivileged_user
 

@@ -49,7 +49,7 @@ if _TYPE_CHECKING:
     from ._snapshot import Snapshot
     from ._sync import Sandbox, SyncCommandHandle, SyncFileReader, SyncPtyHandle
     from .abc import AsyncSandboxAPI, SandboxAPI
-    from .net._proxy import NetworkEvent
+    from .net._events import NetworkEvent
 
 __version__ = "0.1.0"
 
@@ -77,7 +77,7 @@ _LAZY = {
     "LimitKind": "._result",
     "Limits": "._policy",
     "Logs": "._interpreter",
-    "NetworkEvent": ".net._proxy",
+    "NetworkEvent": ".net._events",
     "NetworkPolicy": "._policy",
     "PathOutsideWorkspace": "._sandbox",
     "Policy": "._policy",

@@ -73,7 +73,7 @@ from .abc import (
     AsyncPtyHandleAPI,
     AsyncSandboxAPI,
 )
-from .net._proxy import Approval, NetworkEvent
+from .net._events import Approval, NetworkEvent
 
 if TYPE_CHECKING:
     import httpx

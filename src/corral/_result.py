@@ -8,7 +8,7 @@ import signal
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from .net._proxy import NetworkEvent
+from .net._events import NetworkEvent
 
 LimitKind = Literal["timeout", "memory", "pids", "cpu_time", "output", "disk"]
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from ._policy import Policy
 from ._result import LimitEvidence, LimitKind, RunResult, decide_limits, said_by_launcher
 from .backends import Backend, Box, BoxSpec, resolve_backend
-from .net._proxy import Approval
+from .net._events import Approval
 
 _CPU_POLL_S = 0.1
 _DRAIN_AFTER_EXIT_S = 2.0

@@ -49,7 +49,7 @@ from ._policy import Bind, Policy
 from ._result import LimitEvidence, LimitKind, ProcessOutcome, decide_limits, not_run_message
 from ._snapshot import Snapshot
 from .backends import Backend, Box, BoxSpec, resolve_backend
-from .net._proxy import Approval, NetworkEvent
+from .net._events import Approval, NetworkEvent
 
 BOX_PYTHON = "/usr/bin/python3"
 _HELLO_TIMEOUT_S = 30.0

@@ -54,7 +54,7 @@ from .abc import (
     SandboxAPI,
 )
 from .backends import Backend
-from .net._proxy import Approval, NetworkEvent
+from .net._events import Approval, NetworkEvent
 
 
 class SyncCommandHandle:

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
         ProcessInfo,
     )
     from ._snapshot import Snapshot
-    from .net._proxy import NetworkEvent
+    from .net._events import NetworkEvent
 
 __all__ = [
     "AsyncCommandHandleAPI",

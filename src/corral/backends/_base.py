@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from corral._policy import Policy
-from corral.net._proxy import Approval, NetworkEvent
+from corral.net._events import Approval, NetworkEvent
 from corral.plan._mounts import File
 
 Status = Literal["ok", "warn", "fail"]

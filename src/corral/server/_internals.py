@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from corral._sandbox import AsyncSandbox, CommandHandle, PtyHandle
-from corral.net._proxy import NetworkEvent
+from corral.net._events import NetworkEvent
 
 
 def adopt(

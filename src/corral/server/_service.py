@@ -33,7 +33,7 @@ from corral._errors import CorralError, PolicyError, SandboxClosed, public_messa
 from corral._policy import Policy
 from corral._sandbox import AsyncSandbox, EntryInfo, workspace_relative
 from corral.backends import get_backend
-from corral.net._proxy import NetworkEvent
+from corral.net._events import NetworkEvent
 from corral.net._rules import unsafe_allow_rule
 
 from . import _internals

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from corral._errors import HostToolMissing
 from corral._policy import Policy
 from corral.backends.linux import _seccomp
+from corral.backends.linux._procbox import find_util
 from corral.net._proxy import PORT as PROXY_PORT
 from corral.plan import Plans, _capabilities, _mounts, _namespaces
 
@@ -85,15 +86,6 @@ _PRLIMIT_FLAGS = {
 
 def _limit(value: int | None) -> str:
     return "unlimited" if value is None else str(value)
-
-
-@functools.cache
-def find_util(name: str) -> str:
-    """A util-linux tool (prlimit, setpriv)."""
-    path = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
-    if path is None:
-        raise HostToolMissing(name, "install it with: sudo apt-get install util-linux")
-    return path
 
 
 class _Fds:

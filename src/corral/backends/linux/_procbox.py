@@ -1,24 +1,32 @@
 """What every box run as a host process tree in a corral cgroup shares (the
 bwrap and gvisor backends): its pipes, its exit, its usage read from the
-cgroup, pause and resume by the cgroup freezer."""
+cgroup, pause and resume by the cgroup freezer, the util-linux tools it is
+started through. (The process helpers themselves, which the engine backend
+uses too, are in ``backends/_process.py``.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import shutil
 import subprocess
 from collections.abc import Mapping
-from typing import IO
 
-from corral._errors import CorralError, SandboxError
+from corral._errors import CorralError, HostToolMissing, SandboxError
 from corral._policy import Policy
 from corral.backends._base import BoxExit, Usage
+from corral.backends._process import fileno
 from corral.backends.linux import _cgroups
 
 
-def fileno(stream: IO[bytes] | None) -> int | None:
-    """The stream's descriptor, or None once it is closed (or never was)."""
-    return stream.fileno() if stream is not None and not stream.closed else None
+@functools.cache
+def find_util(name: str) -> str:
+    """A util-linux tool a process box is started through (setpriv, prlimit)."""
+    path = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+    if path is None:
+        raise HostToolMissing(name, "install it with: sudo apt-get install util-linux")
+    return path
 
 
 class CgroupProcessBox:
