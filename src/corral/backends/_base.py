@@ -157,6 +157,13 @@ class Box(Protocol):
         """What ``Backend.reattach`` needs to find this box again."""
         ...
 
+    def exec_failure(self, exit_code: int, stderr: bytes) -> bytes | None:
+        """corral's words (``corral: NAME: command not found in the box``, 127;
+        ``cannot be run in the box (REASON)``, 126) when this box's launcher
+        could not exec a one-shot command and ``stderr`` holds nothing but the
+        launcher's complaint; None otherwise (the output stands as it is)."""
+        ...
+
     def kill(self) -> None:
         """SIGKILL everything in the box. Idempotent; never blocks."""
         ...

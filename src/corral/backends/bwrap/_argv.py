@@ -173,7 +173,7 @@ def _launcher(
         quoted = " ".join(f'"${_ARG_VAR}{i}"' for i in range(len(args)))
         # $0 is "corral": a command that is not found reads
         # "corral: 1: exec: NAME: not found" (exit 127; 126 cannot run),
-        # put in corral's words by _result.said_by_launcher
+        # put in corral's words by CgroupProcessBox.exec_failure
         line = f'set -- {quoted}; unset {names}; exec "$@"'
         return [_LAUNCH_SHELL, "-c", line, "corral"], setenv
     argv_fd = fds.data(b"".join(arg + b"\0" for arg in args))

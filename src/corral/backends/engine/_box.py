@@ -131,6 +131,11 @@ class EngineBox:
     def info(self) -> Mapping[str, str]:
         return {"backend": self.engine.kind, "container": self.name, "owner_pid": str(os.getpid())}
 
+    def exec_failure(self, exit_code: int, stderr: bytes) -> bytes | None:
+        # the engine's init (tini) reports a failed exec in its own words:
+        # not translated yet
+        return None
+
     def kill(self) -> None:
         """SIGKILL the container (its pid 1, so everything in it). Never waits."""
         if self.proc is None or (self._exited is not None and self._exited.done()):

@@ -9,15 +9,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping
 
 from corral._errors import CorralError, HostToolMissing, SandboxError
 from corral._policy import Policy
+from corral._result import not_run_message
 from corral.backends._base import BoxExit, Usage
 from corral.backends._process import fileno
 from corral.backends.linux import _cgroups
+
+# what the POSIX shell launcher (``sh -c '... exec "$@"' corral``, bwrap's
+# and gvisor's) says when its exec fails: dash's words (a Python launcher
+# says not_run_message's itself)
+_SHELL_NOT_RUN = re.compile(rb"corral: 1: exec: (.*): ([^\n]*)\n")
 
 
 @functools.cache
@@ -56,6 +63,13 @@ class CgroupProcessBox:
     @property
     def env(self) -> Mapping[str, str]:
         return dict(self.policy.env)
+
+    def exec_failure(self, exit_code: int, stderr: bytes) -> bytes | None:
+        found = _SHELL_NOT_RUN.fullmatch(stderr) if exit_code in (126, 127) else None
+        if found is None:
+            return None
+        name, reason = (g.decode(errors="replace") for g in found.groups())
+        return not_run_message(name, exit_code, reason)
 
     async def wait(self) -> BoxExit:
         assert self._exited is not None, "the box was not started"
