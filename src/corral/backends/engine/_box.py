@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from corral._errors import CorralError, SandboxError
+from corral._errors import CorralError, HostToolMissing, SandboxError
 from corral._policy import Policy
 from corral.backends._base import BoxExit, BoxSpec, Usage
 from corral.backends._process import close_streams, exit_future, feed_stdin
@@ -125,6 +125,8 @@ class EngineBox:
                         peak_memory_bytes=stats.peak_memory_bytes,
                         oom_kills=max(stats.oom_kills, self._usage.oom_kills),
                         pids_limit_hits=max(stats.pids_limit_hits, self._usage.pids_limit_hits),
+                        memory_bytes=stats.memory_bytes,
+                        pids=stats.pids,
                     )
         return self._usage
 
@@ -261,6 +263,7 @@ class EngineBox:
             extra_files=spec.extra_files,
             per_command_cpu=spec.per_command_cpu,
             fresh_workdir=spec.own_workdir,
+            image_root=spec.image is not None,
         )
         plans = dataclasses.replace(plans, mounts=_own_ids(plans.mounts, policy, uid, gid))
         box = cls(engine, dataclasses.replace(spec, workdir=workspace_source), policy, plans)
@@ -292,8 +295,19 @@ class EngineBox:
                 ),
             )
         files = await asyncio.to_thread(self._write_files)
-        symlinks = tuple(op for op in self.plans.mounts if isinstance(op, Symlink))
-        image = await engine.base_image(symlinks, self.policy.filesystem.workspace)
+        init_path, init_source = engine.init_path, None
+        if spec.image is not None:
+            # the image's root, read-only: nothing of the host's /usr
+            image = await engine.user_image(spec.image)
+            if spec.stdio == "pipes":
+                init_path, init_source = engine.image_init_path, engine.image_init_source
+                if not os.path.isfile(init_source):
+                    raise HostToolMissing(
+                        "tini-static", "install it with: sudo apt-get install tini"
+                    )
+        else:
+            symlinks = tuple(op for op in self.plans.mounts if isinstance(op, Symlink))
+            image = await engine.base_image(symlinks, self.policy.filesystem.workspace)
         inputs = _argv.RunInputs(
             kind=engine.kind,
             name=self.name,
@@ -306,8 +320,9 @@ class EngineBox:
             files=files,
             channel=spec.stdio == "channel",
             stdin=spec.stdin is not None,
-            init_path=engine.init_path,
+            init_path=init_path,
             nproc=engine.default_nproc,
+            init_source=init_source,
         )
         argv = [*engine.command, *_argv.render_run(self.plans, self.policy, spec.command, inputs)]
         env = {**dict(self.policy.env), **engine.env()}

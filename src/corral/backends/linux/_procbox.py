@@ -84,6 +84,8 @@ class CgroupProcessBox:
                     peak_memory_bytes=stats.peak_memory_bytes,
                     oom_kills=stats.oom_kills,
                     pids_limit_hits=stats.pids_limit_hits,
+                    memory_bytes=stats.memory_bytes,
+                    pids=stats.pids,
                 )
         return self._usage  # the last reading, once the cgroup is gone
 
