@@ -260,7 +260,9 @@ class EngineBox:
             fresh_workdir=spec.own_workdir,
             image_root=spec.image is not None,
         )
-        plans = dataclasses.replace(plans, mounts=_own_ids(plans.mounts, policy, uid, gid))
+        plans = dataclasses.replace(
+            plans, mounts=_own_resolv_conf(_own_ids(plans.mounts, policy, uid, gid))
+        )
         box = cls(engine, dataclasses.replace(spec, workdir=workspace_source), policy, plans)
         box.identity = identity
         try:
@@ -318,10 +320,14 @@ class EngineBox:
             init_path=init_path,
             nproc=engine.default_nproc,
             init_source=init_source,
+            # an image's python3 is wherever its PATH says
+            python="python3" if spec.image is not None else "/usr/bin/python3",
         )
         argv = [*engine.command, *_argv.render_run(self.plans, self.policy, spec.command, inputs)]
-        env = {**dict(self.policy.env), **engine.env()}
         channel = spec.stdio == "channel"
+        env = {**dict(self.policy.env), **engine.env()}
+        if not channel:
+            env.update(_argv.command_env(spec.command))
         try:
             self.proc = proc = await asyncio.to_thread(
                 subprocess.Popen,
@@ -425,6 +431,15 @@ def _own_ids(
             op = dataclasses.replace(op, content=op.content.replace(old.encode(), new.encode(), 1))
         out.append(op)
     return tuple(out)
+
+
+def _own_resolv_conf(ops: tuple[_mounts.MountOp, ...]) -> tuple[_mounts.MountOp, ...]:
+    """An empty /etc/resolv.conf of corral's where the plans have none (no
+    network): the engine's own is bound from its data root, a host path
+    (threat: the box learning the host's layout from /proc/self/mountinfo)."""
+    if any(isinstance(op, File) and op.path == "/etc/resolv.conf" for op in ops):
+        return ops
+    return (*ops, File("/etc/resolv.conf", b"", 0o444))
 
 
 def sweep_orphans(engine: Engine) -> list[str]:

@@ -38,6 +38,13 @@ class Engine:
         self._images: set[tuple[str | None, str]] = set()
         _, hard = resource.getrlimit(resource.RLIMIT_NPROC)
         limit = hard if hard != resource.RLIM_INFINITY else 1 << 22
+        # no more processes than pids exist (podman's runc refuses a higher
+        # RLIMIT_NPROC here: its conmon runs with a lower hard limit)
+        try:
+            with open("/proc/sys/kernel/pid_max") as f:
+                limit = min(limit, int(f.read()))
+        except (OSError, ValueError):
+            pass
         self.default_nproc = min(limit, 1 << 22)
         self.init_path = "/usr/bin/tini"  # Debian's tini (docker.io depends on it), under /usr
         # on an image root no host /usr is bound: the static tini, bound alone

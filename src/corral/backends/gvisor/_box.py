@@ -42,6 +42,7 @@ from corral.backends.linux import _cgroups, _workdir
 from corral.backends.linux._facts import check_bind_sources
 from corral.backends.linux._procbox import CgroupProcessBox
 from corral.plan import HostFacts, Plans, _mounts, make_plans
+from corral.plan._rlimits import Rlimit
 
 _KILL_GRACE_S = 5.0
 
@@ -131,6 +132,7 @@ class GvisorBox(CgroupProcessBox):
             per_command_cpu=spec.per_command_cpu,
             fresh_workdir=spec.own_workdir,
         )
+        plans = _sentry_pids(plans, policy)
         box = cls(
             dataclasses.replace(spec, workdir=workspace_source),
             policy,
@@ -277,6 +279,48 @@ def _write_bundle(bundle: str, plans: Plans, config: dict[str, object]) -> None:
     fd = os.open(os.path.join(bundle, "config.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with open(fd, "w", encoding="utf-8") as f:
         json.dump(config, f)
+
+
+# What the host cgroup's pids.max allows gVisor itself: the sentry, the gofer
+# and runsc (about 110 host tasks idle here), and under the ptrace platform a
+# stub process per box address space with a thread for each sentry thread
+# that enters it (about 26 per box process, measured: 50 sleeping processes in
+# the box were 1736 host tasks). Sized by the box's own cap so a box at its
+# limit still fits; the sentry dies (Go cannot start a thread) if it does not.
+_SENTRY_TASKS = 256
+_HOST_TASKS_PER_PROCESS = 40
+
+
+def _sentry_pids(plans: Plans, policy: Policy) -> Plans:
+    """The policy's pids limit enforced inside gVisor's kernel, on the box's
+    own tasks, and a ceiling on gVisor's host tasks in the host cgroup.
+
+    The host cgroup counts the sentry's own threads and the ptrace stubs (over
+    a hundred before the box runs anything): a box limit of 128 there made the
+    sentry's Go runtime fail to start a thread and die with the box (the
+    agent "exited silently" when a command ended beside a background one).
+    Threat stopped either way: a fork bomb exhausting the host's process
+    table. The box's cap is RLIMIT_NPROC in the sentry (gVisor enforces it;
+    every box process has the box's one uid), so a fork fails with EAGAIN
+    there; the host cgroup bounds what gVisor's tasks can take of the host."""
+    pids = policy.limits.pids
+    if pids is None:
+        return plans
+    ceiling = str(_SENTRY_TASKS + _HOST_TASKS_PER_PROCESS * pids)
+    cgroups = tuple(
+        dataclasses.replace(w, value=ceiling) if w.file == "pids.max" else w for w in plans.cgroups
+    )
+    rlimits = tuple(r for r in plans.rlimits if r.resource != "RLIMIT_NPROC")
+    rlimits += (
+        Rlimit("RLIMIT_NPROC", pids, pids, "fork bomb (gVisor's kernel counts the box's tasks)"),
+    )
+    degraded = (
+        *plans.degraded,
+        f"pids: the box's {pids} tasks are capped by RLIMIT_NPROC in gVisor's kernel (a fork "
+        "fails with EAGAIN), so no pids event reports the cap; the host cgroup holds gVisor's "
+        f"own tasks to {ceiling}",
+    )
+    return dataclasses.replace(plans, cgroups=cgroups, rlimits=rlimits, degraded=degraded)
 
 
 def delete_container(container_id: str) -> None:
