@@ -37,12 +37,6 @@ async def test_backend_conforms(name: str, check: str) -> None:
     await BACKEND_CHECKS[check](_usable(name))
 
 
-_AUDIT_GAPS = pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 14, docker): /proc/key-users unmasked (docker's CLI cannot "
-    "add a masked path; podman's --security-opt mask= can)",
-)
-
 # the agent now runs (see test_gvisor.py), so every probe runs: these are what
 # the gVisor audit finds (issue 14), each a backend or probe fix still to make
 _GVISOR_AUDIT_GAPS = pytest.mark.xfail(
@@ -57,11 +51,7 @@ _GVISOR_AUDIT_GAPS = pytest.mark.xfail(
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(n, marks=_AUDIT_GAPS)
-        if n == "docker"
-        else pytest.param(n, marks=_GVISOR_AUDIT_GAPS)
-        if n == "gvisor"
-        else n
+        pytest.param(n, marks=_GVISOR_AUDIT_GAPS) if n == "gvisor" else n
         for n in available_backends()
         if n != "bwrap"
     ],

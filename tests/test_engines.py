@@ -86,3 +86,46 @@ def test_allowlist_is_refused_naming_the_field(name: str) -> None:
     with pytest.raises(UnsupportedPolicy) as info:
         get_backend(name).check(policy)
     assert info.value.field == "network.mode"
+
+
+def test_docker_create_body_is_the_run_flags_with_corrals_masks(tmp_path: Path) -> None:
+    from corral.backends.engine._dockerapi import create_body
+
+    profile = tmp_path / "seccomp.json"
+    profile.write_text('{"defaultAction": "SCMP_ACT_ALLOW"}')
+    run = [
+        "--name=corral-1-2-3",
+        "--label=io.corral.box=1",
+        "--read-only",
+        "--cap-drop=ALL",
+        f"--security-opt=seccomp={profile}",
+        "--security-opt=no-new-privileges",
+        "--cpus=1.5",
+        "--ulimit=nproc=10:20",
+        "--tmpfs=/tmp:rw,noexec,size=1024",
+        "--volume=/usr:/usr:ro",
+        "--env=PATH=/usr/bin",
+        "--env=SECRET",
+        "--",
+        "localhost/corral-base:x",
+        "/usr/bin/tini",
+        "--",
+        "true",
+    ]
+    name, body = create_body(run, {"SECRET": "s3"})
+    host = body["HostConfig"]
+    assert name == "corral-1-2-3"
+    assert "/proc/key-users" in host["MaskedPaths"]
+    assert "/proc/keys" in host["MaskedPaths"]  # docker's defaults kept
+    # the CLI would send the profile's content, not its path
+    assert host["SecurityOpt"] == [
+        'seccomp={"defaultAction": "SCMP_ACT_ALLOW"}',
+        "no-new-privileges",
+    ]
+    assert host["NanoCpus"] == 1_500_000_000
+    assert host["Ulimits"] == [{"Name": "nproc", "Soft": 10, "Hard": 20}]
+    assert host["Tmpfs"] == {"/tmp": "rw,noexec,size=1024"}
+    assert body["Env"] == ["PATH=/usr/bin", "SECRET=s3"]
+    assert body["Cmd"] == ["/usr/bin/tini", "--", "true"]
+    with pytest.raises(ValueError, match="--privileged"):
+        create_body(["--name=x", "--privileged", "--", "img", "true"], {})

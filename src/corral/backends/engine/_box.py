@@ -27,7 +27,7 @@ from corral._errors import CorralError, HostToolMissing, SandboxError
 from corral._policy import Policy
 from corral.backends._base import BoxExit, BoxSpec, Usage
 from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin
-from corral.backends.engine import _argv
+from corral.backends.engine import _argv, _dockerapi
 from corral.backends.engine._engine import Engine
 from corral.backends.engine._seccomp import render as render_seccomp
 from corral.backends.linux import _cgroups, _workdir
@@ -74,6 +74,7 @@ class EngineBox:
         self._usage = Usage()
         self._oom_checked: asyncio.Future[None] | None = None
         self._closing: asyncio.Future[None] | None = None
+        self._created = False  # docker: a container exists before the CLI runs
 
     # -- the Box interface ---------------------------------------------------------------
 
@@ -323,11 +324,24 @@ class EngineBox:
             # an image's python3 is wherever its PATH says
             python="python3" if spec.image is not None else "/usr/bin/python3",
         )
-        argv = [*engine.command, *_argv.render_run(self.plans, self.policy, spec.command, inputs)]
+        run = _argv.render_run(self.plans, self.policy, spec.command, inputs)
         channel = spec.stdio == "channel"
         env = {**dict(self.policy.env), **engine.env()}
         if not channel:
             env.update(_argv.command_env(spec.command))
+        sock = _dockerapi.socket_path(engine.env()) if engine.kind == "docker" else None
+        if sock is not None:
+            # docker: created through the Engine API, from the same flags, with
+            # the masks its CLI cannot add (see _dockerapi); attached by the CLI
+            name, body = _dockerapi.create_body(run[1:], env)
+            self._created = True
+            cid = await asyncio.to_thread(_dockerapi.create, sock, name, body)
+            _dockerapi.write_cidfile(inputs.cidfile, cid)
+            attach = ["--interactive"] if "--interactive" in run else []
+            argv = [*engine.command, "start", "--attach", *attach, name]
+            env = engine.env()
+        else:
+            argv = [*engine.command, *run]
         try:
             self.proc = proc = await asyncio.to_thread(
                 subprocess.Popen,
@@ -386,7 +400,7 @@ class EngineBox:
 
     def _remove_traces(self) -> None:
         try:
-            if self.proc is not None:
+            if self.proc is not None or self._created:
                 # the container and anything it held (anonymous volumes)
                 subprocess.run(
                     [*self.engine.command, "rm", "--force", "--volumes", self.name],

@@ -3,7 +3,9 @@
 The CLI, not an API client: ``ENGINE run -i`` gives corral real pipes for the
 box's stdio and the agent's channel (the Docker SDK would hand back a hijacked
 socket to demultiplex), podman needs no daemon this way, and both CLIs take
-the same ``run`` flags, so one renderer serves both.
+the same ``run`` flags, so one renderer serves both. (docker's boxes are
+created through its Engine API from those flags, for a mask its CLI cannot
+add, and attached by its CLI: see ``_dockerapi``.)
 """
 
 from __future__ import annotations
