@@ -129,3 +129,43 @@ def test_docker_create_body_is_the_run_flags_with_corrals_masks(tmp_path: Path) 
     assert body["Cmd"] == ["/usr/bin/tini", "--", "true"]
     with pytest.raises(ValueError, match="--privileged"):
         create_body(["--name=x", "--privileged", "--", "img", "true"], {})
+
+
+_ON_GVISOR = r"""
+import os, time
+print(os.uname().release, os.getuid())
+n = 0
+try:
+    while n < 300:
+        if os.fork() == 0:
+            time.sleep(5)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    print(n, e.errno)
+"""
+
+
+@pytest.mark.parametrize("name", ["podman", "docker"])
+async def test_runtime_runsc_runs_the_box_on_gvisor(name: str) -> None:
+    from corral import AsyncSandbox
+    from corral.backends.engine import DockerBackend, PodmanBackend
+
+    backend = PodmanBackend("runsc") if name == "podman" else DockerBackend("runsc")
+    failed = [c.detail for c in backend.doctor() if c.status == "fail"]
+    if failed:
+        pytest.skip(f"{name} with runsc: {'; '.join(failed)}")
+    policy = Policy.preset("default").with_limits(pids=32, wall_time_s=60.0)
+    result = await run_async(["/usr/bin/python3", "-c", _ON_GVISOR], policy=policy, backend=backend)
+    release_uid, capped = result.stdout_text.splitlines()
+    release, uid = release_uid.split()
+    assert release == "4.4.0", result  # gVisor's sentry answers uname, not the host kernel
+    assert int(uid) != 0
+    forked, err = (int(x) for x in capped.split())
+    assert err == 11, result  # EAGAIN: the cap is the box's, in the sentry
+    assert forked < 32
+    assert any(note.startswith("pids:") for note in result.degraded)
+    # the agent's channel works there too
+    async with AsyncSandbox(policy, runtime=None, backend=backend) as sb:
+        out = await sb.commands.run("uname -r; echo $((6 * 7))")
+    assert out.stdout_text.split() == ["4.4.0", "42"]

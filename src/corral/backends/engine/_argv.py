@@ -15,6 +15,7 @@ from typing import Literal
 
 from corral._errors import UnsupportedPolicy
 from corral._policy import Policy
+from corral.backends.gvisor._runsc import host_task_ceiling
 from corral.plan import Plans
 from corral.plan._mounts import (
     Bind,
@@ -31,6 +32,7 @@ from corral.plan._mounts import (
 )
 
 EngineKind = Literal["docker", "podman"]
+Runtime = Literal["runc", "runsc"]
 LABEL = "io.corral.box"  # every container corral starts carries it: what the sweep looks for
 OWNER_LABEL = "io.corral.owner"  # "<pid>:<start time in clock ticks>" of the corral process
 CGROUP_PARENT = "/corral-engine"
@@ -110,6 +112,7 @@ class RunInputs:
     nproc: int
     init_source: str | None = None  # a host file bound read-only at init_path (image roots)
     python: str = "/usr/bin/python3"  # the fallback launcher's (see _launcher)
+    runtime: Runtime = "runc"
 
 
 def _checked(path: str, field: str) -> str:
@@ -199,14 +202,22 @@ def render_run(
         argv += [f"--memory={limits.memory_bytes}", f"--memory-swap={limits.memory_bytes}"]
     if limits.cpu_cores is not None:
         argv.append(f"--cpus={limits.cpu_cores:g}")  # a CFS quota: cores, not shares
-    if limits.pids is not None:
+    if limits.pids is not None and inputs.runtime == "runsc":
+        # gVisor: the box's cap is RLIMIT_NPROC in the sentry (below); the
+        # cgroup holds the sentry's own tasks, far more (see gvisor._runsc)
+        argv.append(f"--pids-limit={host_task_ceiling(limits.pids)}")
+    elif limits.pids is not None:
         argv.append(f"--pids-limit={limits.pids}")  # fork bombs stop at the cgroup
+    if inputs.runtime == "runsc" and inputs.kind == "docker":
+        argv.append("--runtime=runsc")  # podman: its global --runtime (Engine.command)
     # rlimits, all explicit: root here lacks CAP_SYS_RESOURCE, so an engine's
     # default (raising nofile) would fail; lowered limits always apply.
     # RLIMIT_NPROC stays above the pids limit: the uid is this box's alone, and
     # the cgroup must be the one that refuses a fork bomb, or its pids.events
     # (the evidence behind limit_hit "pids") never counts one
     nproc = inputs.nproc
+    if limits.pids is not None and inputs.runtime == "runsc":
+        nproc = limits.pids  # gVisor counts the box's tasks against it
     seen = set()
     for rl in plans.rlimits:
         name = _ULIMIT[rl.resource]

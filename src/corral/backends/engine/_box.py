@@ -132,7 +132,12 @@ class EngineBox:
         return self._usage
 
     def info(self) -> Mapping[str, str]:
-        return {"backend": self.engine.kind, "container": self.name, "owner_pid": str(os.getpid())}
+        return {
+            "backend": self.engine.kind,
+            "runtime": self.engine.runtime,
+            "container": self.name,
+            "owner_pid": str(os.getpid()),
+        }
 
     def kill(self) -> None:
         """SIGKILL the container (its pid 1, so everything in it). Never waits."""
@@ -262,7 +267,9 @@ class EngineBox:
             image_root=spec.image is not None,
         )
         plans = dataclasses.replace(
-            plans, mounts=_own_resolv_conf(_own_ids(plans.mounts, policy, uid, gid))
+            plans,
+            mounts=_own_resolv_conf(_own_ids(plans.mounts, policy, uid, gid)),
+            degraded=plans.degraded + runtime_notes(engine.runtime, policy),
         )
         box = cls(engine, dataclasses.replace(spec, workdir=workspace_source), policy, plans)
         box.identity = identity
@@ -323,6 +330,7 @@ class EngineBox:
             init_source=init_source,
             # an image's python3 is wherever its PATH says
             python="python3" if spec.image is not None else "/usr/bin/python3",
+            runtime=engine.runtime,
         )
         run = _argv.render_run(self.plans, self.policy, spec.command, inputs)
         channel = spec.stdio == "channel"
@@ -445,6 +453,17 @@ def _own_ids(
             op = dataclasses.replace(op, content=op.content.replace(old.encode(), new.encode(), 1))
         out.append(op)
     return tuple(out)
+
+
+def runtime_notes(runtime: str, policy: Policy) -> tuple[str, ...]:
+    """``degraded`` notes of boxes on gVisor (``runtime="runsc"``)."""
+    if runtime != "runsc":
+        return ()
+    from corral.backends.gvisor import _DEGRADED
+    from corral.backends.gvisor._runsc import pids_note
+
+    pids = policy.limits.pids
+    return _DEGRADED + ((pids_note(pids),) if pids is not None else ())
 
 
 def _own_resolv_conf(ops: tuple[_mounts.MountOp, ...]) -> tuple[_mounts.MountOp, ...]:

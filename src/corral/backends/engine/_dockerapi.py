@@ -144,6 +144,8 @@ def create_body(run_args: Sequence[str], env: Mapping[str, str]) -> tuple[str, d
                 host["Tmpfs"][path] = opts
             case "--shm-size":
                 host["ShmSize"] = int(value)
+            case "--runtime":
+                host["Runtime"] = value
             case "--workdir":
                 config["WorkingDir"] = value
             case "--env":

@@ -37,7 +37,13 @@ from corral.backends._base import BoxSpec, Usage
 from corral.backends.bwrap._argv import find_util
 from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin
 from corral.backends.gvisor._bundle import render_config, write_rootfs
-from corral.backends.gvisor._runsc import RUNSC_FLAGS, find_runsc, runsc_root
+from corral.backends.gvisor._runsc import (
+    RUNSC_FLAGS,
+    find_runsc,
+    host_task_ceiling,
+    pids_note,
+    runsc_root,
+)
 from corral.backends.linux import _cgroups, _workdir
 from corral.backends.linux._facts import check_bind_sources
 from corral.backends.linux._procbox import CgroupProcessBox
@@ -281,16 +287,6 @@ def _write_bundle(bundle: str, plans: Plans, config: dict[str, object]) -> None:
         json.dump(config, f)
 
 
-# What the host cgroup's pids.max allows gVisor itself: the sentry, the gofer
-# and runsc (about 110 host tasks idle here), and under the ptrace platform a
-# stub process per box address space with a thread for each sentry thread
-# that enters it (about 26 per box process, measured: 50 sleeping processes in
-# the box were 1736 host tasks). Sized by the box's own cap so a box at its
-# limit still fits; the sentry dies (Go cannot start a thread) if it does not.
-_SENTRY_TASKS = 256
-_HOST_TASKS_PER_PROCESS = 40
-
-
 def _sentry_pids(plans: Plans, policy: Policy) -> Plans:
     """The policy's pids limit enforced inside gVisor's kernel, on the box's
     own tasks, and a ceiling on gVisor's host tasks in the host cgroup.
@@ -306,7 +302,7 @@ def _sentry_pids(plans: Plans, policy: Policy) -> Plans:
     pids = policy.limits.pids
     if pids is None:
         return plans
-    ceiling = str(_SENTRY_TASKS + _HOST_TASKS_PER_PROCESS * pids)
+    ceiling = str(host_task_ceiling(pids))
     cgroups = tuple(
         dataclasses.replace(w, value=ceiling) if w.file == "pids.max" else w for w in plans.cgroups
     )
@@ -314,12 +310,7 @@ def _sentry_pids(plans: Plans, policy: Policy) -> Plans:
     rlimits += (
         Rlimit("RLIMIT_NPROC", pids, pids, "fork bomb (gVisor's kernel counts the box's tasks)"),
     )
-    degraded = (
-        *plans.degraded,
-        f"pids: the box's {pids} tasks are capped by RLIMIT_NPROC in gVisor's kernel (a fork "
-        "fails with EAGAIN), so no pids event reports the cap; the host cgroup holds gVisor's "
-        f"own tasks to {ceiling}",
-    )
+    degraded = (*plans.degraded, pids_note(pids))
     return dataclasses.replace(plans, cgroups=cgroups, rlimits=rlimits, degraded=degraded)
 
 
