@@ -41,10 +41,10 @@ async def test_backend_conforms(name: str, check: str) -> None:
 # the gVisor audit finds (issue 14), each a backend or probe fix still to make
 _GVISOR_AUDIT_GAPS = pytest.mark.xfail(
     strict=True,
-    reason="known gaps (issue 14, gvisor): the sentry's netstack answers EHOSTUNREACH "
-    "(probes expect ENETUNREACH), writable /dev and /sys, /dev/fuse and /dev/net, "
+    reason="known gaps (issue 14, gvisor), probe-side: the sentry's netstack answers "
+    "EHOSTUNREACH (probes expect ENETUNREACH), /dev/fuse and /dev/net (the sentry's), "
     "/proc/self/status without CapAmb/NoNewPrivs, i386 int 0x80 EBADF and x32 ENOSYS, "
-    "no /proc/keys, pidfd_getfd reaching the agent's descriptors",
+    "no /proc/keys at all, pidfd_open/pidfd_getfd ENOSYS (judged as not EPERM)",
 )
 
 
