@@ -12,8 +12,10 @@ import os
 import subprocess
 import time
 from collections.abc import Awaitable
+from typing import TypeVar
 
 from corral._policy import Policy
+from corral._result import RunResult
 from corral._sandbox import AsyncSandbox
 from corral.audit._probe import (
     BOX_PYTHON,
@@ -24,6 +26,8 @@ from corral.audit._probe import (
     probe,
 )
 from corral.backends import Backend
+
+T = TypeVar("T")
 
 
 @probe(
@@ -276,9 +280,12 @@ async def _keys(ctx: Context) -> Outcome:
 )
 async def _argv_hidden(ctx: Context) -> Outcome:
     secret = f"corral-audit-argv-{os.getpid()}-{time.monotonic_ns()}"
-    found = await argv_exposure(
-        ctx.box([BOX_PYTHON, "-c", "import time; time.sleep(1)", secret]), secret
-    )
+    run = ctx.box([BOX_PYTHON, "-c", "import time; time.sleep(1)", secret])
+    found, result, scans = await argv_exposure(run, secret)
+    # the scan must have watched the command live: it ran (exit 0) for its
+    # second, and the host's process table was read through that second
+    if not isinstance(result, RunResult) or result.exit_code != 0 or scans < 3:
+        raise ProbeError(f"the command did not run long enough to be watched: {result!r}")
     others = [c for c in found if not c.startswith(BOX_PYTHON)]
     if others:
         return Outcome("fail", f"on other command lines: {others[:2]}")
@@ -288,12 +295,15 @@ async def _argv_hidden(ctx: Context) -> Outcome:
     return Outcome("pass", f"only the command's own process ({own})")
 
 
-async def argv_exposure(run: Awaitable[object], secret: str) -> list[str]:
-    """Await ``run`` while reading every /proc/*/cmdline on the host; the
-    command lines that carried ``secret`` (shared with tests/test_escape.py)."""
+async def argv_exposure(run: Awaitable[T], secret: str) -> tuple[list[str], T, int]:
+    """Await ``run`` while reading every /proc/*/cmdline on the host: the
+    command lines that carried ``secret``, ``run``'s result, and how many
+    times the whole process table was read meanwhile (the caller judges
+    whether that watched its command: a backend whose processes are not host
+    processes, gVisor's, shows no line at all)."""
     found: set[str] = set()
     task = asyncio.ensure_future(run)
-    seen_any = False
+    scans = 0
     while not task.done():
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -302,11 +312,8 @@ async def argv_exposure(run: Awaitable[object], secret: str) -> list[str]:
                         line = f.read()
                 except OSError:
                     continue
-                seen_any = seen_any or b"bwrap" in line
                 if secret.encode() in line:
                     found.add(line.replace(b"\0", b" ").decode(errors="replace"))
+        scans += 1
         await asyncio.sleep(0.01)
-    await task
-    if not seen_any:
-        raise ProbeError("the box ended before its command lines could be read")
-    return sorted(found)
+    return sorted(found), await task, scans
