@@ -126,6 +126,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_serve.add_argument("--log-level", default="info")
     p_serve.add_argument("--backend", default="bwrap", help="what starts every box (default bwrap)")
+    p_serve.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a warm pool, repeatable: policy=NAME|FILE,runtime=NAME|none,size=N,"
+        "kernels=python|none (defaults: default, default, 4, python)",
+    )
+    p_serve.add_argument(
+        "--pool-max-starting",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pooled boxes started at once, all pools together (default: half the CPUs)",
+    )
 
     p_keys = sub.add_parser("keys", help="API keys of corral serve")
     keys_sub = p_keys.add_subparsers(dest="keys_cmd", required=True)
@@ -289,6 +304,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allow_private_network=args.allow_private_network,
         log_level=args.log_level,
         backend=args.backend,
+        pools=args.pool,
+        pool_max_starting=args.pool_max_starting,
     )
 
 
