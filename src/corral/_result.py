@@ -6,9 +6,10 @@ import json
 import re
 import signal
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ._proxy import NetworkEvent
+if TYPE_CHECKING:  # the proxy is imported only by a box that has one (mode allowlist)
+    from ._proxy import NetworkEvent
 
 LimitKind = Literal["timeout", "memory", "pids", "cpu_time", "output", "disk"]
 
@@ -179,5 +180,11 @@ def result_from_dict(data: dict[str, Any]) -> RunResult:
         cpu_time_s=data["cpu_time_s"],
         peak_memory_bytes=data["peak_memory_bytes"],
         degraded=tuple(data["degraded"]),
-        network=tuple(NetworkEvent(**e) for e in data.get("network", ())),
+        network=tuple(_network_event(e) for e in data.get("network", ())),
     )
+
+
+def _network_event(fields: dict[str, Any]) -> NetworkEvent:
+    from ._proxy import NetworkEvent
+
+    return NetworkEvent(**fields)

@@ -13,11 +13,14 @@ import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from ._policy import Policy
-from ._proxy import Approval
 from ._result import LimitEvidence, LimitKind, RunResult, decide_limits, said_by_launcher
 from .backends import Backend, Box, BoxSpec, resolve_backend
+
+if TYPE_CHECKING:  # the proxy is imported only by a box that has one (mode allowlist)
+    from ._proxy import Approval
 
 _CPU_POLL_S = 0.1
 _DRAIN_AFTER_EXIT_S = 2.0

@@ -13,11 +13,13 @@ from __future__ import annotations
 import signal as _signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from corral._policy import Policy
-from corral._proxy import Approval, NetworkEvent
 from corral.plan._mounts import File
+
+if TYPE_CHECKING:  # the proxy is imported only by a box that has one (mode allowlist)
+    from corral._proxy import Approval, NetworkEvent
 
 Status = Literal["ok", "warn", "fail"]
 BoxFile = File  # a read-only file placed in the box: path, content, mode

@@ -36,14 +36,12 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from corral._errors import HostToolMissing, SandboxError
-from corral._netrules import Rules
 from corral._policy import Policy
-from corral._proxy import Proxy
 from corral.backends._base import BoxSpec, Usage
-from corral.backends.bwrap._argv import PROXY_ENV, _Fds, find_util, render_argv
+from corral.backends.bwrap._argv import _Fds, find_util, proxy_env, render_argv
 from corral.backends.linux import _cgroups, _workdir
 from corral.backends.linux._facts import check_bind_sources
 from corral.backends.linux._identity import (
@@ -51,9 +49,11 @@ from corral.backends.linux._identity import (
     acquire_host_identity,
     release_host_identity,
 )
-from corral.backends.linux._netns import NetnsError, prepare_allowlist
 from corral.backends.linux._procbox import CgroupProcessBox
 from corral.plan import HostFacts, Plans, _mounts, make_plans
+
+if TYPE_CHECKING:  # imported when a box has a network (mode allowlist)
+    from corral._proxy import Proxy
 
 _KILL_GRACE_S = 2.0  # after the box's init was killed, before bwrap itself is
 
@@ -138,7 +138,7 @@ class BwrapBox(CgroupProcessBox):
         if policy.network.mode == "allowlist":
             # every common tool finds the proxy from these (curl, pip, npm, git,
             # Python, Node): upper and lower case both; the policy's own win
-            policy = policy.with_env({**PROXY_ENV, **dict(policy.env)}, replace=True)
+            policy = policy.with_env({**proxy_env(), **dict(policy.env)}, replace=True)
         workspace_source = None
         if spec.workdir is not None:
             path = Path(spec.workdir).resolve()
@@ -255,6 +255,11 @@ class BwrapBox(CgroupProcessBox):
             self.slirp = await _start_slirp(box_pid, fds)
         if self.policy.network.mode == "allowlist":
             net = self.policy.network
+            # imported here: a box without a network never loads the proxy
+            from corral._netrules import Rules
+            from corral._proxy import Proxy
+            from corral.backends.linux._netns import NetnsError, prepare_allowlist
+
             self.proxy = Proxy(
                 Rules(net.allow, net.deny),
                 hosts=dict(net.hosts),
