@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._errors import CorralError, SandboxBroken
+from ._errors import CorralError, HostToolMissing, SandboxBroken
 from ._result import LimitEvidence, LimitKind, decide_limits
 
 if TYPE_CHECKING:
@@ -253,6 +253,12 @@ class CodeInterpreter:
                     on_stderr=None,
                 )
                 if process.result is not None:
+                    if process.result.exit_code == 127 and self._sb.image is not None:
+                        raise HostToolMissing(
+                            f"the code runtime in the image {self._sb.image!r}",
+                            f"build the image FROM corral's default image (corral image build), "
+                            f"which has it at {RUNTIME_PYTHON.rsplit('/bin/', 1)[0]}",
+                        )
                     raise CorralError(f"cannot start the kernel driver: {process.result.stderr!r}")
                 from ._sandbox import CommandHandle
 

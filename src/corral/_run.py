@@ -44,6 +44,7 @@ async def run_async(
     timeout_s: float | None = None,
     on_network_request: Approval | None = None,
     backend: str | Backend | None = None,
+    image: str | None = None,
 ) -> RunResult:
     """Run ``command`` once in a fresh sandbox; the sandbox is gone when this returns.
 
@@ -54,8 +55,9 @@ async def run_async(
     ``on_network_request(host, port)`` decides hosts the allowlist does not
     name (network mode ``allowlist``); its answer is remembered for the box.
     ``backend``: a name (``corral.backends.available_backends()``) or a
-    Backend; default ``"bwrap"``. Failures of the command are in the result;
-    exceptions mean misuse or a broken host.
+    Backend; default ``"bwrap"``. ``image``: a container image whose root the
+    box runs (docker and podman backends; see ``BoxSpec.image``). Failures of
+    the command are in the result; exceptions mean misuse or a broken host.
     """
     resolved = _resolve(policy)
     if env:
@@ -72,6 +74,7 @@ async def run_async(
             workdir=os.fspath(workdir) if workdir is not None else None,
             stdin=stdin,
             on_network_request=on_network_request,
+            image=image,
         )
     )
     try:
@@ -93,6 +96,7 @@ def run(
     timeout_s: float | None = None,
     on_network_request: Approval | None = None,
     backend: str | Backend | None = None,
+    image: str | None = None,
 ) -> RunResult:
     """The synchronous facade of :func:`run_async` (same arguments, same result)."""
     return asyncio.run(
@@ -105,6 +109,7 @@ def run(
             timeout_s=timeout_s,
             on_network_request=on_network_request,
             backend=backend,
+            image=image,
         )
     )
 

@@ -972,11 +972,18 @@ class AsyncSandbox:
         on_network_request: Approval | None = None,
         on_network_event: Callable[[NetworkEvent], None] | None = None,
         backend: str | Backend | None = None,
+        image: str | None = None,
     ) -> None:
         """``on_network_request(host, port)`` approves hosts the rules do not
         name; ``on_network_event`` sees every decision of the proxy as it happens.
         ``backend``: a name (``corral.backends.available_backends()``) or a
-        Backend that starts the box (default ``"bwrap"``)."""
+        Backend that starts the box (default ``"bwrap"``). ``image``: a
+        container image whose root (read-only) the box runs instead of the
+        host's system directories (docker and podman backends; e.g. one from
+        ``corral image build``); ``python3`` comes from the image and so does
+        the code runtime (``/opt/corral/runtime``, in images built from
+        corral's default one), so ``runtime`` is not used. A missing image is
+        ``HostToolMissing`` naming it; corral never pulls."""
         if policy is None:
             policy = Policy.preset("default")
         elif isinstance(policy, str):
@@ -990,6 +997,7 @@ class AsyncSandbox:
         self.pty = Pty(self)
         self.network = Network(self)
         self.runtime = runtime
+        self.image = image
         self.backend = resolve_backend(backend)
         self._approve = on_network_request
         self._on_network_event = on_network_event
@@ -1031,8 +1039,12 @@ class AsyncSandbox:
             str(_cpu_seconds(self.policy.limits.cpu_time_s)),
         ]
         box_policy = self.policy
-        runtime = _runtime.find(self.runtime) if self.runtime is not None else None
-        if runtime is not None:
+        runtime = (
+            _runtime.find(self.runtime) if self.runtime is not None and self.image is None else None
+        )
+        if self.image is not None:
+            self._runtime_bound = True  # the image's own, at the same path (if it has one)
+        elif runtime is not None:
             # the code runtime, read-only, at a fixed path in every box
             binds = (*box_policy.filesystem.read_only, Bind(str(runtime.path), _runtime.BOX_PATH))
             box_policy = box_policy.with_filesystem(read_only=binds)
@@ -1048,6 +1060,7 @@ class AsyncSandbox:
                 per_command_cpu=True,
                 on_network_request=self._approve,
                 on_network_event=self._on_network_event,
+                image=self.image,
             )
         )
         try:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from corral._errors import UnsupportedPolicy
 from corral._policy import Policy
 from corral.plan._mounts import File
 
@@ -55,7 +56,13 @@ class BoxSpec:
     ``limits.cpu_time_s`` to each command itself, so the box gets no
     RLIMIT_CPU of its own. ``on_network_request(host, port)`` and
     ``on_network_event(event)``: the allowlist proxy's approval and event
-    callbacks (network mode ``allowlist``)."""
+    callbacks (network mode ``allowlist``). ``image``: a container image
+    whose root (read-only) the box runs instead of the host's system
+    directories (engine backends; e.g. ``localhost/corral-default:<tag>`` from
+    ``corral image build``); it needs only ``python3`` for an agent, and has
+    the code runtime at ``/opt/corral/runtime`` if it was built from corral's
+    default image. None: the host's ``/usr`` bound read-only. A backend that
+    cannot run images refuses one (``UnsupportedPolicy`` naming ``image``)."""
 
     command: tuple[str, ...]
     policy: Policy
@@ -67,6 +74,18 @@ class BoxSpec:
     per_command_cpu: bool = False
     on_network_request: Approval | None = None
     on_network_event: Callable[[NetworkEvent], None] | None = None
+    image: str | None = None
+
+
+def refuse_image(spec: BoxSpec, backend: str) -> None:
+    """``UnsupportedPolicy("image", ...)`` from a backend that runs the host's
+    system directories only, when ``spec`` names an image."""
+    if spec.image is not None:
+        raise UnsupportedPolicy(
+            "image",
+            f"the {backend} backend runs the host's system directories, not images; "
+            f"run {spec.image!r} with --backend docker or podman",
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,3 +64,8 @@ def buffers(handle: CommandHandle) -> Mapping[Any, bytearray]:
 def terminal_ended(handle: PtyHandle) -> bool:
     """The terminal's process ended (its result not yet waited for)."""
     return handle._process.exit.done()
+
+
+def paused(sandbox: AsyncSandbox) -> bool:
+    """The box is frozen (``pause``) and not yet resumed."""
+    return sandbox._paused

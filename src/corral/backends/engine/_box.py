@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from corral._errors import CorralError, SandboxError
+from corral._errors import CorralError, HostToolMissing, SandboxError
 from corral._policy import Policy
 from corral.backends._base import BoxExit, BoxSpec, Usage
 from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin
@@ -258,6 +258,7 @@ class EngineBox:
             extra_files=spec.extra_files,
             per_command_cpu=spec.per_command_cpu,
             fresh_workdir=spec.own_workdir,
+            image_root=spec.image is not None,
         )
         plans = dataclasses.replace(plans, mounts=_own_ids(plans.mounts, policy, uid, gid))
         box = cls(engine, dataclasses.replace(spec, workdir=workspace_source), policy, plans)
@@ -289,8 +290,19 @@ class EngineBox:
                 ),
             )
         files = await asyncio.to_thread(self._write_files)
-        symlinks = tuple(op for op in self.plans.mounts if isinstance(op, Symlink))
-        image = await engine.base_image(symlinks, self.policy.filesystem.workspace)
+        init_path, init_source = engine.init_path, None
+        if spec.image is not None:
+            # the image's root, read-only: nothing of the host's /usr
+            image = await engine.user_image(spec.image)
+            if spec.stdio == "pipes":
+                init_path, init_source = engine.image_init_path, engine.image_init_source
+                if not os.path.isfile(init_source):
+                    raise HostToolMissing(
+                        "tini-static", "install it with: sudo apt-get install tini"
+                    )
+        else:
+            symlinks = tuple(op for op in self.plans.mounts if isinstance(op, Symlink))
+            image = await engine.base_image(symlinks, self.policy.filesystem.workspace)
         inputs = _argv.RunInputs(
             kind=engine.kind,
             name=self.name,
@@ -303,8 +315,9 @@ class EngineBox:
             files=files,
             channel=spec.stdio == "channel",
             stdin=spec.stdin is not None,
-            init_path=engine.init_path,
+            init_path=init_path,
             nproc=engine.default_nproc,
+            init_source=init_source,
         )
         argv = [*engine.command, *_argv.render_run(self.plans, self.policy, spec.command, inputs)]
         env = {**dict(self.policy.env), **engine.env()}
