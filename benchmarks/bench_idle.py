@@ -180,6 +180,10 @@ async def main(n: int, concurrency: int, contexts: int, rounds: int) -> None:
     print(_raise_nofile())
     print(f"pid_max {Path('/proc/sys/kernel/pid_max').read_text().strip()}")
     rss0 = _rss()
+    # the same round trips with few boxes first: the load's own cost, side by side
+    few, _, _ = await _start_all(10, concurrency)
+    baseline = {p: await _round_trips(few, rounds, p) for p in (1, 16)}
+    await asyncio.gather(*(sb.close() for sb in few))
     print(f"starting {n} idle sandboxes ({concurrency} at a time)")
     boxes, failure, took = await _start_all(n, concurrency)
     try:
@@ -200,9 +204,12 @@ async def main(n: int, concurrency: int, contexts: int, rounds: int) -> None:
         print(f"open fds in the host process: {len(os.listdir('/proc/self/fd'))}")
         for parallel in (1, 16):
             times = await _round_trips(boxes, rounds, parallel)
+            few_times = baseline[parallel]
             print(
-                f"commands.run('true') at {len(boxes)} idle, {parallel:2d} at a time: "
+                f"commands.run('true'), {parallel:2d} at a time: at {len(boxes)} idle "
                 f"p50 {statistics.median(times) * 1e3:.1f} ms  p99 {_pct(times, 0.99) * 1e3:.1f} ms"
+                f"  | at 10 boxes p50 {statistics.median(few_times) * 1e3:.1f} ms  "
+                f"p99 {_pct(few_times, 0.99) * 1e3:.1f} ms"
             )
     finally:
         t = time.perf_counter()

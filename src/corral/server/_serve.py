@@ -9,6 +9,7 @@ keys yet, the first start creates one named ``local`` and writes it to
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -83,6 +84,23 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _raise_nofile() -> None:
+    """The soft RLIMIT_NOFILE up to the hard one (as Go's runtime does at
+    start): each live box holds about 7 descriptors in the server (its
+    channel, stderr, pidfd, cgroup and workspace handles), so the usual soft
+    1024 would end a server near 140 boxes. benchmarks/bench_idle.py ran 1000."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel's own ceiling then
+        with contextlib.suppress(OSError, ValueError):
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(
     *,
     data_dir: Path,
@@ -112,6 +130,7 @@ def serve(
     from ._workspace import prepare_data_dir
 
     get_backend(backend)  # HostToolMissing (one line) before anything is opened
+    _raise_nofile()
     pool_specs = tuple(PoolSpec.parse(text) for text in pools)
     if pool_max_starting is not None and pool_max_starting < 1:
         raise CorralError("--pool-max-starting: expected a whole number >= 1")
