@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -273,3 +274,46 @@ def test_a_bad_pool_spec_is_one_line_naming_the_field(server: ServerProcess) -> 
         assert out.returncode != 0
         assert needle in out.stderr, out.stderr
         assert "Traceback" not in out.stderr, out.stderr
+
+
+def _agents(pid: int) -> list[int]:
+    """The box agents among the server's descendants."""
+    found = []
+    for child in _descendants(pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"/run/corral/agent.py" in argv:
+            found.append(child)
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_broken_pooled_box_is_dropped_not_handed_out(sig: int) -> None:
+    server = ServerProcess(None, "--pool", "policy=strict,runtime=none,size=1")
+    server.metrics_key = server.key("metrics")  # type: ignore[attr-defined]
+    try:
+        key = server.key("broken")
+        server.start()
+        pool = "strict/none"
+        _wait_ready(server, pool, 1)
+        assert server.proc is not None
+        agents = _agents(server.proc.pid)
+        assert len(agents) == 1
+        os.kill(agents[0], sig)  # dead, or alive but never answering its check
+        with Client(server.url, api_key=key) as client:
+            sb = client.sandbox("strict", runtime=None)
+            sb.start()
+            assert sb.commands.run("echo fresh").stdout == b"fresh\n"
+            sb.close()
+        assert _metric(server, "corral_pool_boxes", pool, "dropped") == 1
+        # served by a box started since (the refill runs during the check) or cold
+        hits = _metric(server, "corral_pool_hits_total", pool)
+        assert hits + _metric(server, "corral_pool_misses_total", pool) == 1
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _alive(agents[0]):
+            time.sleep(0.1)
+        assert not _alive(agents[0])  # the dropped box was ended, not left behind
+    finally:
+        server.cleanup()

@@ -147,6 +147,11 @@ class ServerPool(AsyncPool):
                 raise
             return sb
 
+    async def discard(self, sb: AsyncSandbox) -> None:
+        """End a box taken from this pool that was never handed to anyone
+        (its record could not be written): the box and its workspace."""
+        await self._discard(sb)
+
     async def _discard(self, sb: AsyncSandbox) -> None:
         try:
             await sb.close()

@@ -312,19 +312,24 @@ class Service:
                 (self.workspaces / sandbox.id).mkdir(mode=0o700)
             workspace = self.workspaces / sandbox.id
             now = time.time()
-            self.store.insert_sandbox(
-                id=sandbox.id,
-                key_id=key.id,
-                policy=policy.to_dict(),
-                metadata=dict(metadata),
-                runtime=runtime,
-                memory_bytes=policy.limits.memory_bytes,
-                disk_bytes=policy.limits.disk_bytes,
-                created_at=now,
-                expires_at=now + timeout_s,
-                idle_timeout_s=idle_timeout_s,
-                instance=self.instance,
-            )
+            try:
+                self.store.insert_sandbox(
+                    id=sandbox.id,
+                    key_id=key.id,
+                    policy=policy.to_dict(),
+                    metadata=dict(metadata),
+                    runtime=runtime,
+                    memory_bytes=policy.limits.memory_bytes,
+                    disk_bytes=policy.limits.disk_bytes,
+                    created_at=now,
+                    expires_at=now + timeout_s,
+                    idle_timeout_s=idle_timeout_s,
+                    instance=self.instance,
+                )
+            except BaseException:
+                if pool is not None and pooled is not None:  # a running box nobody owns
+                    await pool.discard(pooled)
+                raise
             if pooled is None:
                 self._starting += 1  # a slot, held while the box starts
         live = Live(
