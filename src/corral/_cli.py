@@ -283,7 +283,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     import asyncio
 
-    from . import _audit
+    from . import audit as _audit
 
     if args.list:
         for p in _audit.PROBES:

@@ -146,7 +146,7 @@ class NetworkPolicy:
 
     ``none``: loopback only, its own. ``allowlist``: through corral's proxy, to
     the hosts ``allow`` names and ``deny`` does not (deny wins; see
-    ``_netrules`` for the rule syntax). ``open``: outbound through a user-space
+    ``corral.net._rules`` for the rule syntax). ``open``: outbound through a user-space
     network stack (slirp4netns) in the box's own namespace, never the host's
     127.0.0.1 — but anything else the host reaches (LAN, cloud metadata), the
     box reaches too. ``hosts`` maps names to addresses for
@@ -173,7 +173,7 @@ class NetworkPolicy:
             for name in ("allow", "deny", "hosts"):
                 _set(self, name, ())
             return
-        from ._netrules import RuleError, canonical_host, parse_address, parse_rule
+        from .net._rules import RuleError, canonical_host, parse_address, parse_rule
 
         for name in ("allow", "deny"):
             rules = tuple(

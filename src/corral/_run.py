@@ -13,14 +13,11 @@ import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from ._policy import Policy
-from ._result import LimitEvidence, LimitKind, RunResult, decide_limits, said_by_launcher
+from ._result import LimitEvidence, LimitKind, RunResult, decide_limits
 from .backends import Backend, Box, BoxSpec, resolve_backend
-
-if TYPE_CHECKING:  # the proxy is imported only by a box that has one (mode allowlist)
-    from ._proxy import Approval
+from .net._events import Approval
 
 _CPU_POLL_S = 0.1
 _DRAIN_AFTER_EXIT_S = 2.0
@@ -222,8 +219,9 @@ async def _supervise(box: Box, policy: Policy) -> RunResult:
     )
     stdout, stderr = output.get("stdout"), output.get("stderr")
     # the command does not exist (or cannot be run) in the box: shell
-    # semantics, said in corral's words rather than the launcher's
-    stderr = said_by_launcher(exit_code, stderr) or stderr
+    # semantics, said in corral's words rather than the launcher's (the box
+    # knows what its launcher says)
+    stderr = box.exec_failure(exit_code, stderr) or stderr
     return RunResult(
         exit_code=exit_code,
         signal=sig,

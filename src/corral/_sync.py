@@ -25,7 +25,6 @@ from ._interpreter import (
 )
 from ._policy import Policy
 from ._portal import call, iterate
-from ._proxy import Approval, NetworkEvent
 from ._sandbox import (
     AsyncSandbox,
     CommandEvent,
@@ -55,6 +54,7 @@ from .abc import (
     SandboxAPI,
 )
 from .backends import Backend
+from .net._events import Approval, NetworkEvent
 
 
 class SyncCommandHandle:

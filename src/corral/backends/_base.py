@@ -13,14 +13,12 @@ from __future__ import annotations
 import signal as _signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from corral._errors import UnsupportedPolicy
 from corral._policy import Policy
+from corral.net._events import Approval, NetworkEvent
 from corral.plan._mounts import File
-
-if TYPE_CHECKING:  # the proxy is imported only by a box that has one (mode allowlist)
-    from corral._proxy import Approval, NetworkEvent
 
 Status = Literal["ok", "warn", "fail"]
 BoxFile = File  # a read-only file placed in the box: path, content, mode
@@ -180,6 +178,13 @@ class Box(Protocol):
 
     def info(self) -> Mapping[str, str]:
         """What ``Backend.reattach`` needs to find this box again."""
+        ...
+
+    def exec_failure(self, exit_code: int, stderr: bytes) -> bytes | None:
+        """corral's words (``corral: NAME: command not found in the box``, 127;
+        ``cannot be run in the box (REASON)``, 126) when this box's launcher
+        could not exec a one-shot command and ``stderr`` holds nothing but the
+        launcher's complaint; None otherwise (the output stands as it is)."""
         ...
 
     def kill(self) -> None:

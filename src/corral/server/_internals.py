@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from corral._proxy import NetworkEvent
 from corral._sandbox import AsyncSandbox, CommandHandle, PtyHandle
 from corral.backends import Usage
+from corral.net._events import NetworkEvent
 
 
 def adopt(

@@ -30,8 +30,8 @@ from corral import _runtime
 from corral._errors import CorralError
 from corral._policy import Policy
 from corral._pool import AsyncPool
-from corral._proxy import NetworkEvent
 from corral._sandbox import AsyncSandbox
+from corral.net._events import NetworkEvent
 
 from . import _internals
 from ._workspace import remove_tree

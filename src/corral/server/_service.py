@@ -30,11 +30,11 @@ from typing import Any, Literal
 
 from corral import _runtime
 from corral._errors import CorralError, PolicyError, SandboxClosed, public_message
-from corral._netrules import unsafe_allow_rule
 from corral._policy import Policy
-from corral._proxy import NetworkEvent
 from corral._sandbox import AsyncSandbox, EntryInfo, workspace_relative
 from corral.backends import get_backend
+from corral.net._events import NetworkEvent
+from corral.net._rules import unsafe_allow_rule
 
 from . import _internals
 from ._live import Live, ServiceError

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from corral._errors import HostToolMissing
 from corral._policy import Policy
 from corral.backends.linux import _seccomp
+from corral.backends.linux._procbox import find_util
 from corral.plan import Plans, _capabilities, _mounts, _namespaces
 
 BWRAP_INSTALL_HINT = (
@@ -30,7 +31,7 @@ MIN_BWRAP = (0, 8, 0)  # --disable-userns, --size, --perms, --ro-bind-data
 def proxy_env() -> dict[str, str]:
     """The proxy variables of a box in network mode allowlist (the proxy is
     imported here, not at start: ``corral run`` without a network never needs it)."""
-    from corral._proxy import PORT
+    from corral.net._proxy import PORT
 
     url = f"http://127.0.0.1:{PORT}"
     return {
@@ -91,15 +92,6 @@ _PRLIMIT_FLAGS = {
 
 def _limit(value: int | None) -> str:
     return "unlimited" if value is None else str(value)
-
-
-@functools.cache
-def find_util(name: str) -> str:
-    """A util-linux tool (prlimit, setpriv)."""
-    path = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
-    if path is None:
-        raise HostToolMissing(name, "install it with: sudo apt-get install util-linux")
-    return path
 
 
 class _Fds:
@@ -187,7 +179,7 @@ def _launcher(
         quoted = " ".join(f'"${_ARG_VAR}{i}"' for i in range(len(args)))
         # $0 is "corral": a command that is not found reads
         # "corral: 1: exec: NAME: not found" (exit 127; 126 cannot run),
-        # put in corral's words by _result.said_by_launcher
+        # put in corral's words by CgroupProcessBox.exec_failure
         line = f'set -- {quoted}; unset {names}; exec "$@"'
         return [_LAUNCH_SHELL, "-c", line, "corral"], setenv
     argv_fd = fds.data(b"".join(arg + b"\0" for arg in args))

@@ -26,7 +26,8 @@ from pathlib import Path
 from corral._errors import CorralError, HostToolMissing, SandboxError
 from corral._policy import Policy
 from corral.backends._base import BoxExit, BoxSpec, Usage
-from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin
+from corral.backends._process import close_streams, exit_future, feed_stdin
+from corral.backends._process import fileno as _fileno
 from corral.backends.engine import _argv
 from corral.backends.engine._engine import Engine
 from corral.backends.engine._seccomp import render as render_seccomp
@@ -37,7 +38,6 @@ from corral.backends.linux._identity import (
     acquire_host_identity,
     release_host_identity,
 )
-from corral.backends.linux._procbox import fileno as _fileno
 from corral.plan import HostFacts, Plans, _mounts, make_plans
 from corral.plan._mounts import File, Hide, Symlink
 
@@ -132,6 +132,11 @@ class EngineBox:
 
     def info(self) -> Mapping[str, str]:
         return {"backend": self.engine.kind, "container": self.name, "owner_pid": str(os.getpid())}
+
+    def exec_failure(self, exit_code: int, stderr: bytes) -> bytes | None:
+        # the engine's init (tini) reports a failed exec in its own words:
+        # not translated yet
+        return None
 
     def kill(self) -> None:
         """SIGKILL the container (its pid 1, so everything in it). Never waits."""
@@ -333,9 +338,9 @@ class EngineBox:
             )
         except OSError as exc:
             raise SandboxError(f"cannot start {engine.kind}: {exc}") from exc
-        self._exited = _exit_future(proc)
+        self._exited = exit_future(proc)
         if spec.stdin is not None and proc.stdin is not None:
-            _feed_stdin(asyncio.get_running_loop(), proc.stdin, spec.stdin)
+            feed_stdin(asyncio.get_running_loop(), proc.stdin, spec.stdin)
 
     def _write_files(self) -> dict[str, str]:
         """corral's files for the box (generated /etc, the agent, the profile), root only."""
@@ -373,7 +378,7 @@ class EngineBox:
                         await asyncio.shield(self._exited)
                 if proc.stdin is not None and not proc.stdin.closed:
                     asyncio.get_running_loop().remove_writer(proc.stdin.fileno())
-                _close_streams(proc)
+                close_streams(proc)
         finally:
             self.usage()
             await asyncio.to_thread(self._remove_traces)
