@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import corral
 from corral import Policy
@@ -87,9 +90,62 @@ def inner_seconds(command: list[str], n: int) -> tuple[float, float]:
     return statistics.median(native), statistics.median(boxed)
 
 
+def _cpu(argv: list[str], n: int) -> tuple[float, float]:
+    """(p50, min) CPU seconds (user + system) of ``argv`` and the children it
+    waited for: unlike wall time, barely moved by other work on the machine."""
+    samples = []
+    for _ in range(n):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        _, _, usage = os.wait4(proc.pid, 0)
+        proc.returncode = 0
+        samples.append(usage.ru_utime + usage.ru_stime)
+    return statistics.median(samples), min(samples)
+
+
+def _instructions(argv: list[str]) -> int | None:
+    """Instructions the process itself executed (valgrind's callgrind; its
+    children are not traced): exact, whatever the load. None without valgrind."""
+    if shutil.which("valgrind") is None:
+        return None
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    return int(found[1]) if found else None
+
+
+def cli_cpu(n: int, *, instructions: bool) -> None:
+    """``corral run -- true``'s own cost, as CPU time and instructions, beside
+    the interpreter's floor (``python -c pass``) and asyncio's import, which
+    the one-shot path needs (the launch is asyncio's; no sync copy of it).
+    This environment sets PYTHONDONTWRITEBYTECODE=1: without __pycache__ every
+    corral module is compiled at each start; a pip install compiles them once."""
+    py = sys.executable
+    rows = (
+        ("python -c pass", [py, "-c", "pass"]),
+        ("python -c 'import asyncio'", [py, "-c", "import asyncio"]),
+        ("corral run -- true", [py, "-m", "corral", "run", "--", "/bin/true"]),
+    )
+    cached = any(Path(corral.__file__).parent.glob("__pycache__/_policy.*.pyc"))
+    print(f"\nCLI start-up, CPU time (user+sys, with children; corral bytecode cached: {cached})")
+    for label, argv in rows:
+        p50, low = _cpu(argv, n)
+        line = f"  {label:28} p50 {p50 * 1e3:7.1f} ms   min {low * 1e3:7.1f} ms"
+        count = _instructions(argv) if instructions else None
+        if count is not None:
+            line += f"   {count / 1e6:6.0f} M instructions (the process alone)"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=40)
+    parser.add_argument(
+        "--instructions", action="store_true", help="also count instructions (valgrind)"
+    )
     args = parser.parse_args()
     n = args.n
     policy = Policy.preset("default")
@@ -111,6 +167,7 @@ def main() -> None:
     )
     print(f"\n  (floor of any CLI run: interpreter start + imports {imports * 1e3:.2f} ms)")
     print("  targets: corral.run within 3 ms of raw bwrap; CLI under 60 ms")
+    cli_cpu(max(10, n // 2), instructions=args.instructions)
     print("\nin-box speed (median of the program's own timing)")
     for label, code, target in (("fib(30)", FIB, 1.02), ("200k os.stat", STAT, 1.10)):
         native, boxed = inner_seconds([PY, "-c", code], max(5, n // 4))

@@ -19,7 +19,6 @@ from typing import Any
 
 from ._errors import CorralError
 from ._policy import Policy
-from ._run import run
 from ._units import parse_duration, parse_size, timeout_arg
 
 EXIT_LIMIT = 124
@@ -166,6 +165,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_serve.add_argument("--log-level", default="info")
     p_serve.add_argument("--backend", default="bwrap", help="what starts every box (default bwrap)")
+    p_serve.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a warm pool, repeatable: policy=NAME|FILE,runtime=NAME|none,size=N,"
+        "kernels=python|none (defaults: default, default, 4, python)",
+    )
+    p_serve.add_argument(
+        "--pool-max-starting",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pooled boxes started at once, all pools together (default: half the CPUs)",
+    )
 
     p_keys = sub.add_parser("keys", help="API keys of corral serve")
     keys_sub = p_keys.add_subparsers(dest="keys_cmd", required=True)
@@ -197,6 +211,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_asyncio_without_tls() -> None:
+    """``corral run`` speaks no TLS (its proxy relays bytes; nothing else in the
+    process dials out), so asyncio is imported without ``ssl``: OpenSSL's
+    load and ssl's enums are about a twentieth of the one-shot start-up
+    (benchmarks/bench_run.py). asyncio's own modules then have ``ssl = None``,
+    its documented fallback when ssl is absent; a later ``import ssl`` still
+    works. Only this CLI process, and only when asyncio is not loaded yet."""
+    if "asyncio" in sys.modules or "ssl" in sys.modules:
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # import ssl -> ImportError
+    try:
+        import asyncio  # noqa: F401
+    finally:
+        del sys.modules["ssl"]
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
@@ -221,6 +251,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.allow_domain:
         allow = (*policy.network.allow, *args.allow_domain)
         policy = policy.with_network(mode="allowlist", allow=allow)
+    _import_asyncio_without_tls()
+    from ._run import run
+
     result = run(
         command, policy=policy, workdir=args.workdir, backend=args.backend, image=args.image
     )
@@ -367,6 +400,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allow_private_network=args.allow_private_network,
         log_level=args.log_level,
         backend=args.backend,
+        pools=args.pool,
+        pool_max_starting=args.pool_max_starting,
     )
 
 

@@ -159,8 +159,6 @@ class NetworkPolicy:
     hosts: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        from .net._rules import RuleError, canonical_host, parse_address, parse_rule
-
         if self.mode not in ("none", "allowlist", "open"):
             raise PolicyError("network.mode", f"{self.mode!r} is not one of none, allowlist, open")
         if self.mode not in SUPPORTED_NETWORK_MODES:
@@ -169,6 +167,14 @@ class NetworkPolicy:
                 f"{self.mode!r} is not supported yet (a user-space network stack is planned); "
                 "use 'none' or 'allowlist'",
             )
+        empty = (self.allow, self.deny, self.hosts)
+        if all(isinstance(v, tuple | list | dict) and not v for v in empty):
+            # nothing to parse: the rules' module is not imported (one-shot start-up)
+            for name in ("allow", "deny", "hosts"):
+                _set(self, name, ())
+            return
+        from .net._rules import RuleError, canonical_host, parse_address, parse_rule
+
         for name in ("allow", "deny"):
             rules = tuple(
                 str(r) if isinstance(r, str) else r

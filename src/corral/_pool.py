@@ -97,6 +97,7 @@ class AsyncPool:
         self._failures = 0
         self._closed = False
         self.last_error: BaseException | None = None  # the last failed start, for operators
+        self.dropped = 0  # boxes that failed their check before hand-out
 
     async def __aenter__(self) -> AsyncPool:
         await self.start()
@@ -109,6 +110,11 @@ class AsyncPool:
     def ready(self) -> int:
         """Boxes ready to hand out now."""
         return len(self._ready)
+
+    @property
+    def starting(self) -> int:
+        """Boxes being started now."""
+        return self._starting
 
     async def start(self) -> None:
         """Begin filling the pool in the background (returns at once)."""
@@ -179,7 +185,7 @@ class AsyncPool:
         self._starting -= 1  # counted as ready in the same step: no overshoot
         self._wake.set()
         if self._closed:
-            await sb.close()
+            await self._discard(sb)
         else:
             self._ready.append(sb)
 
@@ -193,20 +199,34 @@ class AsyncPool:
             return False
         return True
 
-    async def take(self) -> AsyncSandbox:
-        """A ready sandbox, now the caller's (close it when done). Starts one
-        cold when none is ready; ``SandboxError`` once the pool is closed, or
-        what the cold start raised."""
+    async def _discard(self, sb: AsyncSandbox) -> None:
+        """End a box that was never handed out."""
+        await sb.close()
+
+    async def take_ready(self) -> AsyncSandbox | None:
+        """A ready box that passed its check, now the caller's, or None when
+        none is ready (nothing is started cold). The box's lifetime is the
+        caller's to set. ``SandboxError`` once the pool is closed."""
         if self._closed:
             raise SandboxError("the pool was closed")
         while self._ready:
             sb = self._ready.popleft()
             self._wake.set()  # refill in the background
             if await self._healthy(sb):
-                await sb.set_timeout(self.timeout_s)  # its lifetime starts now
                 return sb
+            self.dropped += 1
             log.warning("corral pool: dropped a box that failed its check before hand-out")
-            await sb.close()
+            await self._discard(sb)
+        return None
+
+    async def take(self) -> AsyncSandbox:
+        """A ready sandbox, now the caller's (close it when done). Starts one
+        cold when none is ready; ``SandboxError`` once the pool is closed, or
+        what the cold start raised."""
+        sb = await self.take_ready()
+        if sb is not None:
+            await sb.set_timeout(self.timeout_s)  # its lifetime starts now
+            return sb
         sb = await self._prepare()
         await sb.set_timeout(self.timeout_s)
         return sb
@@ -230,7 +250,7 @@ class AsyncPool:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         ready, self._ready = list(self._ready), deque()
-        await asyncio.gather(*(sb.close() for sb in ready), return_exceptions=True)
+        await asyncio.gather(*(self._discard(sb) for sb in ready), return_exceptions=True)
 
 
 class Pool:

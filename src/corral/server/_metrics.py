@@ -47,15 +47,43 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self.pool_hits = Counter(
+            "corral_pool_hits",
+            "Creates served by a ready box of a warm pool, by pool (policy/runtime)",
+            ["pool"],
+            registry=self.registry,
+        )
+        self.pool_misses = Counter(
+            "corral_pool_misses",
+            "Creates that matched a warm pool with no box ready (started cold), by pool",
+            ["pool"],
+            registry=self.registry,
+        )
+        self.pool_boxes = Gauge(
+            "corral_pool_boxes",
+            "Warm pool boxes not handed out, by pool and state (ready, starting), and "
+            "boxes dropped by the check before hand-out (dropped, a running total)",
+            ["pool", "state"],
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)  # process_open_fds, resident memory
         self.counts: Callable[[], Mapping[str, int]] = dict
         self.server_counts: Callable[[], Mapping[str, int]] = dict
+        self.pool_counts: Callable[[], Mapping[str, Mapping[str, int]]] = dict
 
     def created(self) -> None:
         self.creations.inc()
 
     def ended(self, reason: str) -> None:
         self.ends.labels(reason).inc()
+
+    def pool_declared(self, pool: str) -> None:
+        """A pool's counters start at 0 (shown before its first create)."""
+        self.pool_hits.labels(pool)
+        self.pool_misses.labels(pool)
+
+    def pool_taken(self, pool: str, *, hit: bool) -> None:
+        (self.pool_hits if hit else self.pool_misses).labels(pool).inc()
 
     def limit_hit(self, kind: str) -> None:
         self.limits.labels(kind).inc()
@@ -71,4 +99,7 @@ class Metrics:
             self.sandboxes.labels(state).set(counts.get(state, 0))
         for kind, value in self.server_counts().items():
             self.server.labels(kind).set(value)
+        for pool, counts in self.pool_counts().items():
+            for state in ("ready", "starting", "dropped"):
+                self.pool_boxes.labels(pool, state).set(counts.get(state, 0))
         return generate_latest(self.registry)

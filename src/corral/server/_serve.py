@@ -9,10 +9,12 @@ keys yet, the first start creates one named ``local`` and writes it to
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,6 +84,23 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _raise_nofile() -> None:
+    """The soft RLIMIT_NOFILE up to the hard one (as Go's runtime does at
+    start): each live box holds about 7 descriptors in the server (its
+    channel, stderr, pidfd, cgroup and workspace handles), so the usual soft
+    1024 would end a server near 140 boxes. benchmarks/bench_idle.py ran 1000."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel's own ceiling then
+        with contextlib.suppress(OSError, ValueError):
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(
     *,
     data_dir: Path,
@@ -92,20 +111,29 @@ def serve(
     allow_private_network: bool = False,
     log_level: str = "info",
     backend: str = "bwrap",
+    pools: Sequence[str] = (),
+    pool_max_starting: int | None = None,
 ) -> int:
     """Run the server until SIGINT/SIGTERM; 0 after a clean stop. Start-up
     failures (the data directory, the database, the address, a backend
     that is not there) raise ``CorralError`` with one line, not a traceback.
-    ``backend`` starts every box (``corral.backends``: bwrap by default)."""
+    ``backend`` starts every box (``corral.backends``: bwrap by default).
+    ``pools``: warm pools, one ``--pool`` spec each (``_pools.PoolSpec.parse``);
+    ``pool_max_starting``: pooled boxes started at once across all pools."""
     import uvicorn
 
     from corral.backends import get_backend
 
     from ._app import create_app
+    from ._pools import PoolSpec
     from ._service import Service, ServiceConfig
     from ._workspace import prepare_data_dir
 
     get_backend(backend)  # HostToolMissing (one line) before anything is opened
+    _raise_nofile()
+    pool_specs = tuple(PoolSpec.parse(text) for text in pools)
+    if pool_max_starting is not None and pool_max_starting < 1:
+        raise CorralError("--pool-max-starting: expected a whole number >= 1")
     store = open_store(data_dir)
     sock = None
     try:
@@ -136,6 +164,8 @@ def serve(
                 max_upload_bytes=max_upload_bytes,
                 allow_private_network=allow_private_network,
                 backend=backend,
+                pools=pool_specs,
+                pool_max_starting=pool_max_starting,
             ),
         )
         config = uvicorn.Config(

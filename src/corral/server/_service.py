@@ -39,6 +39,7 @@ from corral.net._rules import unsafe_allow_rule
 from . import _internals
 from ._live import Live, ServiceError
 from ._metrics import Metrics
+from ._pools import PoolSpec, ServerPool
 from ._store import ApiKey, SandboxRow, Store
 from ._usage import UsageConfig, UsageHistory
 from ._workspace import (
@@ -64,6 +65,12 @@ EndReason = Literal[
 END_REASONS: tuple[str, ...] = EndReason.__args__  # type: ignore[attr-defined]
 
 _DISK_CHECK_S = 2.0
+
+
+def _pool_starts() -> int:
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 _MAX_FILES = 200_000  # entries in one workspace: inodes are a host resource too
 
 
@@ -80,6 +87,8 @@ class ServiceConfig:
     reap_interval_s: float = 0.5
     backend: str = "bwrap"  # what starts every box (corral.backends)
     usage: UsageConfig = field(default_factory=UsageConfig)  # the per-sandbox usage series
+    pools: tuple[PoolSpec, ...] = ()  # warm pools (``_pools``)
+    pool_max_starting: int | None = None  # pooled boxes started at once (None: half the CPUs)
 
 
 class Service:
@@ -104,6 +113,48 @@ class Service:
             "OutputLog": weakref.WeakSet(),
         }
         self.metrics.server_counts = self._server_counts
+        self.metrics.pool_counts = self._pool_counts
+        self.pools: list[ServerPool] = []
+        self._pool_policies = self._check_pools()
+
+    def _check_pools(self) -> list[tuple[PoolSpec, Policy]]:
+        """Each pool's policy, checked as a request's would be (a pool no
+        request could match is an error); ``CorralError`` naming the pool."""
+        found: list[tuple[PoolSpec, Policy]] = []
+        for spec in self.config.pools:
+            try:
+                path = Path(spec.policy)
+                named = Policy.load(path) if path.suffix == ".toml" or "/" in spec.policy else None
+                policy = self.resolve_policy(named.to_dict() if named else spec.policy)
+                if spec.runtime is not None and _runtime.find(spec.runtime) is None:
+                    raise CorralError(
+                        f"runtime: no runtime named {spec.runtime!r} "
+                        f"(corral runtime install {spec.runtime})"
+                    )
+            except (CorralError, ValueError, OSError) as exc:
+                raise CorralError(f"--pool {spec.label}: {exc}") from None
+            if any(p == policy and s.runtime == spec.runtime for s, p in found):
+                raise CorralError(f"--pool {spec.label}: two pools for the same policy and runtime")
+            found.append((spec, policy))
+        return found
+
+    def _pool_counts(self) -> dict[str, dict[str, int]]:
+        return {
+            pool.spec.label: {
+                "ready": pool.ready,
+                "starting": pool.starting,
+                "hits": pool.hits,
+                "misses": pool.misses,
+                "dropped": pool.dropped,
+            }
+            for pool in self.pools
+        }
+
+    def _pool_for(self, policy: Policy, runtime: str | None) -> ServerPool | None:
+        for pool in self.pools:
+            if pool.runtime == runtime and pool.policy == policy:
+                return pool
+        return None
 
     def _server_counts(self) -> dict[str, int]:
         gc.collect()  # count what is alive, not garbage awaiting the cyclic collector
@@ -137,10 +188,35 @@ class Service:
             )
             self.metrics.ended("server_restarted")
         self._purge_expired()
+        # pooled boxes of a killed server: a workspace no record names
+        await asyncio.to_thread(self._remove_orphan_workspaces)
         self._reaper = asyncio.ensure_future(self._reap())
         self._sampler = asyncio.ensure_future(self._sample())
+        gate = asyncio.Semaphore(self.config.pool_max_starting or _pool_starts())
+        for spec, policy in self._pool_policies:
+            pool = ServerPool(
+                spec,
+                policy,
+                backend=self.config.backend,
+                workspaces=self.workspaces,
+                gate=gate,
+                max_starting=self.config.pool_max_starting or _pool_starts(),
+                on_event=self._network_event_of,
+            )
+            self.pools.append(pool)
+            self.metrics.pool_declared(spec.label)
+            await pool.start()
+
+    def _remove_orphan_workspaces(self) -> None:
+        for entry in os.scandir(self.workspaces):
+            if self.store.get_sandbox(entry.name) is None:
+                with contextlib.suppress(OSError):  # tried again at the next start
+                    remove_tree(Path(entry.path))
 
     async def stop(self) -> None:
+        # refills stop first: nothing new starts while the server ends
+        pools, self.pools = self.pools, []
+        await asyncio.gather(*(pool.close() for pool in pools), return_exceptions=True)
         for task in (self._reaper, self._sampler):
             if task is not None:
                 task.cancel()
@@ -223,28 +299,39 @@ class Service:
         if env:
             policy = policy.with_env(env)
         self._check_key_limits(key, policy)
+        pool = None if network_approval else self._pool_for(policy, runtime)
         async with self._create_lock:  # quota check and insert as one step
             self._check_quota(key, policy)
-            sandbox = AsyncSandbox(
-                policy, timeout_s=None, runtime=runtime, backend=self.config.backend
-            )
+            pooled = await self._from_pool(pool) if pool is not None else None
+            if pooled is not None:
+                sandbox = pooled
+            else:
+                sandbox = AsyncSandbox(
+                    policy, timeout_s=None, runtime=runtime, backend=self.config.backend
+                )
+                (self.workspaces / sandbox.id).mkdir(mode=0o700)
             workspace = self.workspaces / sandbox.id
-            workspace.mkdir(mode=0o700)
             now = time.time()
-            self.store.insert_sandbox(
-                id=sandbox.id,
-                key_id=key.id,
-                policy=policy.to_dict(),
-                metadata=dict(metadata),
-                runtime=runtime,
-                memory_bytes=policy.limits.memory_bytes,
-                disk_bytes=policy.limits.disk_bytes,
-                created_at=now,
-                expires_at=now + timeout_s,
-                idle_timeout_s=idle_timeout_s,
-                instance=self.instance,
-            )
-            self._starting += 1  # a slot, held while the box starts
+            try:
+                self.store.insert_sandbox(
+                    id=sandbox.id,
+                    key_id=key.id,
+                    policy=policy.to_dict(),
+                    metadata=dict(metadata),
+                    runtime=runtime,
+                    memory_bytes=policy.limits.memory_bytes,
+                    disk_bytes=policy.limits.disk_bytes,
+                    created_at=now,
+                    expires_at=now + timeout_s,
+                    idle_timeout_s=idle_timeout_s,
+                    instance=self.instance,
+                )
+            except BaseException:
+                if pool is not None and pooled is not None:  # a running box nobody owns
+                    await pool.discard(pooled)
+                raise
+            if pooled is None:
+                self._starting += 1  # a slot, held while the box starts
         live = Live(
             sandbox,
             key,
@@ -255,7 +342,10 @@ class Service:
             self.metrics,
             self.objects["OutputLog"].add,
         )
-        await self._launch(live, network_approval)
+        if pooled is not None:
+            self._register(live)
+        else:
+            await self._launch(live, network_approval)
         self.store.audit(
             "sandbox.create",
             key_id=key.id,
@@ -263,10 +353,25 @@ class Service:
             policy=policy.name,
             metadata=dict(metadata),
             timeout_s=timeout_s,
+            pooled=pooled is not None,
         )
         row = self.store.get_sandbox(sandbox.id)
         assert row is not None
         return row
+
+    async def _from_pool(self, pool: ServerPool) -> AsyncSandbox | None:
+        """A checked box of ``pool``, or None (a miss: the caller starts one cold)."""
+        try:
+            sandbox = await pool.take_ready()
+        except CorralError:  # the pool closed: the server is stopping
+            sandbox = None
+        if sandbox is None:
+            pool.misses += 1
+            self.metrics.pool_taken(pool.spec.label, hit=False)
+        else:
+            pool.hits += 1
+            self.metrics.pool_taken(pool.spec.label, hit=True)
+        return sandbox
 
     def _check_request(
         self, key: ApiKey, timeout_s: float, idle_timeout_s: float | None, runtime: str | None
@@ -367,9 +472,16 @@ class Service:
                 self._starting -= 1
                 self._seal_workspace(sandbox_id)
             raise
+        self._starting -= 1
+        self._register(live)
+
+    def _register(self, live: Live) -> None:
+        """A started box is live: the reaper, the sampler and the API see it."""
+        sandbox_id = live.sandbox.id
+        self.objects["AsyncSandbox"].add(live.sandbox)
+        self.objects["Live"].add(live)
         self.live[sandbox_id] = live
         self.usage_series[sandbox_id] = UsageHistory.new(self.config.usage)
-        self._starting -= 1
         self.metrics.created()
 
     def info(self, row: SandboxRow) -> dict[str, Any]:
@@ -665,6 +777,12 @@ class Service:
                 del self.usage_series[sandbox_id]
 
     # -- network -------------------------------------------------------------------
+
+    def _network_event_of(self, sandbox_id: str, event: NetworkEvent) -> None:
+        """A pooled box's event: its key is the one it was handed to."""
+        live = self.live.get(sandbox_id)
+        if live is not None:
+            self._network_event(live.key.id, sandbox_id, event)
 
     def _network_event(self, key_id: str, sandbox_id: str, event: NetworkEvent) -> None:
         self.metrics.proxy_decision(event.allowed)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from corral._errors import CorralError
 from corral._policy import Policy
 from corral.backends._base import BoxSpec, Check, refuse_image
-from corral.backends.bwrap._argv import BWRAP_INSTALL_HINT, PROXY_ENV, find_bwrap
+from corral.backends.bwrap._argv import BWRAP_INSTALL_HINT, find_bwrap, proxy_env
 from corral.backends.bwrap._box import BwrapBox, sweep_orphans
 from corral.backends.linux._checks import linux_checks
 from corral.backends.linux._facts import check_bind_sources, gather_host_facts
@@ -44,7 +44,7 @@ class BwrapBackend:
         find_bwrap()
         check_bind_sources(policy)
         if policy.network.mode == "allowlist":
-            policy = policy.with_env({**PROXY_ENV, **dict(policy.env)}, replace=True)
+            policy = policy.with_env({**proxy_env(), **dict(policy.env)}, replace=True)
         facts = self._facts or gather_host_facts()
         return make_plans(policy, facts).degraded
 

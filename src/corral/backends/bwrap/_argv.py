@@ -20,24 +20,30 @@ from corral._errors import HostToolMissing
 from corral._policy import Policy
 from corral.backends.linux import _seccomp
 from corral.backends.linux._procbox import find_util
-from corral.net._proxy import PORT as PROXY_PORT
 from corral.plan import Plans, _capabilities, _mounts, _namespaces
 
 BWRAP_INSTALL_HINT = (
     "install it with: sudo apt-get install bubblewrap (Fedora: dnf install bubblewrap)"
 )
 MIN_BWRAP = (0, 8, 0)  # --disable-userns, --size, --perms, --ro-bind-data
-_PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
-PROXY_ENV = {
-    name: value
-    for base, value in (
-        ("http_proxy", _PROXY_URL),
-        ("https_proxy", _PROXY_URL),
-        ("all_proxy", _PROXY_URL),
-        ("no_proxy", "localhost,127.0.0.1,::1"),
-    )
-    for name in (base, base.upper())
-}
+
+
+def proxy_env() -> dict[str, str]:
+    """The proxy variables of a box in network mode allowlist (the proxy is
+    imported here, not at start: ``corral run`` without a network never needs it)."""
+    from corral.net._proxy import PORT
+
+    url = f"http://127.0.0.1:{PORT}"
+    return {
+        name: value
+        for base, value in (
+            ("http_proxy", url),
+            ("https_proxy", url),
+            ("all_proxy", url),
+            ("no_proxy", "localhost,127.0.0.1,::1"),
+        )
+        for name in (base, base.upper())
+    }
 
 
 @dataclass(frozen=True, slots=True)

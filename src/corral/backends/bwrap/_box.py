@@ -36,6 +36,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from corral._errors import HostToolMissing, SandboxError
 from corral._policy import Policy
@@ -47,7 +48,7 @@ from corral.backends._process import (
     read_available,
     reaped,
 )
-from corral.backends.bwrap._argv import PROXY_ENV, _Fds, render_argv
+from corral.backends.bwrap._argv import _Fds, proxy_env, render_argv
 from corral.backends.linux import _cgroups, _workdir
 from corral.backends.linux._facts import check_bind_sources
 from corral.backends.linux._identity import (
@@ -55,11 +56,11 @@ from corral.backends.linux._identity import (
     acquire_host_identity,
     release_host_identity,
 )
-from corral.backends.linux._netns import NetnsError, prepare_allowlist
 from corral.backends.linux._procbox import CgroupProcessBox, find_util
-from corral.net._proxy import Proxy
-from corral.net._rules import Rules
 from corral.plan import HostFacts, Plans, _mounts, make_plans
+
+if TYPE_CHECKING:  # imported when a box has a network (mode allowlist)
+    from corral.net._proxy import Proxy
 
 _KILL_GRACE_S = 2.0  # after the box's init was killed, before bwrap itself is
 
@@ -144,7 +145,7 @@ class BwrapBox(CgroupProcessBox):
         if policy.network.mode == "allowlist":
             # every common tool finds the proxy from these (curl, pip, npm, git,
             # Python, Node): upper and lower case both; the policy's own win
-            policy = policy.with_env({**PROXY_ENV, **dict(policy.env)}, replace=True)
+            policy = policy.with_env({**proxy_env(), **dict(policy.env)}, replace=True)
         workspace_source = None
         if spec.workdir is not None:
             path = Path(spec.workdir).resolve()
@@ -261,6 +262,11 @@ class BwrapBox(CgroupProcessBox):
             self.slirp = await _start_slirp(box_pid, fds)
         if self.policy.network.mode == "allowlist":
             net = self.policy.network
+            # imported here: a box without a network never loads the proxy
+            from corral.backends.linux._netns import NetnsError, prepare_allowlist
+            from corral.net._proxy import Proxy
+            from corral.net._rules import Rules
+
             self.proxy = Proxy(
                 Rules(net.allow, net.deny),
                 hosts=dict(net.hosts),
