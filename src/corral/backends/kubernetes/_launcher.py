@@ -76,10 +76,10 @@ def main() -> None:
         os.chmod(path, mode)
     env = dict(header["env"])
     argv = header["argv"]
-    null = os.open(os.devnull, os.O_RDWR)
     if header["channel"]:
         os.dup2(0, 3)
         os.dup2(1, 4)
+        null = os.open(os.devnull, os.O_RDWR)  # above 4 now: 0-4 are taken
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.close(null)
@@ -93,7 +93,6 @@ def main() -> None:
         os.dup2(r, 0)
         os.close(r)
         os.close(w)
-        os.close(null)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         _prepare(header)
         _exec(argv, env)
