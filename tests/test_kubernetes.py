@@ -73,14 +73,18 @@ def test_pod_isolation_fields() -> None:
     spec = pod["spec"]
     (container,) = spec["containers"]
     ctx = container["securityContext"]
-    assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == policy.identity.uid
-    assert ctx["allowPrivilegeEscalation"] is False and ctx["privileged"] is False
+    assert ctx["runAsNonRoot"] is True
+    assert ctx["runAsUser"] == policy.identity.uid
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["privileged"] is False
     assert ctx["capabilities"] == {"drop": ["ALL"]}
     assert ctx["readOnlyRootFilesystem"] is True
     assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
     assert spec["automountServiceAccountToken"] is False
     assert spec["enableServiceLinks"] is False
-    assert not (spec["hostNetwork"] or spec["hostPID"] or spec["hostIPC"])
+    assert not (spec["hostNetwork"])
+    assert not (spec["hostPID"])
+    assert not (spec["hostIPC"])
     assert all("hostPath" not in v for v in spec["volumes"])
     limits = container["resources"]["limits"]
     assert limits == {
@@ -142,7 +146,8 @@ def test_facts_from_env_names_the_bad_variable() -> None:
     facts = facts_from_env(
         {"CORRAL_K8S_NETWORK_POLICY": "enforced", "CORRAL_K8S_REQUEST_RATIO": "0.1"}
     )
-    assert facts.network_policy_enforced and facts.request_ratio == 0.1
+    assert facts.network_policy_enforced
+    assert facts.request_ratio == 0.1
     with pytest.raises(ValueError, match="CORRAL_K8S_REQUEST_RATIO"):
         facts_from_env({"CORRAL_K8S_REQUEST_RATIO": "2"})
     with pytest.raises(ValueError, match="CORRAL_K8S_NETWORK_POLICY"):
@@ -165,7 +170,8 @@ def test_exec_status() -> None:
     ).encode()
     assert parse_status(failed).exit_code == 3
     broken = parse_status(b'{"status":"Failure","message":"container not found"}')
-    assert broken.exit_code is None and "container not found" in broken.message
+    assert broken.exit_code is None
+    assert "container not found" in broken.message
     assert parse_status(b"not json").exit_code is None
 
 

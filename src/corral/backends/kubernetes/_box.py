@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,9 @@ class KubernetesBox:
         self.spec = spec
         self.policy = spec.policy
         self._degraded = degraded
+        # a caller's image (BoxSpec.image, where this corral has it) over the backend's
+        image = getattr(spec, "image", None)
+        self.facts = dataclasses.replace(backend.facts, image=image) if image else backend.facts
         self.box_id = secrets.token_hex(6)
         self.name = f"corral-{self.box_id}"
         self.namespace = self.cluster.namespace
@@ -214,7 +218,7 @@ class KubernetesBox:
         from kubernetes.client.exceptions import ApiException
 
         inputs = self._inputs()
-        pod = _render.render_pod(self.policy, self.backend.facts, inputs)
+        pod = _render.render_pod(self.policy, self.facts, inputs)
         self.cluster.follow(self.name, self._on_pod_event)
         try:
             # the NetworkPolicy first: it selects the Pod by label from its first packet
@@ -313,7 +317,7 @@ class KubernetesBox:
                 self._running.set_exception(
                     SandboxError(
                         f"the Pod {self.name} cannot start: {waiting.reason}: "
-                        f"{waiting.message or ''} (image {self.backend.facts.image!r})".replace(
+                        f"{waiting.message or ''} (image {self.facts.image!r})".replace(
                             ":  (", " ("
                         )
                     )
