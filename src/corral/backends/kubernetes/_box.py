@@ -313,18 +313,18 @@ class KubernetesBox:
         if not self._running.done():
             if container is not None and container.state and container.state.running:
                 self._running.set_result(None)
-            elif waiting is not None and waiting.reason in _WAITING_FAILURES:
+            elif (waiting is not None and waiting.reason in _WAITING_FAILURES) or (
+                self._pod_terminated.is_set()
+            ):
+                state = terminated or waiting
+                why = f"{state.reason}: {state.message or ''}" if state is not None else ""
                 self._running.set_exception(
                     SandboxError(
-                        f"the Pod {self.name} cannot start: {waiting.reason}: "
-                        f"{waiting.message or ''} (image {self.facts.image!r})".replace(
-                            ":  (", " ("
-                        )
+                        f"the Pod {self.name} cannot start{self._pod_summary()}: "
+                        f"{why.strip(': ') or self.end_reason or 'no reason given'} "
+                        f"(its image {self.facts.image!r} must be present on the node and "
+                        f"have {PYTHON})"
                     )
-                )
-            elif self._pod_terminated.is_set():
-                self._running.set_exception(
-                    SandboxError(f"the Pod {self.name} ended before it ran{self._pod_summary()}")
                 )
         if self._pod_terminated.is_set() and self._exec is None and not self._ended.done():
             self._ended.set_result(ExecStatus(None, self.end_reason or "the Pod ended"))

@@ -1,0 +1,161 @@
+"""The kubernetes backend on a real cluster: ``scripts/dev-cluster`` (Kubernetes
+1.20 in a network namespace of its own), or the cluster ``CORRAL_K8S_TEST_KUBECONFIG``
+names. Skipped only when no cluster can run here, with the reason.
+
+The conformance suite (``corral.testing``) and the audit's probes run against
+it, then what is the backend's own: the limit a Pod's status reports, the
+Pods and NetworkPolicies left after close (none), the sweep of a dead
+owner's Pods, an image without python3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral import AsyncSandbox, Policy
+from corral._errors import SandboxError
+from corral._run import run_async
+from corral.backends.kubernetes import ClusterFacts, KubernetesBackend
+from corral.backends.kubernetes._render import OWNER_LABEL
+from corral.testing import BACKEND_CHECKS
+from tests._k8s_image import box_image
+
+NAMESPACE = "corral-test"
+DEV_CLUSTER = Path(__file__).resolve().parent.parent / "scripts" / "dev-cluster"
+_QUICK = Policy.preset("default").with_limits(wall_time_s=60.0)
+
+
+@pytest.fixture(scope="module")
+def kubeconfig() -> str:
+    given = os.environ.get("CORRAL_K8S_TEST_KUBECONFIG")
+    if given:
+        return given
+    try:
+        from tests import _cluster  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        pytest.skip("no scripts/dev-cluster in this tree and CORRAL_K8S_TEST_KUBECONFIG unset")
+    why = _cluster.available()
+    if why is not None:
+        pytest.skip(why)
+    path: str = _cluster.kubeconfig()
+    return path
+
+
+@pytest.fixture(scope="module")
+def image(kubeconfig: str) -> str:
+    return box_image(DEV_CLUSTER)
+
+
+@pytest.fixture(scope="module")
+def backend(kubeconfig: str, image: str) -> Iterator[KubernetesBackend]:
+    from kubernetes.client.exceptions import ApiException
+
+    backend = KubernetesBackend(NAMESPACE, kubeconfig=kubeconfig, facts=ClusterFacts(image=image))
+    try:
+        backend.cluster.core.create_namespace({"metadata": {"name": NAMESPACE}})
+    except ApiException as exc:
+        if exc.status != 409:  # already there
+            raise
+    yield backend
+    backend.cluster.pool.shutdown(wait=False)
+
+
+def _ours(backend: KubernetesBackend) -> tuple[list[str], list[str]]:
+    """The Pods and NetworkPolicies this process owns now."""
+    cluster = backend.cluster
+    selector = f"{OWNER_LABEL}={cluster.owner}"
+    pods = cluster.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
+    nps = cluster.net.list_namespaced_network_policy(NAMESPACE, label_selector=selector).items
+    return [p.metadata.name for p in pods], [n.metadata.name for n in nps]
+
+
+@pytest.mark.parametrize("check", list(BACKEND_CHECKS))
+async def test_conforms(backend: KubernetesBackend, check: str) -> None:
+    await BACKEND_CHECKS[check](backend)
+    assert await asyncio.to_thread(_ours, backend) == ([], [])
+
+
+async def test_a_sandbox_runs_commands_files_and_a_terminal(backend: KubernetesBackend) -> None:
+    async with AsyncSandbox(_QUICK, runtime=None, backend=backend) as sb:
+        await sb.files.write("dir/a.txt", b"hello")
+        result = await sb.commands.run("cat dir/a.txt; id -u; pwd; echo $HOME")
+        assert result.stdout == f"hello\n{_QUICK.identity.uid}\n/workspace\n/workspace\n".encode()
+        assert (await sb.files.read("dir/a.txt")) == b"hello"
+        big = os.urandom(3 << 20)  # larger than the exec stream's frames and the agent's window
+        await sb.files.write("big", big)
+        assert (await sb.files.read("big")) == big
+        entries = await sb.files.list(".")
+        assert {e.name for e in entries} >= {"dir", "big"}
+    assert await asyncio.to_thread(_ours, backend) == ([], [])
+
+
+async def test_the_memory_limit_is_read_from_the_pod_status(backend: KubernetesBackend) -> None:
+    policy = _QUICK.with_limits(memory_bytes=64 << 20)
+    result = await run_async(
+        ["/usr/bin/python3", "-c", "x = bytearray(512 << 20); x[::4096] = b'x' * len(x[::4096])"],
+        policy=policy,
+        backend=backend,
+    )
+    assert result.exit_code == 137, result
+    assert result.limit_hit == "memory", result
+
+
+async def test_a_sigkill_that_was_not_the_memory_limit_is_not_called_one(
+    backend: KubernetesBackend,
+) -> None:
+    result = await run_async(["/bin/sh", "-c", "kill -9 $$"], policy=_QUICK, backend=backend)
+    assert (result.exit_code, result.limit_hit) == (137, None), result
+
+
+async def test_the_box_cannot_reach_the_api_server_or_anything_else(
+    backend: KubernetesBackend,
+) -> None:
+    """No service account token, no Service variables, no route off its bridge."""
+    code = (
+        "import os\n"
+        "print(os.path.exists('/var/run/secrets/kubernetes.io/serviceaccount/token'))\n"
+        "print(sorted(k for k in os.environ if k.startswith('KUBERNETES')))\n"
+        "print([l.split()[1] for l in open('/proc/net/route').readlines()[1:]])\n"
+    )
+    result = await run_async(["/usr/bin/python3", "-c", code], policy=_QUICK, backend=backend)
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "False", result
+    assert lines[1] == "[]", result
+    assert "00000000" not in lines[2], f"a default route in the box: {lines[2]}"
+
+
+async def test_an_image_without_python_is_refused_clearly(
+    kubeconfig: str, backend: KubernetesBackend
+) -> None:
+    from tests import _cluster  # type: ignore[attr-defined,unused-ignore]
+
+    other = KubernetesBackend(
+        NAMESPACE, kubeconfig=kubeconfig, facts=ClusterFacts(image=_cluster.BUSYBOX_IMAGE)
+    )
+    with pytest.raises(SandboxError, match="python3"):
+        await AsyncSandbox(_QUICK, runtime=None, backend=other).start()
+    assert await asyncio.to_thread(_ours, other) == ([], [])
+
+
+async def test_sweep_deletes_the_pods_of_a_dead_owner(backend: KubernetesBackend) -> None:
+    from corral.backends.kubernetes._render import PodInputs, render_pod
+
+    cluster = backend.cluster
+    dead_owner = f"{cluster.owner.split('.')[0]}.999999999.1"
+    inputs = PodInputs(name="corral-orphan-test", box_id="orphan", owner=dead_owner, one_shot=True)
+    pod = render_pod(_QUICK, backend.facts, inputs)
+    await asyncio.to_thread(cluster.core.create_namespaced_pod, NAMESPACE, pod)
+    await backend.sweep()
+    names = [
+        p.metadata.name
+        for p in cluster.core.list_namespaced_pod(
+            NAMESPACE, label_selector=f"{OWNER_LABEL}={dead_owner}"
+        ).items
+        if p.metadata.deletion_timestamp is None
+    ]
+    assert names == []
