@@ -113,9 +113,8 @@ async def main(args: argparse.Namespace) -> None:
         os.environ["CORRAL_K8S_REQUEST_RATIO"] = "0.01"
         small = KubernetesBackend(args.namespace, facts=facts_from_env())
         elapsed, failed = await _burst(small, args.burst)
-        print(
-            f"{f'{args.burst} sandboxes at once: all ready':<44} {elapsed:8.2f} s  ({failed} failed)"
-        )
+        name = f"{args.burst} sandboxes at once: all ready"
+        print(f"{name:<44} {elapsed:8.2f} s  ({failed} failed)")
 
 
 if __name__ == "__main__":
