@@ -162,9 +162,9 @@ class KubernetesBackend:
     def doctor(self) -> list[Check]:
         try:
             cluster = self.cluster
-            version = cluster.api_client.call_api(
-                "/version", "GET", response_type="VersionInfo", _return_http_data_only=True
-            )
+            from kubernetes.client import VersionApi
+
+            version = VersionApi(cluster.api_client).get_code()
         except CorralError as exc:
             return [Check("kubernetes", "fail", str(exc), "set KUBECONFIG to your cluster's")]
         except Exception as exc:  # any transport failure says the same
