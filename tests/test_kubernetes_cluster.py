@@ -159,3 +159,17 @@ async def test_sweep_deletes_the_pods_of_a_dead_owner(backend: KubernetesBackend
         if p.metadata.deletion_timestamp is None
     ]
     assert names == []
+
+
+async def test_a_warm_pool_of_pods(backend: KubernetesBackend) -> None:
+    """The pool interface as it is: ready Pods handed out, the rest deleted at close."""
+    from corral import AsyncPool
+
+    async with AsyncPool(_QUICK, runtime=None, kernels=(), size=2, backend=backend) as pool:
+        await pool.wait_ready(180)
+        sb = await pool.take()
+        try:
+            assert (await sb.commands.run("echo pooled")).stdout == b"pooled\n"
+        finally:
+            await sb.close()
+    assert await asyncio.to_thread(_ours, backend) == ([], [])
