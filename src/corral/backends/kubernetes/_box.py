@@ -357,7 +357,7 @@ class KubernetesBox:
 
         api = client.ApiClient(self.cluster.configuration)
         try:
-            stream(
+            ws = stream(
                 client.CoreV1Api(api).connect_get_namespaced_pod_exec,
                 self.name,
                 self.namespace,
@@ -367,8 +367,13 @@ class KubernetesBox:
                 stdout=True,
                 stderr=True,
                 tty=False,
-                _request_timeout=_EVIDENCE_TIMEOUT_S,
+                _preload_content=False,  # preloaded, the client never closes its socket
             )
+            try:
+                ws.run_forever(timeout=_EVIDENCE_TIMEOUT_S)
+            finally:
+                ws.close()
+                ws.sock.shutdown()  # close() leaves it open once the peer has closed
         finally:
             api.close()  # type: ignore[no-untyped-call]
 
@@ -388,6 +393,7 @@ class KubernetesBox:
             if exc.status != 404:
                 raise SandboxError(f"cannot delete the Pod {self.name}: {exc.reason}") from exc
             self._pod_gone.set()
+            self._pod_terminated.set()
 
     async def _close(self) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -398,9 +404,11 @@ class KubernetesBox:
                     self._killed = True
                     self._kill_task = asyncio.ensure_future(self._delete_pod())
                 await asyncio.shield(self._kill_task)
-                if not self._pod_gone.is_set():
+                # until every process of the box has ended (its container terminated);
+                # the kubelet then removes the Pod object itself (on 1.20 up to ~20 s later)
+                if not self._pod_terminated.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._pod_gone.wait(), _DELETE_TIMEOUT_S)
+                        await asyncio.wait_for(self._pod_terminated.wait(), _DELETE_TIMEOUT_S)
             if self._netpol:
                 with contextlib.suppress(ApiException):
                     await self.cluster.call(
@@ -410,6 +418,7 @@ class KubernetesBox:
             self.cluster.unfollow(self.name)
             if self._exec is not None:
                 self._exec.close_stream()
+                self._exec.end_input()
                 await self.cluster.call(self._exec.join, 5.0)
                 self._exec.close()
             if not self._ended.done():

@@ -174,6 +174,9 @@ class ExecStream:
             self._closed.set()
             with contextlib.suppress(Exception):
                 self._ws.close()
+            # a stream the peer closed first is not "connected": close() then
+            # leaves its socket open, so it is closed here whatever happened
+            self._ws.sock.shutdown()
             self._on_end(status)
 
     def _write(self) -> None:
@@ -195,10 +198,18 @@ class ExecStream:
         with contextlib.suppress(Exception):
             self._ws.sock.sock.shutdown(2)  # socket.SHUT_RDWR: wakes the reader
 
+    def end_input(self) -> None:
+        """Close the host's stdin end: the writer thread reads its end and ends."""
+        with contextlib.suppress(OSError):
+            if self.host_stdin >= 0:
+                os.close(self.host_stdin)
+        self.host_stdin = -1
+
     def close(self) -> None:
         """``close_stream``, then close the host's pipe ends (once the threads are done)."""
         self.close_stream()
-        for fd in (self.host_stdin, self.host_stdout, self.host_stderr):
+        self.end_input()
+        for fd in (self.host_stdout, self.host_stderr):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.host_stdin = self.host_stdout = self.host_stderr = -1

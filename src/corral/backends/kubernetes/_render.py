@@ -34,11 +34,14 @@ AGENT_BYTES = 16 << 20  # the agent's emptyDir (its three files, a few hundred K
 DEADLINE_SLACK_S = 30
 
 # pid 1 of the box: reaps every orphan (commands run by exec are its
-# children's children, reparented to it) and ends on SIGTERM. sigwait, not a
-# handler: a SIGCHLD between the last reap and the wait is never lost.
+# children's children, reparented to it) and ends on SIGTERM. The signals get
+# a handler (a namespace's init never receives one left at SIG_DFL) but stay
+# blocked: sigwait takes them, so a SIGCHLD between the last reap and the wait
+# is never lost.
 PID1 = (
     "import os, signal\n"
     "s = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}\n"
+    "for n in s: signal.signal(n, lambda *a: None)\n"
     "signal.pthread_sigmask(signal.SIG_BLOCK, s)\n"
     "while True:\n"
     "    try:\n"
