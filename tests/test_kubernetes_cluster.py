@@ -62,7 +62,10 @@ def image(kubeconfig: str) -> str:
 def backend(kubeconfig: str, image: str) -> Iterator[KubernetesBackend]:
     from kubernetes.client.exceptions import ApiException
 
-    backend = KubernetesBackend(NAMESPACE, kubeconfig=kubeconfig, facts=ClusterFacts(image=image))
+    # requests at a tenth of the limits: a pool's Pods and the conformance's boxes fit a
+    # 2-core node's CPU requests together (the limits, the isolation, stay the policy's)
+    facts = ClusterFacts(image=image, request_ratio=0.1)
+    backend = KubernetesBackend(NAMESPACE, kubeconfig=kubeconfig, facts=facts)
     try:
         backend.cluster.core.create_namespace({"metadata": {"name": NAMESPACE}})
     except ApiException as exc:
@@ -95,7 +98,7 @@ async def test_conforms(backend: KubernetesBackend, check: str) -> None:
 async def test_a_sandbox_runs_commands_files_and_a_terminal(backend: KubernetesBackend) -> None:
     async with AsyncSandbox(_QUICK, runtime=None, backend=backend) as sb:
         await sb.files.write("dir/a.txt", b"hello")
-        result = await sb.commands.run("cat dir/a.txt; id -u; pwd; echo $HOME")
+        result = await sb.commands.run("cat dir/a.txt; echo; id -u; pwd; echo $HOME")
         assert result.stdout == f"hello\n{_QUICK.identity.uid}\n/workspace\n/workspace\n".encode()
         assert (await sb.files.read("dir/a.txt")) == b"hello"
         big = os.urandom(3 << 20)  # larger than the exec stream's frames and the agent's window

@@ -215,27 +215,28 @@ class KubernetesBox:
         )
 
     async def _create(self) -> None:
-        from kubernetes.client.exceptions import ApiException
-
         inputs = self._inputs()
         pod = _render.render_pod(self.policy, self.facts, inputs)
         self.cluster.follow(self.name, self._on_pod_event)
+        # one call on a thread, which records what exists as it goes: cancelled,
+        # the call still finishes (Cluster.call), and aclose deletes what it made
+        await self.cluster.call(self._create_objects, inputs, pod)
+
+    def _create_objects(self, inputs: _render.PodInputs, pod: dict[str, Any]) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        cluster = self.cluster
         try:
             # the NetworkPolicy first: it selects the Pod by label from its first packet
-            await self.cluster.call(
-                self.cluster.net.create_namespaced_network_policy,
-                self.namespace,
-                _render.render_network_policy(inputs),
+            cluster.net.create_namespaced_network_policy(
+                self.namespace, _render.render_network_policy(inputs)
             )
             self._netpol = True
-            created = await self.cluster.call(
-                self.cluster.core.create_namespaced_pod, self.namespace, pod
-            )
+            created = cluster.core.create_namespaced_pod(self.namespace, pod)
             self._pod_created = True
             self.pod_uid = created.metadata.uid
             # the Pod owns its NetworkPolicy: the garbage collector removes both together
-            await self.cluster.call(
-                self.cluster.net.patch_namespaced_network_policy,
+            cluster.net.patch_namespaced_network_policy(
                 self.name,
                 self.namespace,
                 {"metadata": {"ownerReferences": [_pod_owner_ref(self.name, self.pod_uid)]}},
@@ -263,16 +264,18 @@ class KubernetesBox:
             "channel": spec.stdio == "channel",
         }
         payload = launcher_payload(header, [f.content for f in spec.extra_files], spec.stdin)
-        stream = await self.cluster.call(
-            ExecStream.open,
+        await self.cluster.call(self._open_exec, payload)
+
+    def _open_exec(self, payload: bytes) -> None:
+        # on a thread, recorded as soon as it exists: aclose closes it whatever happened
+        self._exec = ExecStream.open(
             self.cluster.configuration,
             self.namespace,
             self.name,
             _render.CONTAINER,
             self._on_exec_end,
         )
-        self._exec = stream
-        await self.cluster.call(stream.start, payload)
+        self._exec.start(payload)
 
     # -- events (from the backend's threads) -------------------------------------------
 
@@ -318,14 +321,19 @@ class KubernetesBox:
             ):
                 state = terminated or waiting
                 why = f"{state.reason}: {state.message or ''}" if state is not None else ""
+                hint = (
+                    f" (its image {self.facts.image!r} must be present on the node and "
+                    f"have {PYTHON})"
+                    if state is not None
+                    else ""
+                )
                 self._running.set_exception(
                     SandboxError(
                         f"the Pod {self.name} cannot start{self._pod_summary()}: "
-                        f"{why.strip(': ') or self.end_reason or 'no reason given'} "
-                        f"(its image {self.facts.image!r} must be present on the node and "
-                        f"have {PYTHON})"
+                        f"{why.strip(': ') or self.end_reason or 'no reason given'}{hint}"
                     )
                 )
+                self._running.exception()  # retrieved: a start given up on awaits it no more
         if self._pod_terminated.is_set() and self._exec is None and not self._ended.done():
             self._ended.set_result(ExecStatus(None, self.end_reason or "the Pod ended"))
 

@@ -119,9 +119,16 @@ class Cluster:
         self._watch_thread: threading.Thread | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` on the backend's threads."""
+        """``fn(*args, **kwargs)`` on the backend's threads. Cancelled, it still
+        waits for the call to finish (a thread cannot be stopped, and a Pod it
+        creates must be known to be deleted), then raises ``CancelledError``."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+        fut = loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait({fut})
+            raise
 
     # -- the watch ---------------------------------------------------------------------
 
