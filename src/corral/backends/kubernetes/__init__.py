@@ -10,7 +10,8 @@ spoken to over an exec stream (``_exec``). Configured from the environment
 ``CORRAL_K8S_NAMESPACE``   the namespace (default: the context's, else ``default``)
 ``CORRAL_K8S_IMAGE``       the box image (default ``corral-box:latest``)
 ``CORRAL_K8S_RUNTIME_CLASS`` a RuntimeClass for every Pod (gVisor, Kata)
-``CORRAL_K8S_SECCOMP_PROFILE`` corral's seccomp profile on the nodes (``Localhost``)
+``CORRAL_K8S_SECCOMP_PROFILE`` the directory, under each node's ``<kubelet root>/seccomp``,
+                           holding ``node_seccomp_profiles()`` (then ``Localhost``)
 ``CORRAL_K8S_NETWORK_POLICY`` ``enforced`` when the CNI enforces NetworkPolicy
 ``CORRAL_K8S_REQUEST_RATIO`` requests = limits x this (default 1: Guaranteed QoS)
 ``CORRAL_K8S_OWNER_POD``   ``<name>/<uid>`` of the Pod corral itself runs in: the
@@ -36,6 +37,7 @@ from corral.backends.kubernetes._render import (
     ClusterFacts,
     PodInputs,
     check,
+    node_seccomp_profiles,
     render_network_policy,
     render_pod,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "KubernetesBackend",
     "KubernetesBox",
     "PodInputs",
+    "node_seccomp_profiles",
     "render_network_policy",
     "render_pod",
 ]

@@ -122,6 +122,8 @@ class Cluster:
         """``fn(*args, **kwargs)`` on the backend's threads. Cancelled, it still
         waits for the call to finish (a thread cannot be stopped, and a Pod it
         creates must be known to be deleted), then raises ``CancelledError``."""
+        from urllib3.exceptions import HTTPError
+
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
         try:
@@ -129,6 +131,9 @@ class Cluster:
         except asyncio.CancelledError:
             await asyncio.wait({fut})
             raise
+        except HTTPError as exc:  # the connection, not the API, failed
+            where = self.configuration.host
+            raise SandboxError(f"the Kubernetes API server {where} did not answer: {exc}") from exc
 
     # -- the watch ---------------------------------------------------------------------
 

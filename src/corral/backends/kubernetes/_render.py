@@ -16,11 +16,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from corral._box import AGENT_DIR
 from corral._errors import UnsupportedPolicy
-from corral._policy import Policy
+from corral._policy import Policy, SeccompProfile, SyscallPolicy
 from corral._runtime import BOX_PATH as RUNTIME_PATH
 
 MANAGED_BY = ("app.kubernetes.io/managed-by", "corral")
@@ -60,10 +60,13 @@ class ClusterFacts:
     ``image``: the box image (any image with ``/usr/bin/python3``; run_code
     needs corral's code runtime at ``/opt/corral/runtime`` in it, as ``corral
     image build`` makes). ``runtime_class``: a RuntimeClass (gVisor, Kata) or
-    None. ``seccomp_localhost``: corral's profile installed on every node
-    under the kubelet's seccomp root (``Localhost``), else None
-    (``RuntimeDefault``). ``network_policy_enforced``: the CNI enforces
-    NetworkPolicy (Calico, Cilium, ...: a bridge CNI does not).
+    None. ``seccomp_localhost``: the directory under every node's kubelet
+    seccomp root (``<kubelet root>/seccomp``) holding corral's profiles as
+    ``<profile>.json`` (``node_seccomp_profiles``; the kubelet's seccomp root
+    is ``--seccomp-profile-root``, /var/lib/kubelet/seccomp by default); the Pod then names the
+    policy's as ``Localhost``. None: ``RuntimeDefault``.
+    ``network_policy_enforced``: the CNI enforces NetworkPolicy (Calico,
+    Cilium, ...: a bridge CNI does not).
     ``request_ratio``: requests = limits x this (1.0: the Guaranteed QoS
     class, the last a node evicts under pressure)."""
 
@@ -156,6 +159,19 @@ def _cpu(cores: float) -> str:
     return f"{max(1, math.ceil(cores * 1000))}m"
 
 
+def node_seccomp_profiles() -> dict[str, str]:
+    """corral's seccomp profiles as the files a node's kubelet reads for a
+    ``Localhost`` profile: ``<profile>.json`` -> the JSON (the engines' format,
+    from the same rules the bwrap backend compiles; see ``engine._seccomp``)."""
+    from corral.backends.engine._seccomp import render as render_profile
+    from corral.plan._seccomp import plan_seccomp
+
+    return {
+        f"{name}.json": render_profile(plan_seccomp(SyscallPolicy(profile=name)))
+        for name in get_args(SeccompProfile)
+    }
+
+
 def labels(inputs: PodInputs) -> dict[str, str]:
     out = {MANAGED_BY[0]: MANAGED_BY[1], BOX_LABEL: inputs.box_id, OWNER_LABEL: inputs.owner}
     if inputs.pool is not None:
@@ -169,7 +185,10 @@ def render_pod(policy: Policy, facts: ClusterFacts, inputs: PodInputs) -> dict[s
     check(policy, facts)
     limits, fs, ident = policy.limits, policy.filesystem, policy.identity
     seccomp: dict[str, str] = (
-        {"type": "Localhost", "localhostProfile": facts.seccomp_localhost}
+        {
+            "type": "Localhost",
+            "localhostProfile": f"{facts.seccomp_localhost}/{policy.syscalls.profile}.json",
+        }
         if facts.seccomp_localhost is not None
         else {"type": "RuntimeDefault"}
     )
