@@ -48,7 +48,7 @@ def test_pod_one_shot_with_runtime_class_and_own_seccomp(
     facts = ClusterFacts(
         image="corral-box:test",
         runtime_class="gvisor",
-        seccomp_localhost="corral/default.json",
+        seccomp_localhost="corral",
         network_policy_enforced=True,
         request_ratio=0.25,
     )
@@ -137,7 +137,7 @@ def test_degraded_notes_follow_the_declared_cluster() -> None:
     assert any(n.startswith("network:") for n in notes)
     assert any(n.startswith("syscalls:") for n in notes)
     assert any(n.startswith("limits.pids:") for n in notes)
-    declared = ClusterFacts("i", seccomp_localhost="corral.json", network_policy_enforced=True)
+    declared = ClusterFacts("i", seccomp_localhost="corral", network_policy_enforced=True)
     assert [n.split(":")[0] for n in check(Policy.preset("default"), declared)] == ["limits.pids"]
 
 
@@ -257,3 +257,21 @@ def test_launcher_channel_moves_the_stream_to_fds_3_and_4(tmp_path: Path) -> Non
     out = _launch(["/usr/bin/python3", "-c", code], tmp_path, channel=True, trailing=b"hello")
     assert out.returncode == 0, out.stderr
     assert out.stdout == b"hello3,4"
+
+
+def test_node_seccomp_profiles_are_corrals_rules() -> None:
+    """The Localhost profiles are the engines' rendering of corral's own rules."""
+    from corral.backends.engine._seccomp import render as render_profile
+    from corral.backends.kubernetes import node_seccomp_profiles
+    from corral.plan._seccomp import plan_seccomp
+
+    profiles = node_seccomp_profiles()
+    assert set(profiles) == {"default.json", "strict.json"}
+    strict = Policy.preset("strict")
+    assert profiles["strict.json"] == render_profile(plan_seccomp(strict.syscalls))
+    facts = ClusterFacts("i", seccomp_localhost="corral")
+    pod = render_pod(strict, facts, INPUTS)
+    assert pod["spec"]["securityContext"]["seccompProfile"] == {
+        "type": "Localhost",
+        "localhostProfile": "corral/strict.json",
+    }
