@@ -299,7 +299,7 @@ class KubernetesBox:
         if kind == "DELETED":
             self._pod_gone.set()
             self._pod_terminated.set()
-            if self.end_reason is None:
+            if self.end_reason is None and not self._ended.done():
                 self.end_reason = "the Pod was deleted"
         terminated = container.state.terminated if container and container.state else None
         waiting = container.state.waiting if container and container.state else None
