@@ -20,7 +20,7 @@ import pytest
 from corral import AsyncSandbox, Policy
 from corral._errors import SandboxError
 from corral._run import run_async
-from corral.backends.kubernetes import ClusterFacts, KubernetesBackend
+from corral.backends.kubernetes import ClusterFacts, KubernetesBackend, node_seccomp_profiles
 from corral.backends.kubernetes._render import OWNER_LABEL
 from corral.testing import BACKEND_CHECKS
 from tests._k8s_image import box_image
@@ -58,13 +58,27 @@ def image(kubeconfig: str) -> str:
     return box_image(DEV_CLUSTER)
 
 
+def _seccomp_profiles() -> str | None:
+    """corral's profiles installed where the dev cluster's kubelet reads them (its
+    node is this host; ``down`` removes /var/lib/kubelet), so the boxes run under
+    corral's rules as ``Localhost``; None for another cluster (RuntimeDefault)."""
+    given = os.environ.get("CORRAL_K8S_TEST_SECCOMP_ROOT")  # another cluster's node root
+    if not given and os.environ.get("CORRAL_K8S_TEST_KUBECONFIG"):
+        return None
+    root = Path(given or "/var/lib/kubelet/seccomp")
+    (root / "corral").mkdir(parents=True, exist_ok=True)
+    for name, text in node_seccomp_profiles().items():
+        (root / "corral" / name).write_text(text)
+    return "corral"
+
+
 @pytest.fixture(scope="module")
 def backend(kubeconfig: str, image: str) -> Iterator[KubernetesBackend]:
     from kubernetes.client.exceptions import ApiException
 
     # requests at a tenth of the limits: a pool's Pods and the conformance's boxes fit a
     # 2-core node's CPU requests together (the limits, the isolation, stay the policy's)
-    facts = ClusterFacts(image=image, request_ratio=0.1)
+    facts = ClusterFacts(image=image, request_ratio=0.1, seccomp_localhost=_seccomp_profiles())
     backend = KubernetesBackend(NAMESPACE, kubeconfig=kubeconfig, facts=facts)
     try:
         backend.cluster.core.create_namespace({"metadata": {"name": NAMESPACE}})
@@ -125,6 +139,21 @@ async def test_a_sigkill_that_was_not_the_memory_limit_is_not_called_one(
 ) -> None:
     result = await run_async(["/bin/sh", "-c", "kill -9 $$"], policy=_QUICK, backend=backend)
     assert (result.exit_code, result.limit_hit) == (137, None), result
+
+
+async def test_corrals_seccomp_rules_hold_in_the_pod(backend: KubernetesBackend) -> None:
+    """With corral's profile as Localhost, what RuntimeDefault lets through is refused."""
+    if backend.facts.seccomp_localhost is None:
+        pytest.skip("corral's profiles are not installed on this cluster's nodes")
+    code = (
+        "import ctypes, errno, socket\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.syscall(101, 16, 0, 0, 0) == -1 and errno.errorcode[ctypes.get_errno()])\n"
+        "try:\n    socket.socket(40, socket.SOCK_STREAM)\nexcept OSError as e:\n"
+        "    print(errno.errorcode[e.errno])\n"
+    )
+    result = await run_async(["/usr/bin/python3", "-c", code], policy=_QUICK, backend=backend)
+    assert result.stdout.decode().split() == ["EPERM", "EPERM"], result  # ptrace, AF_VSOCK
 
 
 async def test_the_box_cannot_reach_the_api_server_or_anything_else(
