@@ -81,9 +81,11 @@ async def _burst(backend: Backend, n: int) -> tuple[float, int]:
     t = time.perf_counter()
     results = await asyncio.gather(*(sb.start() for sb in boxes), return_exceptions=True)
     elapsed = time.perf_counter() - t
-    failed = sum(isinstance(r, BaseException) for r in results)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    for why in sorted({str(e)[:300] for e in errors}):
+        print(f"  a start failed: {why}")
     await asyncio.gather(*(sb.close() for sb in boxes), return_exceptions=True)
-    return elapsed, failed
+    return elapsed, len(errors)
 
 
 def _row(name: str, samples: list[float], base: float | None) -> None:
