@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from corral import Client, Policy
-from corral._netrules import Rules
-from corral._proxy import Proxy
+from corral.net._proxy import Proxy
+from corral.net._rules import Rules
 
 from .conftest import SYSTEM_PYTHON, unprivileged_user
 from .server_helpers import serving

@@ -14,7 +14,7 @@ from xml.etree import ElementTree
 import pytest
 
 from corral import Policy
-from corral._audit import PROBES, ProbeReport, markdown, run_probes
+from corral.audit import PROBES, ProbeReport, markdown, run_probes
 
 from .conftest import UNPRIVILEGED_USER, unprivileged_user
 
@@ -191,4 +191,4 @@ def test_a_failing_probe_fails_the_cli(fake_secret: Path, tmp_path: Path) -> Non
 
 def test_security_md_maps_every_probe() -> None:
     text = (ROOT / "SECURITY.md").read_text()
-    assert markdown() in text, "SECURITY.md's probe table is stale: paste corral._audit.markdown()"
+    assert markdown() in text, "SECURITY.md's probe table is stale: paste corral.audit.markdown()"

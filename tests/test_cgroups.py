@@ -172,6 +172,29 @@ def test_memory_bomb_is_oom_killed(support: CgroupSupport, name: str) -> None:
 
 
 @pytest.mark.root
+def test_stats_count_memory_and_tasks_now(support: CgroupSupport, name: str) -> None:
+    # memory_bytes and pids are readings of now (the charts of corral serve),
+    # not peaks: they rise with a process holding 48 MiB and fall when it ends
+    limits = Limits(memory_bytes=256 << 20, pids=16, cpu_cores=None)
+    writes = _writes(support, limits, "memory", "pids")
+    with SandboxCgroup.create(support, name, writes) as cgroup:
+        before = cgroup.stats()
+        assert before.pids == 0
+        hold = "b = bytearray(48 << 20); b[::4096] = b'1' * len(b[::4096]); sys.stdin.readline()"
+        proc = _python(cgroup, hold)
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        assert _wait_for(lambda: (cgroup.stats().memory_bytes or 0) >= 48 << 20)
+        assert cgroup.stats().pids == 1
+        proc.communicate(b"done\n", timeout=30)
+        after = cgroup.stats()
+        assert after.pids == 0
+        assert after.memory_bytes is not None
+        assert after.memory_bytes < 48 << 20
+
+
+@pytest.mark.root
 def test_fork_bomb_is_capped_and_killed(support: CgroupSupport, name: str) -> None:
     limits = Limits(memory_bytes=None, pids=16, cpu_cores=None)
     with SandboxCgroup.create(support, name, _writes(support, limits, "pids")) as cgroup:

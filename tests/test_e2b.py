@@ -17,7 +17,11 @@ import pytest
 
 from .server_helpers import ServerProcess, serving
 
-E2B_PYTHON = Path(__file__).resolve().parent.parent / ".venv-e2b" / "bin" / "python"
+ROOT = Path(__file__).resolve().parent.parent
+E2B_PYTHON = ROOT / ".venv-e2b" / "bin" / "python"
+# the oldest SDKs that honour E2B_SANDBOX_URL (tests/e2b-*oldest-requirements.txt)
+OLDEST_E2B = ROOT / ".venv-e2b-2.7" / "bin" / "python"  # e2b 2.7.0
+OLDEST_CI = ROOT / ".venv-e2b-ci-2.9" / "bin" / "python"  # e2b-code-interpreter 2.9.0, e2b 2.26.0
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the server tests run as root here"),
@@ -39,7 +43,13 @@ def key(server: ServerProcess) -> str:
     return server.key("e2b")
 
 
-def sdk(server: ServerProcess, key: str, script: str, timeout_s: float = 180) -> str:
+def sdk(
+    server: ServerProcess,
+    key: str,
+    script: str,
+    timeout_s: float = 180,
+    python: Path = E2B_PYTHON,
+) -> str:
     """Run ``script`` under the SDKs' Python; its stdout (it must exit 0)."""
     env = {
         "PATH": "/usr/bin:/bin",
@@ -48,7 +58,7 @@ def sdk(server: ServerProcess, key: str, script: str, timeout_s: float = 180) ->
         "E2B_API_KEY": key,
     }
     out = subprocess.run(
-        [str(E2B_PYTHON), "-c", textwrap.dedent(script)],
+        [str(python), "-c", textwrap.dedent(script)],
         env=env,
         capture_output=True,
         text=True,
@@ -149,6 +159,16 @@ def test_async_sdk_and_listing(server: ServerProcess, key: str) -> None:
         from e2b import SandboxQuery
         from e2b_code_interpreter import AsyncSandbox
 
+        async def settle():
+            # The SDK's HTTP client (pyqwest) completes each request on a tokio
+            # thread that hands the result to the loop with call_soon_threadsafe
+            # and then needs the GIL back once its wake-up write returns. If the
+            # script ends in that window, the thread finds Python finalizing, is
+            # made to pthread_exit, and the forced unwind through Rust frames
+            # aborts the process (SIGABRT after "ok"; seen in core dumps, 3 runs
+            # in 40). Idling the loop a moment lets those threads finish first.
+            await asyncio.sleep(0.2)
+
         async def main():
             boxes = [await AsyncSandbox.create(timeout=60, metadata={"set": "a", "n": str(i)})
                      for i in range(3)]
@@ -172,6 +192,7 @@ def test_async_sdk_and_listing(server: ServerProcess, key: str) -> None:
             await boxes[0].set_timeout(120)
             for b in boxes:
                 await b.kill()
+            await settle()
             print("ok")
 
         asyncio.run(main())
@@ -202,7 +223,9 @@ def test_another_keys_sandbox_is_absent(server: ServerProcess, key: str) -> None
         sid = {sandbox_id!r}
         assert sid not in [s.sandbox_id for s in Sandbox.list().next_items()]
         for call in (lambda: Sandbox.get_info(sid), lambda: Sandbox.connect(sid),
-                     lambda: Sandbox.set_timeout(sid, 30)):
+                     lambda: Sandbox.set_timeout(sid, 30), lambda: Sandbox.pause(sid),
+                     lambda: Sandbox.get_metrics(sid),
+                     lambda: Sandbox.update_network(sid, {{"allow_out": ["pypi.org"]}})):
             try:
                 call()
                 raise SystemExit("another key reached the sandbox")
@@ -254,15 +277,381 @@ def test_timeout_root_and_unsupported(server: ServerProcess, key: str) -> None:
         for call, words in (
             (lambda: sb.commands.run("id", user="root"), "root is never granted"),
             (lambda: sb.files.read("/etc/passwd"), "workspace only"),
-            (lambda: sb.pause(), "pause"),
+            (lambda: Sandbox.create(lifecycle={"on_timeout": "pause"}), "auto-pause"),
             (lambda: Sandbox.create(template="my-custom-template"), "custom template builds"),
-            (lambda: Sandbox.create(allow_internet_access=True), "without network"),
         ):
             try:
                 call()
                 raise SystemExit(f"not refused: {words}")
             except SandboxException as exc:
                 assert words in str(exc), (words, str(exc))
+        sb.kill()
+
+        # allow_internet_access never opens the internet: the default policy
+        # (the older SDKs send True on every create), and the detail says so
+        sb = Sandbox.create(timeout=60, allow_internet_access=True)
+        assert sb.get_info().allow_internet_access is False
+        routes = sb.commands.run("cat /proc/net/route").stdout.splitlines()
+        assert len(routes) == 1, routes  # the header alone: no route out of the box
+        sb.kill()
+        print("ok")
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_pause_resume_and_metrics(server: ServerProcess, key: str) -> None:
+    """pause freezes the box (its processes and memory kept), connect resumes
+    it; metrics come from its cgroup."""
+    out = sdk(
+        server,
+        key,
+        """
+        import time
+        import httpx
+        from e2b import SandboxException, SandboxQuery, SandboxState
+        from e2b_code_interpreter import Sandbox
+
+        sb = Sandbox.create(timeout=120)
+        sb.run_code("kept = 41")
+        h = sb.commands.run("sleep 300", background=True)
+        sb.files.write("blob.bin", b"x" * 100_000)
+        def sample(sandbox_id, wanted):  # the series gains a sample a second
+            for _ in range(150):
+                series = Sandbox.get_metrics(sandbox_id)
+                if series and wanted(series[-1]):
+                    return series
+                time.sleep(0.2)
+            raise SystemExit(f"no sample as wanted: {series}")
+        series = sample(sb.sandbox_id, lambda m: m.disk_used >= 100_000)
+        times = [m.timestamp for m in series]
+        assert times == sorted(times), times
+        m = series[-1]
+        assert m.cpu_count >= 1 and 0 <= m.cpu_used_pct <= 100, m
+        assert 0 < m.mem_used <= m.mem_total and 100_000 <= m.disk_used <= m.disk_total, m
+        later = Sandbox.get_metrics(sb.sandbox_id, start=m.timestamp)
+        assert later and all(x.timestamp >= m.timestamp.replace(microsecond=0) for x in later)
+
+        url = sb.download_url("blob.bin")
+        assert sb.pause() is True
+        assert sb.pause() is False  # already paused (409)
+        assert sb.get_info().state == SandboxState.PAUSED
+        def listed(state):
+            query = SandboxQuery(state=[state])
+            return [s.sandbox_id for s in Sandbox.list(query=query).next_items()]
+        assert sb.sandbox_id in listed(SandboxState.PAUSED)
+        assert sb.sandbox_id not in listed(SandboxState.RUNNING)
+        try:  # traffic to a paused sandbox is refused, not held
+            sb.commands.run("true")
+            raise SystemExit("a paused sandbox ran a command")
+        except SandboxException as exc:
+            assert "is paused" in str(exc), exc
+        r = httpx.get(url, timeout=30)  # a signed URL too
+        assert r.status_code == 409 and "is paused" in r.text, r.text
+        # a paused box is still measured: the memory it holds
+        assert sample(sb.sandbox_id, lambda m: m.mem_used > 0)
+
+        again = Sandbox.connect(sb.sandbox_id)  # resumes it
+        assert again.get_info().state == SandboxState.RUNNING
+        assert again.run_code("kept + 1").text == "42"  # its memory survived
+        assert h.pid in [p.pid for p in again.commands.list()]  # and its processes
+        assert again.commands.run("echo back").stdout == "back\\n"
+        again.kill()
+        print("ok")
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_network_rules_at_create_and_update(server: ServerProcess, key: str) -> None:
+    """``network.allow_out`` is corral's allowlist mode; ``update_network``
+    replaces the rules through the same checks as the native API."""
+    out = sdk(
+        server,
+        key,
+        """
+        from e2b import Sandbox, SandboxException
+
+        sb = Sandbox.create(timeout=60, network={"allow_out": ["pypi.org"]})
+        info = sb.get_info()
+        assert info.network == {"allow_out": ["pypi.org"], "deny_out": []}, info.network
+        assert info.allow_internet_access is False
+        sb.update_network({"allow_out": ["files.pythonhosted.org"], "deny_out": ["8.8.8.8"]})
+        assert sb.get_info().network == {
+            "allow_out": ["files.pythonhosted.org"], "deny_out": ["8.8.8.8"]
+        }
+        plain = Sandbox.create(timeout=60)  # the default policy: no network, no rules
+        for call, words in (
+            (lambda: sb.update_network({"allow_out": ["127.0.0.1"]}), "loopback"),
+            (lambda: Sandbox.create(network={"allow_out": ["10.0.0.1"]}), "private"),
+            (lambda: plain.update_network({"allow_out": ["pypi.org"]}), "not 'allowlist'"),
+        ):
+            try:
+                call()
+                raise SystemExit(f"not refused: {words}")
+            except SandboxException as exc:
+                assert words in str(exc), (words, str(exc))
+        assert sb.get_info().network["allow_out"] == ["files.pythonhosted.org"]
+        plain.kill()
+        sb.kill()
+        print("ok")
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_watch_dir_and_signed_urls(server: ServerProcess, key: str) -> None:
+    """Directory watches, polled (sync SDK) and streamed (async SDK); signed
+    download and upload URLs, refused when tampered with or expired."""
+    out = sdk(
+        server,
+        key,
+        """
+        import asyncio, time
+        import httpx
+        from e2b import AsyncSandbox, FilesystemEventType, Sandbox
+
+        sb = Sandbox.create(timeout=120)
+        sb.files.write("old.txt", "1")
+        w = sb.files.watch_dir("/home/user")
+        sb.files.write("new.txt", "x")
+        sb.files.write("old.txt", "22")
+        sb.files.make_dir("sub")
+        events = {(e.name, e.type) for e in w.get_new_events()}
+        assert events == {
+            ("new.txt", FilesystemEventType.CREATE),
+            ("old.txt", FilesystemEventType.WRITE),
+            ("sub", FilesystemEventType.CREATE),
+        }, events
+        sb.files.remove("new.txt")
+        assert [(e.name, e.type) for e in w.get_new_events()] == [
+            ("new.txt", FilesystemEventType.REMOVE)
+        ]
+        assert w.get_new_events() == []
+        w.stop()
+
+        async def streamed():
+            a = await AsyncSandbox.connect(sb.sandbox_id)
+            seen = []
+            handle = await a.files.watch_dir(
+                "/home/user", on_event=lambda e: seen.append((e.name, e.type)), recursive=True
+            )
+            await a.files.write("sub/deep.txt", "d")
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.05)
+            await handle.stop()
+            assert seen == [("sub/deep.txt", FilesystemEventType.CREATE)], seen
+
+        asyncio.run(streamed())
+
+        # signed URLs: the SDK signs with the sandbox's access token
+        url = sb.download_url("old.txt")
+        assert "signature=" in url
+        assert httpx.get(url).text == "22"
+        up = sb.upload_url("uploaded.txt", use_signature_expiration=60)
+        r = httpx.post(up, files={"file": ("uploaded.txt", b"via url")})
+        assert r.status_code == 200, r.text
+        assert sb.files.read("uploaded.txt") == "via url"
+        tampered = url.replace("old.txt", "uploaded.txt", 1)  # another file, same signature
+        assert httpx.get(tampered).status_code == 401
+        as_upload = sb.download_url("uploaded.txt")  # a read signature does not write
+        assert httpx.post(as_upload, files={"file": ("x", b"no")}).status_code == 401
+        expired = sb.download_url("old.txt", use_signature_expiration=-10)
+        r = httpx.get(expired)
+        assert r.status_code == 401 and "expired" in r.text, r.text
+        sb.kill()
+        assert httpx.get(url).status_code == 401  # its sandbox is gone
+        print("ok")
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_keepalives_on_long_streams(server: ServerProcess, key: str) -> None:
+    """A silent command's stream carries envd's keepalive events at the
+    interval the client asks (``Keepalive-Ping-Interval``), and the SDK takes
+    them in its stride; so does a silent cell's ``/execute`` stream."""
+    out = sdk(
+        server,
+        key,
+        f"""
+        import json, struct
+        import httpx
+        import e2b.sandbox_sync.commands.command as command
+        from e2b import Sandbox
+
+        command.KEEPALIVE_PING_INTERVAL_SEC = 1  # the SDK's own header, at 1 s
+        sb = Sandbox.create(timeout=60)
+        seen = []
+        r = sb.commands.run("sleep 2.5; echo late", on_stdout=seen.append)
+        assert r.stdout == "late\\n" and seen == ["late\\n"], (r, seen)
+
+        # the same stream read raw: its keepalives between start and the output
+        body = json.dumps({{"process": {{"cmd": "/bin/sh", "args": ["-c", "sleep 2.5"]}}}})
+        headers = {{
+            "E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "49983",
+            "X-Access-Token": sb._envd_access_token,
+            "Content-Type": "application/connect+json", "Keepalive-Ping-Interval": "1",
+        }}
+        data = httpx.post("{server.url}/e2b/sandbox/process.Process/Start", headers=headers,
+                          content=struct.pack(">BI", 0, len(body)) + body.encode(),
+                          timeout=30).content
+        kinds = []
+        while data:
+            flags, size = struct.unpack(">BI", data[:5])
+            message, data = json.loads(data[5:5 + size]), data[5 + size:]
+            kinds.append("end-of-stream" if flags & 2 else next(iter(message["event"])))
+        assert kinds[0] == "start" and kinds[-2:] == ["end", "end-of-stream"], kinds
+        assert kinds.count("keepalive") >= 2, kinds
+
+        # and a silent cell's /execute stream (NDJSON): keepalive lines
+        headers["E2b-Sandbox-Port"] = "49999"
+        headers["Content-Type"] = "application/json"
+        r = httpx.post("{server.url}/e2b/sandbox/execute", headers=headers, timeout=60,
+                       json={{"code": "import time; time.sleep(2.5); 7"}})
+        kinds = [json.loads(line)["type"] for line in r.text.splitlines()]
+        assert kinds.count("keepalive") >= 2 and "result" in kinds, kinds
+        assert kinds[-1] == "end_of_execution", kinds
+        sb.kill()
+        print("ok")
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def _need(python: Path) -> None:
+    if not python.exists():
+        pytest.skip(f"{python.parent.parent.name} is missing: scripts/bootstrap test makes it")
+
+
+def test_oldest_e2b_sdk(server: ServerProcess, key: str) -> None:
+    """e2b 2.7.0, the first to honour E2B_SANDBOX_URL: its own Connect client
+    (``e2b_connect``, protobuf), its ``beta_pause``, and its ``connect``,
+    which sends the access token but not ``E2b-Sandbox-Id``."""
+    _need(OLDEST_E2B)
+    out = sdk(
+        server,
+        key,
+        """
+        import asyncio, time
+        import httpx
+        from e2b import AsyncSandbox, CommandExitException, FilesystemEventType, Sandbox
+
+        sb = Sandbox.create(timeout=120, metadata={"sdk": "2.7"})
+        assert sb.commands.run("echo hi").stdout == "hi\\n"
+        try:
+            sb.commands.run("exit 3")
+            raise SystemExit("a failing command must raise")
+        except CommandExitException as exc:
+            assert exc.exit_code == 3
+        h = sb.commands.run("read x; echo got $x", background=True, stdin=True)
+        sb.commands.send_stdin(h.pid, "typed\\n")
+        assert h.wait().stdout == "got typed\\n"
+        sb.files.write("a.txt", "hello")
+        assert sb.files.read("/home/user/a.txt") == "hello"
+        assert [e.name for e in sb.files.list(".")] == ["a.txt"]
+        w = sb.files.watch_dir("/home/user")
+        sb.files.write("b.txt", "x")
+        assert [(e.name, e.type) for e in w.get_new_events()] == [
+            ("b.txt", FilesystemEventType.CREATE)
+        ]
+        w.stop()
+        assert httpx.get(sb.download_url("a.txt")).text == "hello"
+        for _ in range(150):  # the series gains a sample a second
+            if sb.get_metrics():
+                break
+            time.sleep(0.2)
+        assert sb.get_metrics()[-1].mem_used > 0
+
+        sb.beta_pause()
+        assert sb.get_info().state.value == "paused"
+        again = Sandbox.connect(sb.sandbox_id)  # resumes; routed by its token
+        assert again.commands.run("echo back").stdout == "back\\n"
+        assert sb.sandbox_id in [s.sandbox_id for s in Sandbox.list().next_items()]
+
+        async def main():
+            a = await AsyncSandbox.connect(sb.sandbox_id)
+            assert (await a.commands.run("echo async")).stdout == "async\\n"
+            seen = []
+            handle = await a.files.watch_dir("/home/user", on_event=seen.append)
+            await a.files.write("c.txt", "c")
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.05)
+            await handle.stop()
+            assert [e.name for e in seen] == ["c.txt"], seen
+            await a.kill()
+
+        asyncio.run(main())
+        assert not sb.is_running()
+        print("ok")
+        """,
+        python=OLDEST_E2B,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_oldest_code_interpreter_sdk(server: ServerProcess, key: str) -> None:
+    """e2b-code-interpreter 2.9.0 (the first to send its cells to
+    E2B_SANDBOX_URL) on e2b 2.26.0, which insists on E2B's key format: the
+    corral key as ``e2b_`` and its hex."""
+    _need(OLDEST_CI)
+    e2b_key = "e2b_" + key.encode().hex()
+    out = sdk(
+        server,
+        e2b_key,
+        """
+        from e2b_code_interpreter import Sandbox
+
+        sb = Sandbox.create(timeout=120)
+        ex = sb.run_code("x = 40\\nprint('p')\\nx + 2")
+        assert ex.text == "42" and ex.logs.stdout == ["p\\n"], ex
+        assert sb.run_code("1 / 0").error.name == "ZeroDivisionError"
+        ctx = sb.create_code_context()
+        sb.run_code("y = 7", context=ctx)
+        assert sb.run_code("y", context=ctx).text == "7"
+        sb.remove_code_context(ctx)
+        sb.files.write("f.txt", "data")
+        assert sb.commands.run("cat f.txt").stdout == "data"
+        assert sb.kill()
+        print("ok")
+        """,
+        python=OLDEST_CI,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_execute_interrupted_when_the_client_goes(server: ServerProcess, key: str) -> None:
+    """A client that drops its ``/execute`` stream ends the cell: its kernel
+    stops ticking and takes the next cell."""
+    out = sdk(
+        server,
+        key,
+        f"""
+        import time
+        import httpx
+        from e2b_code_interpreter import Sandbox
+
+        sb = Sandbox.create(timeout=120)
+        headers = {{"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "49999",
+                   "X-Access-Token": sb._envd_access_token}}
+        cell = (
+            "import time\\nfor i in range(600):\\n"
+            "    open('tick', 'w').write(str(i)); time.sleep(0.1)"
+        )
+        with httpx.stream("POST", "{server.url}/e2b/sandbox/execute", headers=headers,
+                          json={{"code": cell}}, timeout=60) as r:
+            while not sb.files.exists("tick"):
+                time.sleep(0.1)
+        # the connection is closed: the cell must stop
+        time.sleep(2)
+        first = sb.files.read("tick")
+        time.sleep(1)
+        assert sb.files.read("tick") == first, "the cell still runs"
+        assert sb.run_code("1+1").text == "2"
         sb.kill()
         print("ok")
         """,

@@ -21,7 +21,8 @@ import pytest
 
 from corral import Policy
 from corral import run as corral_run
-from corral._audit import _HARMLESS_DEV, PRELUDE
+from corral.audit import PRELUDE
+from corral.audit._filesystem import _HARMLESS_DEV
 
 from .conftest import SYSTEM_PYTHON, UNPRIVILEGED_USER, Runner, py, unprivileged_user
 
@@ -369,7 +370,7 @@ def test_the_agent_channel_is_out_of_reach(mode: str, world_readable_src: Path) 
         mode,
         "import asyncio, json\n"
         "from corral import Policy\n"
-        "from corral._audit import agent_channel_report\n"
+        "from corral.audit import agent_channel_report\n"
         "print(json.dumps(asyncio.run(agent_channel_report(Policy.preset('default')))))",
         world_readable_src,
     )

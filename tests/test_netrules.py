@@ -14,7 +14,7 @@ import pytest
 
 import corral
 from corral import Client, RemoteError
-from corral._netrules import Rules, address_hazard, embedded_ipv4, unsafe_allow_rule
+from corral.net._rules import Rules, address_hazard, embedded_ipv4, unsafe_allow_rule
 
 from .server_helpers import serving
 

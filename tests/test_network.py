@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 import corral
-from corral import AsyncSandbox, Policy, _netrules
+from corral import AsyncSandbox, Policy
+from corral.net import _rules as _netrules
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="allowlist mode needs root here")
 
@@ -512,8 +513,8 @@ def test_smuggling_and_fronting_tricks_are_refused(servers: Servers) -> None:
 
 
 async def test_concurrent_requests_ask_once() -> None:
-    from corral._netrules import Rules
-    from corral._proxy import Proxy
+    from corral.net._proxy import Proxy
+    from corral.net._rules import Rules
 
     asked = []
 
@@ -523,7 +524,7 @@ async def test_concurrent_requests_ask_once() -> None:
         return False
 
     proxy = Proxy(Rules((), ()), approve=approve)
-    from corral._netrules import Decision
+    from corral.net._rules import Decision
 
     denied = Decision(False, "", "not on the allowlist")
     answers = await asyncio.gather(*(proxy._ask("x.test", 443, denied) for _ in range(20)))

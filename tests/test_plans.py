@@ -56,6 +56,27 @@ def test_mounts_split_usr_and_extra_binds(golden: Golden) -> None:
     golden("mounts_split_usr_binds.txt", _mounts.render(ops))
 
 
+def test_an_image_root_binds_nothing_of_the_hosts_system(golden: Golden) -> None:
+    # a container image's root: no host /usr, system directories or /etc files;
+    # the generated identity files, /tmp, the workspace and the policy's binds stay
+    policy = Policy.preset("default").with_filesystem(read_only=["/srv/data:/data"])
+    ops = make_plans(policy, FULL_HOST, image_root=True).mounts
+    golden("mounts_image_root.txt", _mounts.render(ops))
+    binds = [op for op in ops if isinstance(op, _mounts.RoBind | _mounts.Bind)]
+    assert [(b.source, b.target) for b in binds] == [("/srv/data", "/data")]
+    assert not any(isinstance(op, _mounts.Symlink | _mounts.Dir) for op in ops)
+    assert any(isinstance(op, _mounts.File) and op.path == "/etc/passwd" for op in ops)
+    # and nothing else of the plans changes
+    host = make_plans(policy, FULL_HOST)
+    image = make_plans(policy, FULL_HOST, image_root=True)
+    assert (host.seccomp, host.rlimits, host.cgroups, host.degraded) == (
+        image.seccomp,
+        image.rlimits,
+        image.cgroups,
+        image.degraded,
+    )
+
+
 def test_mount_plan_never_exposes_host_secrets() -> None:
     policy = Policy.preset("default")
     ops = _mounts.plan_mounts(

@@ -12,12 +12,17 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as ws_connect
+from websockets.typing import Origin
 
 from corral.server.ui._routes import csrf_token
 from tests.server_helpers import ServerProcess, serving
@@ -164,7 +169,9 @@ def test_dashboard_in_a_browser(server: ServerProcess, tmp_path: Path) -> None:
         assert '"allowlist"' in seen["policy"]
 
         # hostile strings render as text: nothing ran, no element was injected
-        assert "script-src 'none'" in seen["csp"]
+        # the sandbox page runs its own static scripts only: no inline script, no eval
+        assert "script-src 'self';" in seen["csp"]
+        assert "unsafe" not in seen["csp"]
         assert XSS in seen["metadata"]
         assert FILE in seen["files"]
         for page in ("list_xss", "sandbox_xss", "files_xss"):
@@ -287,3 +294,188 @@ def test_downloads_are_attachments_never_rendered(server: ServerProcess) -> None
         )
         assert missing.headers["content-type"].startswith("text/html")
         assert "Traceback" not in missing.text
+
+
+@needs_browser
+@pytest.mark.timeout(300)
+def test_usage_charts_and_terminal_in_a_browser(server: ServerProcess, tmp_path: Path) -> None:
+    key, other = server.key("ui-term"), server.key("ui-term-other")
+    with _api(server, key) as api, _api(server, other) as api_b:
+        box = _create(api, policy={"limits": {"memory_bytes": 256 << 20}})
+        theirs = _create(api_b)
+        out = subprocess.run(
+            [
+                "node",
+                str(HERE / "ui" / "terminal.mjs"),
+                json.dumps(
+                    {
+                        "url": server.url,
+                        "key": key,
+                        "other": other,
+                        "box": box,
+                        "theirs": theirs,
+                        "shots": str(tmp_path),
+                    }
+                ),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=280,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout.strip().splitlines()[-1])
+
+    # the charts: all four drawn, then redrawn by the page as the box burns a core
+    # and takes 96 MiB (the values the page shows are the server's samples)
+    names = ["usage-cpu", "usage-memory", "usage-pids", "usage-disk"]
+    assert [c["id"] for c in seen["charts_idle"]] == names
+    assert all(c["points"] >= 1 for c in seen["charts_idle"])
+    assert seen["burn_status"] == 201
+    assert seen["cpu_busy"] > 50 > seen["cpu_idle"]
+    assert seen["memory_busy"] > seen["memory_idle"] + (64 << 20)
+    assert all(
+        busy["points"] > idle["points"]
+        for busy, idle in zip(seen["charts_busy"], seen["charts_idle"], strict=True)
+    )
+    assert seen["charts_busy"][0]["value"] != seen["charts_idle"][0]["value"]
+
+    # the terminal: typed commands ran in the box, their output shown
+    assert seen["echo_seen"]
+    assert "corral-42-ok" in seen["screen"]
+    # hostile output stays text: no element made, nothing ran, no title, no link followed
+    assert seen["payload_seen"]
+    assert "<img src=x onerror=window.__corral_xss=1><script>" in seen["screen"]
+    assert seen["link_drawn"] == 1  # xterm drew the OSC 8 link; clicking it did nothing
+    assert seen["terminal_xss"] == {
+        "flag": None,
+        "scripts": ["/ui/static/usage.js", "/ui/static/terminal.js"],
+        "imgs": 0,
+        "title": f"{box} · corral",
+    }
+    assert seen["popups"] == 0
+    assert seen["dialogs"] == []
+    assert seen["violations"] == []  # xterm.js runs under the page's CSP, nonce'd styles
+    # only the server was asked for anything (the terminal's socket included)
+    origins = {f"{urlsplit(u).scheme}://{urlsplit(u).netloc}" for u in seen["requests"]}
+    assert origins == {server.url}, origins
+
+    # a second key: no page, no terminal (its own CSRF token or none)
+    assert seen["other_status"] == 404
+    assert seen["other_ws"] == {"code": 1008, "reason": "stale page: reload it", "received": 0}
+    assert seen["other_ws_token"]["code"] == 1011
+    assert "no sandbox" in seen["other_ws_token"]["reason"]
+    assert seen["other_ws_token"]["received"] == 0
+    # one shell was opened (audited), and killed when the page closed it
+    with _api(server, key) as api:
+        log = api.get("/v1/audit", params={"sandbox_id": box, "action": "pty.create"})
+        assert len(log.json()["entries"]) == 1
+        processes = api.get(f"/v1/sandboxes/{box}/commands").json()
+    assert [p for p in processes["processes"] if p["pty"]] == [], processes
+    shot = tmp_path / "ui-terminal.png"
+    assert shot.stat().st_size > 1000
+    if os.environ.get("CORRAL_UI_SCREENSHOTS"):
+        shutil.copy(shot, DOCS / shot.name)
+
+
+def _terminal_socket(srv: ServerProcess, sandbox_id: str, cookie: str | None, origin: str) -> Any:
+    headers = {"Cookie": f"corral_key={cookie}"} if cookie else {}
+    return ws_connect(
+        f"ws://{urlsplit(srv.url).netloc}/ui/sandboxes/{sandbox_id}/terminal",
+        origin=Origin(origin),
+        additional_headers=headers,
+        open_timeout=30,
+    )
+
+
+def test_the_terminal_socket_checks_origin_session_and_token(server: ServerProcess) -> None:
+    key, other = server.key("ui-ws"), server.key("ui-ws-other")
+    with _api(server, key) as api:
+        box = _create(api)
+        # another site's page (the browser names it in Origin): refused at the handshake
+        with pytest.raises(InvalidStatus) as refused:
+            _terminal_socket(server, box, key, "http://127.0.0.2:1")
+        assert refused.value.response.status_code == 403
+        # no session
+        with pytest.raises(InvalidStatus):
+            _terminal_socket(server, box, None, server.url)
+        # the session but not the page's token
+        with _terminal_socket(server, box, key, server.url) as ws:
+            ws.send(json.dumps({"csrf": "0" * 64, "cols": 80, "rows": 24}))
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1008
+        # another key, with its own valid token: the box is not its
+        with _terminal_socket(server, box, other, server.url) as ws:
+            ws.send(json.dumps({"csrf": csrf_token(other), "cols": 80, "rows": 24}))
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1011
+        assert api.get(f"/v1/sandboxes/{box}/commands").json()["processes"] == []
+        # the key's own: a shell, listed as a PTY process while the socket is open
+        with _terminal_socket(server, box, key, server.url) as ws:
+            ws.send(json.dumps({"csrf": csrf_token(key), "cols": 80, "rows": 24}))
+            ws.send(b"echo $((40+2))-from-ws\n")
+            seen = b""
+            while b"42-from-ws" not in seen:
+                message = ws.recv(timeout=30)
+                assert isinstance(message, bytes)
+                seen += message
+            listed = api.get(f"/v1/sandboxes/{box}/commands").json()["processes"]
+            assert [p["pty"] for p in listed] == [True]
+        # closed by the page: the shell is killed, nothing left in the box
+        for _ in range(50):
+            if not api.get(f"/v1/sandboxes/{box}/commands").json()["processes"]:
+                break
+            time.sleep(0.2)
+        assert api.get(f"/v1/sandboxes/{box}/commands").json()["processes"] == []
+        # the shell ending by itself: its exit code, then the socket closes
+        with _terminal_socket(server, box, key, server.url) as ws:
+            ws.send(json.dumps({"csrf": csrf_token(key), "cols": 80, "rows": 24}))
+            ws.send(b"exit 7\n")
+            texts = _until_closed(ws)
+        assert [json.loads(m) for m in texts] == [{"exit_code": 7}]
+        # the box ending under the terminal: the socket closes, saying why
+        with _terminal_socket(server, box, key, server.url) as ws:
+            ws.send(json.dumps({"csrf": csrf_token(key), "cols": 80, "rows": 24}))
+            ws.send(b"echo ready-$((1+1))\n")
+            seen = b""
+            while b"ready-2" not in seen:
+                message = ws.recv(timeout=30)
+                assert isinstance(message, bytes)
+                seen += message
+            assert api.delete(f"/v1/sandboxes/{box}").status_code == 200
+            _until_closed(ws)
+        assert ws.close_code == 1011
+        assert ws.close_reason == f"sandbox {box} has ended (closed)"
+
+
+def _until_closed(ws: Any) -> list[str]:
+    """The text messages until the server closes the socket."""
+    texts: list[str] = []
+    while True:
+        try:
+            message = ws.recv(timeout=30)
+        except ConnectionClosed:
+            return texts
+        if isinstance(message, str):
+            texts.append(message)
+
+
+def test_vendored_xterm_is_the_pinned_release(server: ServerProcess) -> None:
+    # the files shipped are @xterm/xterm's, byte for byte (sha256 pinned beside the
+    # registry's sha512 in scripts/vendor_xterm.py), licence included
+    check = subprocess.run(
+        ["python3", str(HERE.parent / "scripts" / "vendor_xterm.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    with httpx.Client(base_url=server.url, timeout=60) as ui:
+        module = ui.get("/ui/static/xterm.mjs")
+        assert module.status_code == 200
+        assert module.headers["content-type"].startswith("text/javascript")  # a module needs it
+        assert "Permission is hereby granted" in ui.get("/ui/static/xterm.LICENSE").text

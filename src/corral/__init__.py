@@ -31,7 +31,6 @@ if _TYPE_CHECKING:
         SyscallPolicy,
     )
     from ._pool import AsyncPool, Pool
-    from ._proxy import NetworkEvent
     from ._result import LimitKind, RunResult
     from ._run import run, run_async
     from ._sandbox import (
@@ -50,6 +49,7 @@ if _TYPE_CHECKING:
     from ._snapshot import Snapshot
     from ._sync import Sandbox, SyncCommandHandle, SyncFileReader, SyncPtyHandle
     from .abc import AsyncSandboxAPI, SandboxAPI
+    from .net._events import NetworkEvent
 
 __version__ = "0.1.0"
 
@@ -77,7 +77,7 @@ _LAZY = {
     "LimitKind": "._result",
     "Limits": "._policy",
     "Logs": "._interpreter",
-    "NetworkEvent": "._proxy",
+    "NetworkEvent": ".net._events",
     "NetworkPolicy": "._policy",
     "PathOutsideWorkspace": "._sandbox",
     "Policy": "._policy",

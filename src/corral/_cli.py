@@ -54,6 +54,15 @@ def _duration(value: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _into_arg(value: str) -> tuple[str, str | None]:
+    name, sep, where = value.partition("=")
+    if name not in ("docker", "podman", "containerd") or (sep and name != "containerd"):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected docker, podman, containerd or containerd=SOCKET"
+        )
+    return name, (where or None)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corral", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -80,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_run.add_argument("--json", action="store_true", help="print the full result as JSON")
     p_run.add_argument("--backend", default="bwrap", help="what starts the box (default bwrap)")
+    p_run.add_argument(
+        "--image",
+        help="a local container image whose root the box runs (docker, podman backends)",
+    )
     p_run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
 
     p_audit = sub.add_parser("audit", help="prove the walls hold: probes from inside a box")
@@ -99,6 +112,33 @@ def _parser() -> argparse.ArgumentParser:
     rt_sub.add_parser("list", help="the runtimes built on this host")
     p_rm = rt_sub.add_parser("remove", help="delete a runtime")
     p_rm.add_argument("name")
+
+    p_img = sub.add_parser("image", help="build images for the docker and podman backends")
+    img_sub = p_img.add_subparsers(dest="image_cmd", required=True)
+    p_ib = img_sub.add_parser(
+        "build",
+        help="the default image (Debian + python3 + the code runtime), or --from a Dockerfile",
+    )
+    p_ib.add_argument("--from", dest="dockerfile", help="build this Dockerfile instead")
+    p_ib.add_argument("--tag", help="the name of the --from image (required with --from)")
+    p_ib.add_argument("--context", help="the --from build context (default: its directory)")
+    p_ib.add_argument(
+        "--engine", choices=("docker", "podman"), default="docker", help="builds --from (docker)"
+    )
+    p_ib.add_argument(
+        "--into",
+        type=_into_arg,
+        action="append",
+        default=[],
+        metavar="TARGET",
+        help="load the default image into docker, podman or containerd[=SOCKET]; repeatable",
+    )
+    p_ib.add_argument("--rebuild", action="store_true", help="ignore the cached archive")
+    p_ib.add_argument("--lock", type=Path, help="an image lock file (default: corral's own)")
+    p_il = img_sub.add_parser(
+        "lock", help="record the Debian mirror's current package versions in a lock"
+    )
+    p_il.add_argument("--lock", type=Path, help="the lock file to rewrite (default: corral's)")
 
     p_doc = sub.add_parser("doctor", help="what this host can enforce")
     p_doc.add_argument("--json", action="store_true")
@@ -186,7 +226,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.allow_domain:
         allow = (*policy.network.allow, *args.allow_domain)
         policy = policy.with_network(mode="allowlist", allow=allow)
-    result = run(command, policy=policy, workdir=args.workdir, backend=args.backend)
+    result = run(
+        command, policy=policy, workdir=args.workdir, backend=args.backend, image=args.image
+    )
     if args.json:
         print(result.to_json())
     else:
@@ -213,7 +255,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     import asyncio
 
-    from . import _audit
+    from . import audit as _audit
 
     if args.list:
         for p in _audit.PROBES:
@@ -256,6 +298,42 @@ def _cmd_runtime(args: argparse.Namespace) -> int:
     elif not _runtime.remove(args.name):
         print(f"corral runtime: no runtime {args.name!r}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    from . import image
+
+    if args.image_cmd == "lock":
+        path = args.lock or image.default_lock_path()
+        built = image.record_lock(path)
+        print(f"corral image: {path} records the packages of {built.ref}", file=sys.stderr)
+        print(built.ref)
+        return 0
+    if args.dockerfile is not None:
+        if not args.tag:
+            print("corral image build: --from needs --tag NAME", file=sys.stderr)
+            return 2
+        if args.into:
+            print("corral image build: --into is for the default image", file=sys.stderr)
+            return 2
+        print(
+            image.build_dockerfile(
+                args.dockerfile, args.tag, engine=args.engine, context=args.context
+            )
+        )
+        return 0
+    lock = image.Lock.load(args.lock) if args.lock else None
+    built = image.build_default(lock, rebuild=args.rebuild)
+    for target, where in args.into:
+        if target == "containerd":
+            image.import_into_containerd(
+                built.path, where or image.DEFAULT_CONTAINERD, ref=built.ref
+            )
+        else:
+            image.load_into_engine(built.path, built.ref, target)
+    print(f"corral image: {built.path} ({built.digest})", file=sys.stderr)
+    print(built.ref)
     return 0
 
 
@@ -351,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _cmd_run,
         "audit": _cmd_audit,
         "runtime": _cmd_runtime,
+        "image": _cmd_image,
         "doctor": _cmd_doctor,
         "policy": _cmd_policy,
         "serve": _cmd_serve,

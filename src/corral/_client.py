@@ -49,7 +49,6 @@ from ._interpreter import (
 )
 from ._policy import Policy
 from ._portal import call as _call
-from ._proxy import Approval, NetworkEvent
 from ._runtime import DEFAULT as DEFAULT_RUNTIME
 from ._sandbox import (
     CommandEvent,
@@ -74,6 +73,7 @@ from .abc import (
     AsyncPtyHandleAPI,
     AsyncSandboxAPI,
 )
+from .net._events import Approval, NetworkEvent
 
 if TYPE_CHECKING:
     import httpx

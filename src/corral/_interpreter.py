@@ -22,15 +22,13 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from ._errors import CorralError, SandboxBroken
+from ._policy import Policy
 from ._result import LimitEvidence, LimitKind, decide_limits
-
-if TYPE_CHECKING:
-    from ._sandbox import AsyncSandbox, CommandHandle
 
 Language = Literal["python", "bash", "javascript", "js", "typescript", "ts"]
 LANGUAGES: tuple[str, ...] = ("python", "bash", "javascript", "js", "typescript", "ts")
@@ -206,10 +204,58 @@ def _size(result: Result) -> int:
     return size
 
 
+class Driver(Protocol):
+    """The kernel driver's command in the box, as the interpreter uses it."""
+
+    @property
+    def exit(self) -> asyncio.Future[Any]:
+        """Done once the driver has ended."""
+        ...
+
+    async def send_stdin(self, data: bytes) -> None: ...
+
+    async def kill(self) -> None: ...
+
+
+class InterpreterHost(Protocol):
+    """What the interpreter needs of its sandbox. ``AsyncSandbox`` hands it one
+    (``_sandbox._InterpreterHost``), so this module imports nothing of
+    ``_sandbox``: the dependency runs one way."""
+
+    @property
+    def policy(self) -> Policy: ...
+
+    async def start_driver(
+        self, argv: list[str], env: Mapping[str, str], on_stdout: Callable[[bytes], None]
+    ) -> Driver:
+        """Start the driver as a background command with stdin, keeping none of
+        its output (every line goes to ``on_stdout``). ``HostToolMissing``
+        without a runtime; ``CorralError`` if it cannot start."""
+        ...
+
+    def check_open(self) -> None:
+        """Raise the sandbox's own failure (closed, broken) if it has one."""
+        ...
+
+    def limit_counters(self) -> tuple[int, int]:
+        """The box's OOM kills and refused forks so far."""
+        ...
+
+    def relative(self, path: str) -> str:
+        """``path`` relative to the workspace (``PathOutsideWorkspace`` if outside)."""
+        ...
+
+    async def mkdir(self, path: str) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a housekeeping coroutine, cancelled when the sandbox closes."""
+        ...
+
+
 class CodeInterpreter:
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sb = sandbox
-        self._driver: CommandHandle | None = None
+    def __init__(self, host: InterpreterHost) -> None:
+        self._sb = host
+        self._driver: Driver | None = None
         self._starting: asyncio.Lock | None = None
         self._buffer = bytearray()
         self._waiters: dict[int, asyncio.Queue[dict[str, Any]]] = {}
@@ -232,31 +278,16 @@ class CodeInterpreter:
                     env[name] = threads
         return env
 
-    async def _ensure_driver(self) -> CommandHandle:
+    async def _ensure_driver(self) -> Driver:
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:
-            if self._driver is not None and self._driver._process.exit.done():
+            if self._driver is not None and self._driver.exit.done():
                 self._lost_driver()
             if self._driver is None:
-                self._sb._require_runtime()
-                # output_cap 0: every line goes to the parser, none is kept
-                process, writer, _ = await self._sb.commands._start(
-                    [RUNTIME_PYTHON, "-s", DRIVER],
-                    env=self._driver_env(),
-                    cwd=None,
-                    stdin=True,
-                    timeout_s=None,
-                    output_cap=0,
-                    kill_at_cap=False,
-                    on_stdout=self._on_bytes,
-                    on_stderr=None,
+                self._driver = await self._sb.start_driver(
+                    [RUNTIME_PYTHON, "-s", DRIVER], self._driver_env(), self._on_bytes
                 )
-                if process.result is not None:
-                    raise CorralError(f"cannot start the kernel driver: {process.result.stderr!r}")
-                from ._sandbox import CommandHandle
-
-                self._driver = CommandHandle(process, writer)
             return self._driver
 
     def _lost_driver(self) -> None:
@@ -307,7 +338,7 @@ class CodeInterpreter:
         queue = self._waiters[ident]
         driver = self._driver
         getter = asyncio.ensure_future(queue.get())
-        exit_watch = asyncio.ensure_future(asyncio.shield(driver._process.exit)) if driver else None
+        exit_watch = asyncio.ensure_future(asyncio.shield(driver.exit)) if driver else None
         waitables: set[asyncio.Future[Any]] = {getter}
         if exit_watch is not None:
             waitables.add(exit_watch)
@@ -322,13 +353,13 @@ class CodeInterpreter:
         if getter.done() and not getter.cancelled():
             return getter.result()
         if exit_watch is not None and exit_watch.done() and not exit_watch.cancelled():
-            self._sb._conn()  # raises the sandbox's own failure, if that is what happened
+            self._sb.check_open()  # raises the sandbox's own failure, if that is what happened
             self._lost_driver()
             return {"event": "lost"}
         return {"event": "deadline"}
 
     async def _simple(self, body: dict[str, Any]) -> None:
-        before = self._sb._limit_counters()
+        before = self._sb.limit_counters()
         ident = await self._send(body)
         try:
             event = await self._next_event(ident, time.monotonic() + CONTEXT_TIMEOUT_S)
@@ -359,7 +390,7 @@ class CodeInterpreter:
 
     def _reason(self, before: tuple[int, int]) -> str:
         """Which of the sandbox's limits was hit since ``before``, as a clause."""
-        oom, pids = self._sb._limit_counters()
+        oom, pids = self._sb.limit_counters()
         limits = self._sb.policy.limits
         if oom > before[0]:
             return f" (the sandbox's memory limit, {limits.memory_bytes} bytes, was reached)"
@@ -372,10 +403,10 @@ class CodeInterpreter:
     async def create_context(self, language: str = "python", cwd: str | None = None) -> CodeContext:
         language = _language(language)
         workspace = self._sb.policy.filesystem.workspace
-        path = workspace + "/" + self._sb._relative(cwd or ".") if cwd else workspace
+        path = workspace + "/" + self._sb.relative(cwd or ".") if cwd else workspace
         path = path.rstrip("/.") or workspace
         if cwd:
-            await self._sb.files.mkdir(cwd)
+            await self._sb.mkdir(cwd)
         context = CodeContext(secrets.token_hex(6), language, path)
         await self._simple(
             {"op": "create", "context": context.id, "language": language, "cwd": path}
@@ -440,7 +471,7 @@ class CodeInterpreter:
             if event.get("event") == "deadline":
                 await self._kill_driver()
 
-        self._sb._spawn(wait())
+        self._sb.spawn(wait())
 
     # -- running code ----------------------------------------------------------------------
 
@@ -466,7 +497,7 @@ class CodeInterpreter:
             timeout_s = self._sb.policy.limits.wall_time_s
         started = time.monotonic()
         deadline = None if timeout_s is None else started + timeout_s + HOST_GRACE_S
-        before = self._sb._limit_counters()
+        before = self._sb.limit_counters()
         ident = await self._send(
             {
                 "op": "execute",
@@ -610,7 +641,7 @@ class CodeInterpreter:
             if not finished and self._driver is not None:
                 # the caller gave up (cancelled, Ctrl-C, a client gone): the cell
                 # must not run on unseen and hold its context
-                self._sb._spawn(self._interrupt(context, ident))
+                self._sb.spawn(self._interrupt(context, ident))
         if error is not None:
             _call(on_error, error)
         return Execution(
@@ -630,7 +661,7 @@ class CodeInterpreter:
 
     def _death(self, before: tuple[int, int], *, driver: bool = False) -> ExecutionError:
         what = "the kernel driver" if driver else "the kernel"
-        oom_kills, pids_hits = self._sb._limit_counters()
+        oom_kills, pids_hits = self._sb.limit_counters()
         limits = decide_limits(
             LimitEvidence(
                 oom_kills=oom_kills - before[0],

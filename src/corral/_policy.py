@@ -146,7 +146,7 @@ class NetworkPolicy:
 
     ``none``: loopback only, its own. ``allowlist``: through corral's proxy, to
     the hosts ``allow`` names and ``deny`` does not (deny wins; see
-    ``_netrules`` for the rule syntax). ``open``: outbound through a user-space
+    ``corral.net._rules`` for the rule syntax). ``open``: outbound through a user-space
     network stack (slirp4netns) in the box's own namespace, never the host's
     127.0.0.1 — but anything else the host reaches (LAN, cloud metadata), the
     box reaches too. ``hosts`` maps names to addresses for
@@ -159,7 +159,7 @@ class NetworkPolicy:
     hosts: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        from ._netrules import RuleError, canonical_host, parse_address, parse_rule
+        from .net._rules import RuleError, canonical_host, parse_address, parse_rule
 
         if self.mode not in ("none", "allowlist", "open"):
             raise PolicyError("network.mode", f"{self.mode!r} is not one of none, allowlist, open")

@@ -50,12 +50,13 @@ def _default_starting() -> int:
 
 
 class AsyncPool:
-    """Pre-started sandboxes for one (policy, runtime, backend).
+    """Pre-started sandboxes for one (policy, runtime, backend, image).
 
     ``size``: boxes kept ready (>= 0). ``kernels``: languages whose default
     context is started in each box before it is ready (``()``: none; each needs
     the runtime). ``timeout_s``: each handed-out box's lifetime, from hand-out.
     ``max_starting``: boxes started at once while refilling (>= 1).
+    ``image``: the boxes' container image (``AsyncSandbox``'s ``image``).
     ``ValueError`` for a bad size or bound. Use ``async with``, or ``start()``
     then ``close()`` (which ends every box not handed out).
     """
@@ -70,6 +71,7 @@ class AsyncPool:
         timeout_s: float | None = 300.0,
         max_starting: int | None = None,
         backend: str | Backend | None = None,
+        image: str | None = None,
     ) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"size: expected a whole number >= 0, got {size!r}")
@@ -86,6 +88,7 @@ class AsyncPool:
         self.timeout_s = timeout_s
         self.max_starting = max_starting
         self.backend = backend
+        self.image = image
         self._ready: deque[AsyncSandbox] = deque()
         self._starting = 0
         self._wake = asyncio.Event()
@@ -124,7 +127,13 @@ class AsyncPool:
 
     def _new(self) -> AsyncSandbox:
         # no lifetime while idle: the pool owns the box until it is handed out
-        return AsyncSandbox(self.policy, timeout_s=None, runtime=self.runtime, backend=self.backend)
+        return AsyncSandbox(
+            self.policy,
+            timeout_s=None,
+            runtime=self.runtime,
+            backend=self.backend,
+            image=self.image,
+        )
 
     async def _prepare(self) -> AsyncSandbox:
         sb = self._new()
@@ -238,6 +247,7 @@ class Pool:
         timeout_s: float | None = 300.0,
         max_starting: int | None = None,
         backend: str | Backend | None = None,
+        image: str | None = None,
     ) -> None:
         make: Callable[[], AsyncPool] = lambda: AsyncPool(  # noqa: E731
             policy,
@@ -247,6 +257,7 @@ class Pool:
             timeout_s=timeout_s,
             max_starting=max_starting,
             backend=backend,
+            image=image,
         )
         self._async = _portal.call(_construct(make))
         _portal.call(self._async.start())

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from ._proxy import NetworkEvent
+from .net._events import NetworkEvent
 
 LimitKind = Literal["timeout", "memory", "pids", "cpu_time", "output", "disk"]
 
@@ -88,22 +87,6 @@ def not_run_message(name: str, exit_code: int, reason: str) -> bytes:
     if exit_code == 127:
         return f"corral: {name}: command not found in the box\n".encode(errors="replace")
     return f"corral: {name}: cannot be run in the box ({reason})\n".encode(errors="replace")
-
-
-# what a POSIX shell launcher (``sh -c '... exec "$@"' corral``) says when its
-# exec fails: dash's words; a Python launcher says not_run_message's itself
-_SHELL_NOT_RUN = re.compile(rb"corral: 1: exec: (.*): ([^\n]*)\n")
-
-
-def said_by_launcher(exit_code: int, stderr: bytes) -> bytes | None:
-    """corral's words for a box's launcher failing to exec the command
-    (``exit_code`` 126/127 and nothing but the shell's complaint on stderr);
-    None if that is not what happened."""
-    found = _SHELL_NOT_RUN.fullmatch(stderr) if exit_code in (126, 127) else None
-    if found is None:
-        return None
-    name, reason = (g.decode(errors="replace") for g in found.groups())
-    return not_run_message(name, exit_code, reason)
 
 
 class ProcessOutcome:

@@ -15,9 +15,9 @@ import time
 from collections.abc import Mapping, Sequence
 
 from ._policy import Policy
-from ._proxy import Approval
-from ._result import LimitEvidence, LimitKind, RunResult, decide_limits, said_by_launcher
+from ._result import LimitEvidence, LimitKind, RunResult, decide_limits
 from .backends import Backend, Box, BoxSpec, resolve_backend
+from .net._events import Approval
 
 _CPU_POLL_S = 0.1
 _DRAIN_AFTER_EXIT_S = 2.0
@@ -41,6 +41,7 @@ async def run_async(
     timeout_s: float | None = None,
     on_network_request: Approval | None = None,
     backend: str | Backend | None = None,
+    image: str | None = None,
 ) -> RunResult:
     """Run ``command`` once in a fresh sandbox; the sandbox is gone when this returns.
 
@@ -51,8 +52,9 @@ async def run_async(
     ``on_network_request(host, port)`` decides hosts the allowlist does not
     name (network mode ``allowlist``); its answer is remembered for the box.
     ``backend``: a name (``corral.backends.available_backends()``) or a
-    Backend; default ``"bwrap"``. Failures of the command are in the result;
-    exceptions mean misuse or a broken host.
+    Backend; default ``"bwrap"``. ``image``: a container image whose root the
+    box runs (docker and podman backends; see ``BoxSpec.image``). Failures of
+    the command are in the result; exceptions mean misuse or a broken host.
     """
     resolved = _resolve(policy)
     if env:
@@ -69,6 +71,7 @@ async def run_async(
             workdir=os.fspath(workdir) if workdir is not None else None,
             stdin=stdin,
             on_network_request=on_network_request,
+            image=image,
         )
     )
     try:
@@ -90,6 +93,7 @@ def run(
     timeout_s: float | None = None,
     on_network_request: Approval | None = None,
     backend: str | Backend | None = None,
+    image: str | None = None,
 ) -> RunResult:
     """The synchronous facade of :func:`run_async` (same arguments, same result)."""
     return asyncio.run(
@@ -102,6 +106,7 @@ def run(
             timeout_s=timeout_s,
             on_network_request=on_network_request,
             backend=backend,
+            image=image,
         )
     )
 
@@ -214,8 +219,9 @@ async def _supervise(box: Box, policy: Policy) -> RunResult:
     )
     stdout, stderr = output.get("stdout"), output.get("stderr")
     # the command does not exist (or cannot be run) in the box: shell
-    # semantics, said in corral's words rather than the launcher's
-    stderr = said_by_launcher(exit_code, stderr) or stderr
+    # semantics, said in corral's words rather than the launcher's (the box
+    # knows what its launcher says)
+    stderr = box.exec_failure(exit_code, stderr) or stderr
     return RunResult(
         exit_code=exit_code,
         signal=sig,

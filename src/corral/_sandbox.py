@@ -37,6 +37,7 @@ from ._connection import Connection, InStream, OutStream, field, raise_for_error
 from ._errors import CorralError, HostToolMissing, SandboxBroken, SandboxClosed, SandboxError
 from ._errors import PathOutsideWorkspace as PathOutsideWorkspace  # re-exported: it lived here
 from ._interpreter import (
+    RUNTIME_PYTHON,
     CodeContext,
     CodeEvent,
     CodeInterpreter,
@@ -46,10 +47,10 @@ from ._interpreter import (
     TextCallback,
 )
 from ._policy import Bind, Policy
-from ._proxy import Approval, NetworkEvent
 from ._result import LimitEvidence, LimitKind, ProcessOutcome, decide_limits, not_run_message
 from ._snapshot import Snapshot
 from .backends import Backend, Box, BoxSpec, resolve_backend
+from .net._events import Approval, NetworkEvent
 
 BOX_PYTHON = "/usr/bin/python3"
 _HELLO_TIMEOUT_S = 30.0
@@ -972,11 +973,18 @@ class AsyncSandbox:
         on_network_request: Approval | None = None,
         on_network_event: Callable[[NetworkEvent], None] | None = None,
         backend: str | Backend | None = None,
+        image: str | None = None,
     ) -> None:
         """``on_network_request(host, port)`` approves hosts the rules do not
         name; ``on_network_event`` sees every decision of the proxy as it happens.
         ``backend``: a name (``corral.backends.available_backends()``) or a
-        Backend that starts the box (default ``"bwrap"``)."""
+        Backend that starts the box (default ``"bwrap"``). ``image``: a
+        container image whose root (read-only) the box runs instead of the
+        host's system directories (docker and podman backends; e.g. one from
+        ``corral image build``); ``python3`` comes from the image and so does
+        the code runtime (``/opt/corral/runtime``, in images built from
+        corral's default one), so ``runtime`` is not used. A missing image is
+        ``HostToolMissing`` naming it; corral never pulls."""
         if policy is None:
             policy = Policy.preset("default")
         elif isinstance(policy, str):
@@ -990,12 +998,13 @@ class AsyncSandbox:
         self.pty = Pty(self)
         self.network = Network(self)
         self.runtime = runtime
+        self.image = image
         self.backend = resolve_backend(backend)
         self._approve = on_network_request
         self._on_network_event = on_network_event
         self._own_workdir = False  # set by corral serve for its own workspace directories
         self._runtime_bound = False
-        self._interpreter = CodeInterpreter(self)
+        self._interpreter = CodeInterpreter(_InterpreterHost(self))
         self._timeout_s = timeout_s
         self._workdir = workdir
         self._box: Box | None = None
@@ -1031,8 +1040,12 @@ class AsyncSandbox:
             str(_cpu_seconds(self.policy.limits.cpu_time_s)),
         ]
         box_policy = self.policy
-        runtime = _runtime.find(self.runtime) if self.runtime is not None else None
-        if runtime is not None:
+        runtime = (
+            _runtime.find(self.runtime) if self.runtime is not None and self.image is None else None
+        )
+        if self.image is not None:
+            self._runtime_bound = True  # the image's own, at the same path (if it has one)
+        elif runtime is not None:
             # the code runtime, read-only, at a fixed path in every box
             binds = (*box_policy.filesystem.read_only, Bind(str(runtime.path), _runtime.BOX_PATH))
             box_policy = box_policy.with_filesystem(read_only=binds)
@@ -1048,6 +1061,7 @@ class AsyncSandbox:
                 per_command_cpu=True,
                 on_network_request=self._approve,
                 on_network_event=self._on_network_event,
+                image=self.image,
             )
         )
         try:
@@ -1424,3 +1438,76 @@ def workspace_relative(workspace: str, path: str) -> str:
     if full != workspace and not full.startswith(workspace + "/"):
         raise PathOutsideWorkspace(f"{path!r} is outside the workspace {workspace}")
     return posixpath.relpath(full, workspace)
+
+
+class _Driver:
+    """The kernel driver's command, as ``_interpreter.Driver``."""
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: CommandHandle) -> None:
+        self._handle = handle
+
+    @property
+    def exit(self) -> asyncio.Future[Any]:
+        return self._handle._process.exit
+
+    async def send_stdin(self, data: bytes) -> None:
+        await self._handle.send_stdin(data)
+
+    async def kill(self) -> None:
+        await self._handle.kill()
+
+
+class _InterpreterHost:
+    """The code interpreter's view of its sandbox (``_interpreter.InterpreterHost``)."""
+
+    __slots__ = ("_sb",)
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    @property
+    def policy(self) -> Policy:
+        return self._sb.policy
+
+    async def start_driver(
+        self, argv: list[str], env: Mapping[str, str], on_stdout: Callable[[bytes], None]
+    ) -> _Driver:
+        self._sb._require_runtime()
+        # output_cap 0: every line goes to the parser, none is kept
+        process, writer, _ = await self._sb.commands._start(
+            argv,
+            env=env,
+            cwd=None,
+            stdin=True,
+            timeout_s=None,
+            output_cap=0,
+            kill_at_cap=False,
+            on_stdout=on_stdout,
+            on_stderr=None,
+        )
+        if process.result is not None:
+            if process.result.exit_code == 127 and self._sb.image is not None:
+                raise HostToolMissing(
+                    f"the code runtime in the image {self._sb.image!r}",
+                    f"build the image FROM corral's default image (corral image build), "
+                    f"which has it at {RUNTIME_PYTHON.rsplit('/bin/', 1)[0]}",
+                )
+            raise CorralError(f"cannot start the kernel driver: {process.result.stderr!r}")
+        return _Driver(CommandHandle(process, writer))
+
+    def check_open(self) -> None:
+        self._sb._conn()
+
+    def limit_counters(self) -> tuple[int, int]:
+        return self._sb._limit_counters()
+
+    def relative(self, path: str) -> str:
+        return self._sb._relative(path)
+
+    async def mkdir(self, path: str) -> None:
+        await self._sb.files.mkdir(path)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._sb._spawn(coro)

@@ -16,8 +16,8 @@ from typing import Any, cast
 
 from ._errors import SandboxBroken
 from ._interpreter import CodeContext, CodeEvent, Execution, ExecutionError, Logs, Result
-from ._proxy import NetworkEvent
 from ._sandbox import CommandResult, EntryInfo, ProcessInfo
+from .net._events import NetworkEvent
 
 _RESULT_TEXT = ("text", "html", "markdown", "svg", "latex", "javascript")
 _RESULT_BINARY = ("png", "jpeg", "pdf")

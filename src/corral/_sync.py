@@ -25,7 +25,6 @@ from ._interpreter import (
 )
 from ._policy import Policy
 from ._portal import call, iterate
-from ._proxy import Approval, NetworkEvent
 from ._sandbox import (
     AsyncSandbox,
     CommandEvent,
@@ -55,6 +54,7 @@ from .abc import (
     SandboxAPI,
 )
 from .backends import Backend
+from .net._events import Approval, NetworkEvent
 
 
 class SyncCommandHandle:
@@ -399,11 +399,18 @@ class Sandbox:
         on_network_request: Approval | None = None,
         on_network_event: Callable[[NetworkEvent], None] | None = None,
         backend: str | Backend | None = None,
+        image: str | None = None,
     ) -> None:
         """``on_network_request(host, port)`` approves hosts the rules do not
         name; ``on_network_event`` sees every decision of the proxy as it happens.
         ``backend``: a name (``corral.backends.available_backends()``) or a
-        Backend that starts the box (default ``"bwrap"``).
+        Backend that starts the box (default ``"bwrap"``). ``image``: a
+        container image whose root (read-only) the box runs instead of the
+        host's system directories (docker and podman backends; e.g. one from
+        ``corral image build``); ``python3`` comes from the image and so does
+        the code runtime (``/opt/corral/runtime``, in images built from
+        corral's default one), so ``runtime`` is not used. A missing image is
+        ``HostToolMissing`` naming it; corral never pulls.
 
         A local sandbox: ``AsyncSandbox(...)``, run on the portal.
         """
@@ -417,6 +424,7 @@ class Sandbox:
                 on_network_request=on_network_request,
                 on_network_event=on_network_event,
                 backend=backend,
+                image=image,
             )
         )
 

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
         TextCallback,
     )
     from ._policy import Policy
-    from ._proxy import NetworkEvent
     from ._sandbox import (
         CommandEvent,
         CommandResult,
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
         ProcessInfo,
     )
     from ._snapshot import Snapshot
+    from .net._events import NetworkEvent
 
 __all__ = [
     "AsyncCommandHandleAPI",

@@ -170,7 +170,7 @@ async def check_backend(
     audit --probe``; None: no probes) under ``policy`` (default: the
     ``default`` preset). Raises ``AssertionError`` naming the first check or
     the probes that failed."""
-    from corral._audit import run_probes  # the audit imports this module's users
+    from corral.audit import run_probes  # the audit imports this module's users
 
     for name, check in BACKEND_CHECKS.items():
         try:

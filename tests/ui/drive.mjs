@@ -20,7 +20,8 @@ try {
   const text = async (sel) => (await page.locator(sel).innerText()).trim();
   const xss = () => page.evaluate(() => ({
     flag: window.__corral_xss === undefined ? null : window.__corral_xss,
-    scripts: document.querySelectorAll("script").length,
+    // the sandbox page's own two (static/usage.js, static/terminal.js) excepted
+    scripts: document.querySelectorAll('script:not([src="/ui/static/usage.js"]):not([src="/ui/static/terminal.js"])').length,
     imgs: document.querySelectorAll("img").length,
   }));
 

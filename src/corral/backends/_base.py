@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from corral._errors import UnsupportedPolicy
 from corral._policy import Policy
-from corral._proxy import Approval, NetworkEvent
+from corral.net._events import Approval, NetworkEvent
 from corral.plan._mounts import File
 
 Status = Literal["ok", "warn", "fail"]
@@ -53,7 +54,13 @@ class BoxSpec:
     ``limits.cpu_time_s`` to each command itself, so the box gets no
     RLIMIT_CPU of its own. ``on_network_request(host, port)`` and
     ``on_network_event(event)``: the allowlist proxy's approval and event
-    callbacks (network mode ``allowlist``)."""
+    callbacks (network mode ``allowlist``). ``image``: a container image
+    whose root (read-only) the box runs instead of the host's system
+    directories (engine backends; e.g. ``localhost/corral-default:<tag>`` from
+    ``corral image build``); it needs only ``python3`` for an agent, and has
+    the code runtime at ``/opt/corral/runtime`` if it was built from corral's
+    default image. None: the host's ``/usr`` bound read-only. A backend that
+    cannot run images refuses one (``UnsupportedPolicy`` naming ``image``)."""
 
     command: tuple[str, ...]
     policy: Policy
@@ -65,6 +72,18 @@ class BoxSpec:
     per_command_cpu: bool = False
     on_network_request: Approval | None = None
     on_network_event: Callable[[NetworkEvent], None] | None = None
+    image: str | None = None
+
+
+def refuse_image(spec: BoxSpec, backend: str) -> None:
+    """``UnsupportedPolicy("image", ...)`` from a backend that runs the host's
+    system directories only, when ``spec`` names an image."""
+    if spec.image is not None:
+        raise UnsupportedPolicy(
+            "image",
+            f"the {backend} backend runs the host's system directories, not images; "
+            f"run {spec.image!r} with --backend docker or podman",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +108,16 @@ class Usage:
     """What the box has used so far, from host-side counters. ``None``: this
     backend or host does not count it (no cgroup). ``oom_kills`` and
     ``pids_limit_hits`` are events so far (processes the memory limit killed,
-    forks the process limit refused): compare two readings for one run."""
+    forks the process limit refused): compare two readings for one run.
+    ``memory_bytes`` and ``pids`` are now (the cgroup's ``memory.current`` or
+    v1 ``memory.usage_in_bytes``, page cache included; ``pids.current``)."""
 
     cpu_time_s: float | None = None
     peak_memory_bytes: int | None = None
     oom_kills: int = 0
     pids_limit_hits: int = 0
+    memory_bytes: int | None = None
+    pids: int | None = None
 
 
 @runtime_checkable
@@ -155,6 +178,13 @@ class Box(Protocol):
 
     def info(self) -> Mapping[str, str]:
         """What ``Backend.reattach`` needs to find this box again."""
+        ...
+
+    def exec_failure(self, exit_code: int, stderr: bytes) -> bytes | None:
+        """corral's words (``corral: NAME: command not found in the box``, 127;
+        ``cannot be run in the box (REASON)``, 126) when this box's launcher
+        could not exec a one-shot command and ``stderr`` holds nothing but the
+        launcher's complaint; None otherwise (the output stands as it is)."""
         ...
 
     def kill(self) -> None:

@@ -162,26 +162,34 @@ def plan_mounts(
     workspace_bytes: int | None,
     extra_files: tuple[File, ...] = (),
     resolv_conf: bytes | None = None,
+    image_root: bool = False,
 ) -> tuple[MountOp, ...]:
     """The box's mount table, in the order it must be built.
 
     ``workspace_source`` is a host directory to bind as the workspace, or None
     for a private tmpfs of ``workspace_bytes``. ``extra_files`` are corral's own
     read-only files (the agent), written from memory, never from a host path.
+    ``image_root``: the box's root is a container image's (read-only), so
+    nothing of the host's system (``/usr``, the system directories, the
+    ``/etc`` allowlist) is bound and ``host`` is not consulted; the identity
+    files corral generates still cover the image's own.
     """
-    ops: list[MountOp] = [RoBind("/usr", "/usr")]
-    for path, target in host.system_symlinks:
-        ops.append(Symlink(target, path))
-    for path in host.system_dirs:
-        ops.append(RoBind(path, path))
+    ops: list[MountOp] = []
+    if not image_root:
+        ops.append(RoBind("/usr", "/usr"))
+        for path, target in host.system_symlinks:
+            ops.append(Symlink(target, path))
+        for path in host.system_dirs:
+            ops.append(RoBind(path, path))
+        ops.append(Dir("/etc", 0o755))
 
     # /etc: generated identity files plus a short allowlist of host files.
-    ops.append(Dir("/etc", 0o755))
     ops.extend(_etc_files(identity, fs.workspace, dns=resolv_conf is not None))
     if resolv_conf is not None:  # network mode open or allowlist: their resolver
         ops.append(File("/etc/resolv.conf", resolv_conf, 0o644))
-    for path in host.etc_present:
-        ops.append(RoBind(path, path))
+    if not image_root:
+        for path in host.etc_present:
+            ops.append(RoBind(path, path))
 
     # fresh procfs of the box's own pid namespace: no host processes visible
     ops.append(Proc("/proc"))

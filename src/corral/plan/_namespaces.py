@@ -53,7 +53,7 @@ def plan_namespaces(network: NetworkPolicy, identity: IdentityPolicy) -> tuple[N
     if network.mode not in ("none", "allowlist", "open"):  # pragma: no cover
         raise ValueError(f"network mode {network.mode!r} has no namespace plan")
     # allowlist too: the box's only way out is the proxy's listener, which
-    # corral creates inside this empty namespace (see _proxy)
+    # corral creates inside this empty namespace (see corral.net)
     return (
         Unshare("user", "root or capabilities in the box mean anything on the host"),
         Unshare("mount", "the box's mounts change the host's view of the filesystem"),

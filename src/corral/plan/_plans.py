@@ -50,6 +50,7 @@ def make_plans(
     extra_files: tuple[_mounts.File, ...] = (),
     per_command_cpu: bool = False,
     fresh_workdir: bool = False,
+    image_root: bool = False,
 ) -> Plans:
     """Every plan for one box on a host with ``facts``, and the list of
     controls this host weakens. Raises ``UnsupportedPolicy`` (naming the
@@ -60,7 +61,9 @@ def make_plans(
     long-lived box's agent) applies RLIMIT_CPU to each command it starts, so
     the agent's own CPU over a long life does not end the box.
     ``fresh_workdir``: ``workspace_source`` is an empty directory corral made
-    for this box (a server's workspace; see ``backends.linux._workdir``)."""
+    for this box (a server's workspace; see ``backends.linux._workdir``).
+    ``image_root``: the box runs a container image's root (read-only) rather
+    than the host's system directories: no host ``/usr`` or ``/etc`` binds."""
     limits = policy.limits
     wanted = {
         "memory": limits.memory_bytes is not None,
@@ -119,6 +122,7 @@ def make_plans(
             workspace_bytes=policy.workspace_bytes,
             extra_files=extra_files,
             resolv_conf=_RESOLV_CONF.get(policy.network.mode),
+            image_root=image_root,
         ),
         namespaces=_namespaces.plan_namespaces(policy.network, policy.identity),
         capabilities=_capabilities.plan_capabilities(policy.identity),

@@ -11,8 +11,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from corral._proxy import NetworkEvent
 from corral._sandbox import AsyncSandbox, CommandHandle, PtyHandle
+from corral.backends import Usage
+from corral.net._events import NetworkEvent
 
 
 def adopt(
@@ -36,6 +37,13 @@ def died_of_oom(sandbox: AsyncSandbox) -> bool:
     return sandbox._oom_kills() > 0
 
 
+def usage(sandbox: AsyncSandbox) -> Usage | None:
+    """The box's counters now (``Box.usage()``: cgroup files, cheap); None
+    before it started."""
+    box = sandbox._box
+    return box.usage() if box is not None else None
+
+
 def failure(sandbox: AsyncSandbox) -> str:
     """Why the sandbox's channel failed ("" if it did not)."""
     connection = sandbox._connection
@@ -56,3 +64,8 @@ def buffers(handle: CommandHandle) -> Mapping[Any, bytearray]:
 def terminal_ended(handle: PtyHandle) -> bool:
     """The terminal's process ended (its result not yet waited for)."""
     return handle._process.exit.done()
+
+
+def paused(sandbox: AsyncSandbox) -> bool:
+    """The box is frozen (``pause``) and not yet resumed."""
+    return sandbox._paused

@@ -86,6 +86,7 @@ class Live:
     approvals: dict[str, Approval] = field(default_factory=dict)
     approvals_changed: asyncio.Event = field(default_factory=asyncio.Event)
     next_disk_check: float = 0.0
+    disk_bytes: int | None = None  # the workspace's size at the last disk check
 
     @property
     def id(self) -> str:

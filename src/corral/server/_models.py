@@ -145,6 +145,37 @@ class SandboxInfo(BaseModel):
     degraded: list[str] = Field(description="controls this host enforces only weakened")
 
 
+class UsageSample(BaseModel):
+    time: float = Field(description="Unix time, seconds")
+    cpu_time_s: float | None = Field(description="CPU seconds used since the box started")
+    cpu_used_pct: float | None = Field(
+        description="CPU used since the previous sample, percent of one core (200: two busy)"
+    )
+    memory_bytes: int | None = Field(description="memory charged to the box now (cache included)")
+    pids: int | None = Field(description="tasks (processes and threads) in the box now")
+    disk_bytes: int | None = Field(description="the workspace's size at the last disk check")
+
+
+class UsageLimits(BaseModel):
+    memory_bytes: int | None
+    disk_bytes: int | None
+    pids: int | None
+    cpu_cores: float | None
+
+
+class UsageReport(BaseModel):
+    """A sandbox's recent usage, oldest sample first. Sampled every
+    ``interval_s`` from the box's cgroup while it runs (a bounded window: the
+    server keeps the last few minutes), kept for a while after it ended.
+    ``null`` fields: this backend or host does not count them."""
+
+    sandbox_id: str
+    state: Literal["running", "ended"]
+    interval_s: float
+    limits: UsageLimits
+    samples: list[UsageSample]
+
+
 class SandboxList(BaseModel):
     sandboxes: list[SandboxInfo]
     next_cursor: int | None = Field(description="pass as cursor for the next page")

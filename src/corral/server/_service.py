@@ -24,22 +24,23 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from corral import _runtime
 from corral._errors import CorralError, PolicyError, SandboxClosed, public_message
-from corral._netrules import unsafe_allow_rule
 from corral._policy import Policy
-from corral._proxy import NetworkEvent
 from corral._sandbox import AsyncSandbox, EntryInfo, workspace_relative
 from corral.backends import get_backend
+from corral.net._events import NetworkEvent
+from corral.net._rules import unsafe_allow_rule
 
 from . import _internals
 from ._live import Live, ServiceError
 from ._metrics import Metrics
 from ._store import ApiKey, SandboxRow, Store
+from ._usage import UsageConfig, UsageHistory
 from ._workspace import (
     _DIR_FLAGS,
     _usage,
@@ -78,6 +79,7 @@ class ServiceConfig:
     allow_private_network: bool = False  # address rules to private ranges, and mode open
     reap_interval_s: float = 0.5
     backend: str = "bwrap"  # what starts every box (corral.backends)
+    usage: UsageConfig = field(default_factory=UsageConfig)  # the per-sandbox usage series
 
 
 class Service:
@@ -91,6 +93,9 @@ class Service:
         self._create_lock = asyncio.Lock()
         self._starting = 0
         self._reaper: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        # usage series: one per live sandbox, and ended ones for a while (oldest first)
+        self.usage_series: dict[str, UsageHistory] = {}
         # per-sandbox objects not yet freed, for /metrics: a long-running
         # server must hold none of an ended sandbox's
         self.objects: dict[str, weakref.WeakSet[Any]] = {
@@ -133,12 +138,14 @@ class Service:
             self.metrics.ended("server_restarted")
         self._purge_expired()
         self._reaper = asyncio.ensure_future(self._reap())
+        self._sampler = asyncio.ensure_future(self._sample())
 
     async def stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await asyncio.gather(
             *(self.end(sid, "server_shutdown") for sid in list(self.live)),
             return_exceptions=True,
@@ -361,6 +368,7 @@ class Service:
                 self._seal_workspace(sandbox_id)
             raise
         self.live[sandbox_id] = live
+        self.usage_series[sandbox_id] = UsageHistory.new(self.config.usage)
         self._starting -= 1
         self.metrics.created()
 
@@ -456,6 +464,7 @@ class Service:
         if live is None:
             return
         live.ended(reason)
+        self._usage_ended(sandbox_id, live)
         # recorded first: calls cut short by the close read this reason
         self._finish(sandbox_id, live.key.id, reason, detail, limit)
         try:
@@ -538,6 +547,7 @@ class Service:
                 )
                 # the host workspace has no total bound of its own (per-file
                 # only): a box that fills the host's disk, or its inodes, ends here
+                live.disk_bytes = usage.bytes
                 if limit is not None and usage.bytes > limit:
                     await self.end(sandbox_id, "limit", limit="disk", detail="workspace full")
                 elif usage.files > _MAX_FILES:
@@ -573,6 +583,86 @@ class Service:
             await asyncio.to_thread(self._purge, sandbox_id)
             self.store.audit("sandbox.purge", key_id=key.id, sandbox_id=sandbox_id)
         return self.row(key, sandbox_id)
+
+    # -- usage series ----------------------------------------------------------------
+
+    def usage(self, key: ApiKey, sandbox_id: str) -> UsageHistory | None:
+        """The key's sandbox's recent usage (``UsageHistory``, oldest sample
+        first): live, or ended within ``ServiceConfig.usage.keep_ended_s``;
+        None for an ended one whose series is gone. 404 (``ServiceError``) for
+        a sandbox that is not the key's."""
+        self.row(key, sandbox_id)  # another key's is as absent as a missing one
+        return self.usage_series.get(sandbox_id)
+
+    def usage_report(self, key: ApiKey, sandbox_id: str, since: float | None) -> dict[str, Any]:
+        """``usage`` as the API shows it (``UsageReport``): the samples after
+        Unix time ``since`` (all when None) and the limits they count against."""
+        row = self.row(key, sandbox_id)
+        series = self.usage_series.get(sandbox_id)
+        limits = row.policy.get("limits", {})
+        return {
+            "sandbox_id": sandbox_id,
+            "state": row.state,
+            "interval_s": self.config.usage.interval_s,
+            "limits": {
+                "memory_bytes": row.memory_bytes,
+                "disk_bytes": row.disk_bytes,
+                "pids": limits.get("pids"),
+                "cpu_cores": limits.get("cpu_cores"),
+            },
+            "samples": [s.to_dict() for s in series.since(since)] if series is not None else [],
+        }
+
+    async def _sample(self) -> None:
+        """Every ``usage.interval_s``: one sample of each live sandbox."""
+        while True:
+            await asyncio.sleep(self.config.usage.interval_s)
+            try:
+                await self._sample_once()
+            except Exception as exc:  # the sampler must outlive any one box's trouble
+                self.store.audit(
+                    "server.sampler_error", key_id=None, sandbox_id=None, error=str(exc)
+                )
+
+    async def _sample_once(self) -> None:
+        # a function of its own: nothing of a sandbox stays in the sampler's frame
+        # between ticks (an ended sandbox's Live must be freed)
+        self._drop_ended_usage()
+        lives = [(sid, live) for sid, live in self.live.items() if sid in self.usage_series]
+        if not lives:
+            return
+        # cgroup files: quick, but a thread keeps the loop free
+        readings = await asyncio.to_thread(
+            lambda boxes: [_internals.usage(live.sandbox) for _, live in boxes], lives
+        )
+        for (sandbox_id, live), reading in zip(lives, readings, strict=True):
+            series = self.usage_series.get(sandbox_id)
+            if reading is not None and series is not None and series.ended_at is None:
+                series.add(reading, live.disk_bytes)
+
+    def _usage_ended(self, sandbox_id: str, live: Live) -> None:
+        """The box ends: its series takes a last sample and is kept for a while."""
+        series = self.usage_series.pop(sandbox_id, None)
+        if series is None:
+            return
+        with contextlib.suppress(Exception):  # best effort: the box is going
+            reading = _internals.usage(live.sandbox)
+            if reading is not None:
+                series.add(reading, live.disk_bytes)
+        series.ended_at = time.monotonic()
+        self.usage_series[sandbox_id] = series  # re-inserted: ended ones in end order
+        self._drop_ended_usage()
+
+    def _drop_ended_usage(self) -> None:
+        keep = self.config.usage
+        ended = [sid for sid, series in self.usage_series.items() if series.ended_at is not None]
+        too_many = len(ended) - keep.keep_ended
+        now = time.monotonic()
+        for i, sandbox_id in enumerate(ended):
+            ended_at = self.usage_series[sandbox_id].ended_at
+            assert ended_at is not None
+            if i < too_many or now - ended_at >= keep.keep_ended_s:
+                del self.usage_series[sandbox_id]
 
     # -- network -------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from corral._errors import CorralError
 from corral._policy import Policy
-from corral.backends._base import BoxSpec, Check
+from corral.backends._base import BoxSpec, Check, refuse_image
 from corral.backends.bwrap._argv import BWRAP_INSTALL_HINT, PROXY_ENV, find_bwrap
 from corral.backends.bwrap._box import BwrapBox, sweep_orphans
 from corral.backends.linux._checks import linux_checks
@@ -49,6 +49,7 @@ class BwrapBackend:
         return make_plans(policy, facts).degraded
 
     async def launch(self, spec: BoxSpec) -> BwrapBox:
+        refuse_image(spec, "bwrap")
         return await BwrapBox.start(spec, await self._host_facts())
 
     async def sweep(self) -> None:

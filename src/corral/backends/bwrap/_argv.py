@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from corral._errors import HostToolMissing
 from corral._policy import Policy
-from corral._proxy import PORT as PROXY_PORT
 from corral.backends.linux import _seccomp
+from corral.backends.linux._procbox import find_util
+from corral.net._proxy import PORT as PROXY_PORT
 from corral.plan import Plans, _capabilities, _mounts, _namespaces
 
 BWRAP_INSTALL_HINT = (
@@ -85,15 +86,6 @@ _PRLIMIT_FLAGS = {
 
 def _limit(value: int | None) -> str:
     return "unlimited" if value is None else str(value)
-
-
-@functools.cache
-def find_util(name: str) -> str:
-    """A util-linux tool (prlimit, setpriv)."""
-    path = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
-    if path is None:
-        raise HostToolMissing(name, "install it with: sudo apt-get install util-linux")
-    return path
 
 
 class _Fds:
@@ -181,7 +173,7 @@ def _launcher(
         quoted = " ".join(f'"${_ARG_VAR}{i}"' for i in range(len(args)))
         # $0 is "corral": a command that is not found reads
         # "corral: 1: exec: NAME: not found" (exit 127; 126 cannot run),
-        # put in corral's words by _result.said_by_launcher
+        # put in corral's words by CgroupProcessBox.exec_failure
         line = f'set -- {quoted}; unset {names}; exec "$@"'
         return [_LAUNCH_SHELL, "-c", line, "corral"], setenv
     argv_fd = fds.data(b"".join(arg + b"\0" for arg in args))

@@ -36,14 +36,18 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
 
 from corral._errors import HostToolMissing, SandboxError
-from corral._netrules import Rules
 from corral._policy import Policy
-from corral._proxy import Proxy
 from corral.backends._base import BoxSpec, Usage
-from corral.backends.bwrap._argv import PROXY_ENV, _Fds, find_util, render_argv
+from corral.backends._process import (
+    close_streams,
+    exit_future,
+    feed_stdin,
+    read_available,
+    reaped,
+)
+from corral.backends.bwrap._argv import PROXY_ENV, _Fds, render_argv
 from corral.backends.linux import _cgroups, _workdir
 from corral.backends.linux._facts import check_bind_sources
 from corral.backends.linux._identity import (
@@ -52,7 +56,9 @@ from corral.backends.linux._identity import (
     release_host_identity,
 )
 from corral.backends.linux._netns import NetnsError, prepare_allowlist
-from corral.backends.linux._procbox import CgroupProcessBox
+from corral.backends.linux._procbox import CgroupProcessBox, find_util
+from corral.net._proxy import Proxy
+from corral.net._rules import Rules
 from corral.plan import HostFacts, Plans, _mounts, make_plans
 
 _KILL_GRACE_S = 2.0  # after the box's init was killed, before bwrap itself is
@@ -232,7 +238,7 @@ class BwrapBox(CgroupProcessBox):
             )
 
         self.proc = proc = await _spawn_in_fresh_keyring(spawn, self._adopt)
-        self._exited = _exit_future(proc)
+        self._exited = exit_future(proc)
         fds.close_passed()
         info = await _read_until_json(asyncio.get_running_loop(), info_r)
         if info is None or not isinstance(info.get("child-pid"), int):
@@ -274,12 +280,12 @@ class BwrapBox(CgroupProcessBox):
         except BrokenPipeError:
             raise await self._setup_failed() from None
         if spec.stdin is not None and proc.stdin is not None:
-            _feed_stdin(asyncio.get_running_loop(), proc.stdin, spec.stdin)
+            feed_stdin(asyncio.get_running_loop(), proc.stdin, spec.stdin)
 
     def _adopt(self, proc: subprocess.Popen[bytes]) -> None:
         """A process spawned for this box whose launch was cancelled: ``aclose`` ends it."""
         self.proc = proc
-        self._exited = _exit_future(proc)
+        self._exited = exit_future(proc)
 
     async def _setup_failed(self) -> SandboxError:
         """bwrap exited before the command started: broken infrastructure, with bwrap's reason."""
@@ -291,7 +297,7 @@ class BwrapBox(CgroupProcessBox):
         except TimeoutError:
             _abort_unopened(proc)
             await asyncio.shield(self._exited)
-        message = _read_available(proc.stderr).decode(errors="replace").strip() or "no message"
+        message = read_available(proc.stderr).decode(errors="replace").strip() or "no message"
         hint = ""
         if identity is not None and "Can't find source path" in message:
             hint = (
@@ -317,8 +323,8 @@ class BwrapBox(CgroupProcessBox):
             if self.slirp is not None:
                 with contextlib.suppress(ProcessLookupError):
                     self.slirp.kill()
-                await _reaped(self.slirp)
-                _close_streams(self.slirp)
+                await reaped(self.slirp)
+                close_streams(self.slirp)
             if proc is not None and self._exited is not None:
                 if not self._exited.done():
                     # The box may still be blocked: kill it BEFORE the block pipe
@@ -332,11 +338,11 @@ class BwrapBox(CgroupProcessBox):
                         await asyncio.shield(self._exited)
             elif proc is not None:  # spawned, but never watched: never happens unless cancelled
                 _abort_unopened(proc)
-                await _reaped(proc)
+                await reaped(proc)
             if proc is not None:
                 if proc.stdin is not None and not proc.stdin.closed:
                     asyncio.get_running_loop().remove_writer(proc.stdin.fileno())
-                _close_streams(proc)
+                close_streams(proc)
         finally:
             if self._outer_kill is not None:
                 self._outer_kill.cancel()
@@ -359,58 +365,6 @@ class BwrapBox(CgroupProcessBox):
                     release_host_identity(self.identity)
                     self.identity = None
                 self.fds.close_all()
-
-
-def _close_streams(proc: subprocess.Popen[bytes]) -> None:
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            with contextlib.suppress(OSError):
-                stream.close()
-
-
-def _read_available(stream: IO[bytes] | None) -> bytes:
-    """What ``stream`` (a pipe whose writer has exited) holds, without blocking."""
-    if stream is None or stream.closed:
-        return b""
-    fd = stream.fileno()
-    os.set_blocking(fd, False)
-    out = bytearray()
-    with contextlib.suppress(BlockingIOError, OSError):
-        while chunk := os.read(fd, 65536):
-            out += chunk
-            if len(out) > 1 << 20:
-                break
-    return bytes(out)
-
-
-def _exit_future(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:
-    """A future for ``proc``'s exit status, set from a pidfd reader: no thread,
-    no blocking wait. The process is reaped once, here (Popen is told)."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[int] = loop.create_future()
-    pidfd = os.pidfd_open(proc.pid)
-
-    def exited() -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        try:
-            _, status = os.waitpid(proc.pid, 0)  # it has exited: returns at once
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:  # reaped by Popen already
-            pass
-        if proc.returncode is None:  # reaped behind Popen's back: status unknown
-            proc.returncode = 255
-        if not fut.done():
-            fut.set_result(proc.returncode)
-
-    loop.add_reader(pidfd, exited)
-    return fut
-
-
-async def _reaped(proc: subprocess.Popen[bytes]) -> int:
-    if proc.returncode is not None:
-        return proc.returncode
-    return await _exit_future(proc)
 
 
 _swept = False
@@ -549,9 +503,9 @@ async def _start_slirp(box_pid: int, fds: _Fds) -> subprocess.Popen[bytes]:
     if signal_byte != b"1":
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-        await _reaped(proc)
-        detail = _read_available(proc.stderr).decode(errors="replace")[-500:]
-        _close_streams(proc)
+        await reaped(proc)
+        detail = read_available(proc.stderr).decode(errors="replace")[-500:]
+        close_streams(proc)
         raise SandboxError(f"slirp4netns did not bring the box's network up: {detail}")
     return proc
 
@@ -671,28 +625,3 @@ def _kill_box(box_pidfd: int, cgroup: _cgroups.SandboxCgroup | None) -> None:
             cgroup.signal_all()
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(box_pidfd, signal.SIGKILL)
-
-
-def _feed_stdin(loop: asyncio.AbstractEventLoop, stream: IO[bytes], data: bytes) -> None:
-    """Write ``data`` to the box's stdin as it reads it, then close it.
-
-    Non-blocking: a box that never reads its stdin must not block the host.
-    """
-    fd = stream.fileno()
-    os.set_blocking(fd, False)
-    view = memoryview(data)
-
-    def writable() -> None:
-        nonlocal view
-        try:
-            view = view[os.write(fd, view[:65536]) :]
-        except BlockingIOError:
-            return
-        except OSError:  # EPIPE: the box closed its stdin or is gone
-            view = view[:0]
-        if not view:
-            loop.remove_writer(fd)
-            with contextlib.suppress(OSError):
-                stream.close()
-
-    loop.add_writer(fd, writable)

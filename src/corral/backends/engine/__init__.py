@@ -75,8 +75,30 @@ class EngineBackend:
             version = self.engine.probe()
         except CorralError as exc:
             return [Check(name, "fail", str(exc), _FIX[name])]
-        checks = [Check(name, "ok", f"{self.engine.binary} (server {version})")]
+        checks = [
+            Check(name, "ok", f"{self.engine.binary} (server {version})"),
+            self._image_check(),
+        ]
         return checks + linux_checks(landlock_note=f"not used by the {name} backend")
+
+    def _image_check(self) -> Check:
+        """Whether corral's default image (of this corral's lock) is in the engine:
+        optional (boxes without ``image`` need none), so a warning at most."""
+        from corral import image
+
+        try:
+            ref = image.default_ref()
+            present = image.engine_has_image(self.engine.kind, ref)
+        except CorralError as exc:
+            return Check("default image", "warn", str(exc))
+        if present:
+            return Check("default image", "ok", f"{ref} (Sandbox(image=...) / --image)")
+        return Check(
+            "default image",
+            "warn",
+            f"{ref} is not in {self.engine.kind}; boxes without an image do not need it",
+            f"corral image build --into {self.engine.kind}  (as root; several minutes once)",
+        )
 
     async def reattach(self, info: Mapping[str, str]) -> EngineBox | None:
         return None

@@ -70,7 +70,8 @@ class RunInputs:
     (a ``File`` op's content, or an empty file for a hidden file path).
     ``nproc``: RLIMIT_NPROC for the box's uid when the policy has no pids
     limit (root here lacks CAP_SYS_RESOURCE: an engine default would raise
-    the limit and fail)."""
+    the limit and fail). ``init_source``: for a box on an image (which
+    need not have an init), the host's static init bound at ``init_path``."""
 
     kind: EngineKind
     name: str
@@ -85,6 +86,7 @@ class RunInputs:
     stdin: bool
     init_path: str
     nproc: int
+    init_source: str | None = None  # a host file bound read-only at init_path (image roots)
 
 
 def _checked(path: str, field: str) -> str:
@@ -132,6 +134,8 @@ def render_run(
         f"--stop-timeout={_STOP_TIMEOUT_S}",
         # logs bounded at nothing: output goes only to corral's pipes
         "--log-driver=none",
+        # only images already here: never a registry (corral's hosts reach none)
+        "--pull=never",
     ]
     if limits.memory_bytes is not None:
         # swap equal to memory: no swap, the limit is the box's RAM
@@ -194,6 +198,8 @@ def render_run(
                 # the root is --read-only; /proc and /dev are the engine's own
                 # (fresh, masked); directories and symlinks are in the base image
                 pass
+    if inputs.init_source is not None and not inputs.channel:
+        argv.append(f"--volume={_checked(inputs.init_source, 'init')}:{inputs.init_path}:ro")
     for name, value in policy.env:
         if name in CLI_ENV:  # the CLI needs its own: the box's value goes inline
             argv.append(f"--env={name}={value}")
@@ -205,7 +211,7 @@ def render_run(
     if inputs.channel:
         argv += CHANNEL_LAUNCHER
     else:
-        # an init (the host's tini, under the bound /usr) as pid 1: the command
+        # an init (the host's tini, under the bound /usr or bound alone) as pid 1: the command
         # is not pid 1, so a signal kills it as on a host (a shell's `kill -9 $$`),
         # and orphans are reaped
         argv += [inputs.init_path, "--"]

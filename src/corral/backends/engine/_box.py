@@ -23,10 +23,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from corral._errors import CorralError, SandboxError
+from corral._errors import CorralError, HostToolMissing, SandboxError
 from corral._policy import Policy
 from corral.backends._base import BoxExit, BoxSpec, Usage
-from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin
+from corral.backends._process import close_streams, exit_future, feed_stdin
+from corral.backends._process import fileno as _fileno
 from corral.backends.engine import _argv
 from corral.backends.engine._engine import Engine
 from corral.backends.engine._seccomp import render as render_seccomp
@@ -37,7 +38,6 @@ from corral.backends.linux._identity import (
     acquire_host_identity,
     release_host_identity,
 )
-from corral.backends.linux._procbox import fileno as _fileno
 from corral.plan import HostFacts, Plans, _mounts, make_plans
 from corral.plan._mounts import File, Hide, Symlink
 
@@ -125,11 +125,18 @@ class EngineBox:
                         peak_memory_bytes=stats.peak_memory_bytes,
                         oom_kills=max(stats.oom_kills, self._usage.oom_kills),
                         pids_limit_hits=max(stats.pids_limit_hits, self._usage.pids_limit_hits),
+                        memory_bytes=stats.memory_bytes,
+                        pids=stats.pids,
                     )
         return self._usage
 
     def info(self) -> Mapping[str, str]:
         return {"backend": self.engine.kind, "container": self.name, "owner_pid": str(os.getpid())}
+
+    def exec_failure(self, exit_code: int, stderr: bytes) -> bytes | None:
+        # the engine's init (tini) reports a failed exec in its own words:
+        # not translated yet
+        return None
 
     def kill(self) -> None:
         """SIGKILL the container (its pid 1, so everything in it). Never waits."""
@@ -256,6 +263,7 @@ class EngineBox:
             extra_files=spec.extra_files,
             per_command_cpu=spec.per_command_cpu,
             fresh_workdir=spec.own_workdir,
+            image_root=spec.image is not None,
         )
         plans = dataclasses.replace(plans, mounts=_own_ids(plans.mounts, policy, uid, gid))
         box = cls(engine, dataclasses.replace(spec, workdir=workspace_source), policy, plans)
@@ -287,8 +295,19 @@ class EngineBox:
                 ),
             )
         files = await asyncio.to_thread(self._write_files)
-        symlinks = tuple(op for op in self.plans.mounts if isinstance(op, Symlink))
-        image = await engine.base_image(symlinks, self.policy.filesystem.workspace)
+        init_path, init_source = engine.init_path, None
+        if spec.image is not None:
+            # the image's root, read-only: nothing of the host's /usr
+            image = await engine.user_image(spec.image)
+            if spec.stdio == "pipes":
+                init_path, init_source = engine.image_init_path, engine.image_init_source
+                if not os.path.isfile(init_source):
+                    raise HostToolMissing(
+                        "tini-static", "install it with: sudo apt-get install tini"
+                    )
+        else:
+            symlinks = tuple(op for op in self.plans.mounts if isinstance(op, Symlink))
+            image = await engine.base_image(symlinks, self.policy.filesystem.workspace)
         inputs = _argv.RunInputs(
             kind=engine.kind,
             name=self.name,
@@ -301,8 +320,9 @@ class EngineBox:
             files=files,
             channel=spec.stdio == "channel",
             stdin=spec.stdin is not None,
-            init_path=engine.init_path,
+            init_path=init_path,
             nproc=engine.default_nproc,
+            init_source=init_source,
         )
         argv = [*engine.command, *_argv.render_run(self.plans, self.policy, spec.command, inputs)]
         env = {**dict(self.policy.env), **engine.env()}
@@ -318,9 +338,9 @@ class EngineBox:
             )
         except OSError as exc:
             raise SandboxError(f"cannot start {engine.kind}: {exc}") from exc
-        self._exited = _exit_future(proc)
+        self._exited = exit_future(proc)
         if spec.stdin is not None and proc.stdin is not None:
-            _feed_stdin(asyncio.get_running_loop(), proc.stdin, spec.stdin)
+            feed_stdin(asyncio.get_running_loop(), proc.stdin, spec.stdin)
 
     def _write_files(self) -> dict[str, str]:
         """corral's files for the box (generated /etc, the agent, the profile), root only."""
@@ -358,7 +378,7 @@ class EngineBox:
                         await asyncio.shield(self._exited)
                 if proc.stdin is not None and not proc.stdin.closed:
                     asyncio.get_running_loop().remove_writer(proc.stdin.fileno())
-                _close_streams(proc)
+                close_streams(proc)
         finally:
             self.usage()
             await asyncio.to_thread(self._remove_traces)

@@ -40,6 +40,9 @@ class Engine:
         limit = hard if hard != resource.RLIM_INFINITY else 1 << 22
         self.default_nproc = min(limit, 1 << 22)
         self.init_path = "/usr/bin/tini"  # Debian's tini (docker.io depends on it), under /usr
+        # on an image root no host /usr is bound: the static tini, bound alone
+        self.image_init_source = "/usr/bin/tini-static"
+        self.image_init_path = "/run/corral-init"
 
     @property
     def binary(self) -> str:
@@ -112,6 +115,33 @@ class Engine:
             await asyncio.to_thread(self._import, tag, tar)
             self._images.add(key)
         return tag
+
+    async def user_image(self, ref: str) -> str:
+        """``ref`` if the engine holds that image (checked once per endpoint);
+        ``HostToolMissing`` naming it, and how to make it, if not. Never pulls."""
+        key = (os.environ.get("DOCKER_HOST"), ref)
+        if key not in self._images:
+            await asyncio.to_thread(self._require_image, ref)
+            self._images.add(key)
+        return ref
+
+    def _require_image(self, ref: str) -> None:
+        have = subprocess.run(
+            [*self.command, "image", "inspect", "--format={{.Id}}", ref],
+            capture_output=True,
+            env=self.env(),
+            check=False,
+        )
+        if have.returncode == 0:
+            return
+        if ref.startswith("localhost/corral-default"):
+            how = f"build and load it with: corral image build --into {self.kind}"
+        else:
+            how = (
+                f"build it with: corral image build --from Dockerfile --tag {ref} "
+                f"--engine {self.kind} (or {self.kind} load it); corral never pulls images"
+            )
+        raise HostToolMissing(f"the image {ref!r} in {self.kind}", how)
 
     def _import(self, tag: str, tar: bytes) -> None:
         have = subprocess.run(

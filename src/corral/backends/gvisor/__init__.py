@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from corral._errors import CorralError, UnsupportedPolicy
 from corral._policy import Policy
-from corral.backends._base import BoxSpec, Check
+from corral.backends._base import BoxSpec, Check, refuse_image
 from corral.backends.gvisor._box import GvisorBox
 from corral.backends.gvisor._runsc import PLATFORM, RUNSC_INSTALL_HINT, find_runsc, sweep_orphans
 from corral.backends.linux import _cgroups
@@ -75,6 +75,7 @@ class GvisorBackend:
         return make_plans(policy, facts).degraded + _DEGRADED
 
     async def launch(self, spec: BoxSpec) -> GvisorBox:
+        refuse_image(spec, "gvisor")
         facts = await self._host_facts()
         return await GvisorBox.start(spec, facts, _DEGRADED)
 

@@ -34,13 +34,12 @@ from pathlib import Path
 from corral._errors import CorralError, SandboxError
 from corral._policy import Policy
 from corral.backends._base import BoxSpec, Usage
-from corral.backends.bwrap._argv import find_util
-from corral.backends.bwrap._box import _close_streams, _exit_future, _feed_stdin
+from corral.backends._process import close_streams, exit_future, feed_stdin
 from corral.backends.gvisor._bundle import render_config, write_rootfs
 from corral.backends.gvisor._runsc import RUNSC_FLAGS, find_runsc, runsc_root
 from corral.backends.linux import _cgroups, _workdir
 from corral.backends.linux._facts import check_bind_sources
-from corral.backends.linux._procbox import CgroupProcessBox
+from corral.backends.linux._procbox import CgroupProcessBox, find_util
 from corral.plan import HostFacts, Plans, _mounts, make_plans
 
 _KILL_GRACE_S = 5.0
@@ -221,9 +220,9 @@ class GvisorBox(CgroupProcessBox):
             if channel:
                 os.close(to_box_r)
                 os.close(from_box_w)
-        self._exited = _exit_future(proc)
+        self._exited = exit_future(proc)
         if spec.stdin is not None and proc.stdin is not None:
-            _feed_stdin(asyncio.get_running_loop(), proc.stdin, spec.stdin)
+            feed_stdin(asyncio.get_running_loop(), proc.stdin, spec.stdin)
 
     # -- teardown ------------------------------------------------------------------------
 
@@ -240,7 +239,7 @@ class GvisorBox(CgroupProcessBox):
             if proc is not None:
                 if proc.stdin is not None and not proc.stdin.closed:
                     asyncio.get_running_loop().remove_writer(proc.stdin.fileno())
-                _close_streams(proc)
+                close_streams(proc)
         finally:
             self.usage()  # the last counters, kept for callers reading them after close
             await asyncio.to_thread(self._remove_traces)

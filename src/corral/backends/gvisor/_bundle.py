@@ -26,7 +26,8 @@ CHANNEL_LAUNCHER = (
     'CORRAL_CHANNEL_FDS=3,4; export CORRAL_CHANNEL_FDS; exec "$@"'
 )
 # a one-shot command goes through the same shell, so a missing program reads
-# "corral: 1: exec: NAME: not found" (127) as on bwrap (_result.said_by_launcher)
+# "corral: 1: exec: NAME: not found" (127) as on bwrap
+# (put in corral's words by CgroupProcessBox.exec_failure)
 PIPES_LAUNCHER = 'exec "$@"'
 
 _RLIMIT_TYPES = {

@@ -64,8 +64,8 @@ class KubernetesBox:
         self.spec = spec
         self.policy = spec.policy
         self._degraded = degraded
-        # a caller's image (BoxSpec.image, where this corral has it) over the backend's
-        image = getattr(spec, "image", None)
+        # a caller's image (BoxSpec.image) over the backend's
+        image = spec.image
         self.facts = dataclasses.replace(backend.facts, image=image) if image else backend.facts
         self.box_id = secrets.token_hex(6)
         self.name = f"corral-{self.box_id}"

@@ -89,6 +89,8 @@ class CgroupStats:
     pids_limit_hits: int
     cpu_time_s: float | None
     cpu_throttled_s: float | None
+    memory_bytes: int | None = None  # now (v1 memory.usage_in_bytes, v2 memory.current)
+    pids: int | None = None  # tasks now (pids.current)
 
 
 # -- detection ------------------------------------------------------------------------
@@ -393,6 +395,7 @@ class SandboxCgroup:
         """Counters so far. Read them before ``remove``, which discards them."""
         memory = self.dirs.get("memory")
         hits = self.pids_limit_hits()
+        pids = _read_int(self.dirs.get("pids"), "pids.current")
         if self.version == 1:
             cpu_ns = _read_int(self.dirs.get("cpuacct"), "cpuacct.usage")
             throttled_ns = _keyed(self.dirs.get("cpu"), "cpu.stat").get("throttled_time")
@@ -402,6 +405,8 @@ class SandboxCgroup:
                 pids_limit_hits=hits,
                 cpu_time_s=None if cpu_ns is None else cpu_ns / 1e9,
                 cpu_throttled_s=None if throttled_ns is None else throttled_ns / 1e9,
+                memory_bytes=_read_int(memory, "memory.usage_in_bytes"),
+                pids=pids,
             )
         cpu = _keyed(self.paths[0], "cpu.stat")  # present without the cpu controller too
         usage_us, throttled_us = cpu.get("usage_usec"), cpu.get("throttled_usec")
@@ -411,6 +416,8 @@ class SandboxCgroup:
             pids_limit_hits=hits,
             cpu_time_s=None if usage_us is None else usage_us / 1e6,
             cpu_throttled_s=None if throttled_us is None else throttled_us / 1e6,
+            memory_bytes=_read_int(memory, "memory.current"),
+            pids=pids,
         )
 
     def oom_kills(self) -> int:

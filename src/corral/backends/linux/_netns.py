@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -46,16 +45,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from corral._proxy import PORT as PROXY_PORT
+from corral.net._proxy import PORT as PROXY_PORT
 
 TRANSPARENT_PORT = 3129
 DNS_PORT = 1053
 LOOPBACK_WAIT_S = 10.0
-# the DNS responder answers allowed names with addresses from these pools; the
-# proxy maps them back to the name (RFC 2544's benchmarking block and a ULA
-# prefix: never routed anywhere, and refused by the SSRF guard if unmapped)
-SYNTHETIC_V4 = ipaddress.IPv4Network("198.18.0.0/15")
-SYNTHETIC_V6 = ipaddress.IPv6Network("fdc0:4272:616c::/64")
 
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000

@@ -1,24 +1,39 @@
 """What every box run as a host process tree in a corral cgroup shares (the
 bwrap and gvisor backends): its pipes, its exit, its usage read from the
-cgroup, pause and resume by the cgroup freezer."""
+cgroup, pause and resume by the cgroup freezer, the util-linux tools it is
+started through. (The process helpers themselves, which the engine backend
+uses too, are in ``backends/_process.py``.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import re
+import shutil
 import subprocess
 from collections.abc import Mapping
-from typing import IO
 
-from corral._errors import CorralError, SandboxError
+from corral._errors import CorralError, HostToolMissing, SandboxError
 from corral._policy import Policy
+from corral._result import not_run_message
 from corral.backends._base import BoxExit, Usage
+from corral.backends._process import fileno
 from corral.backends.linux import _cgroups
 
+# what the POSIX shell launcher (``sh -c '... exec "$@"' corral``, bwrap's
+# and gvisor's) says when its exec fails: dash's words (a Python launcher
+# says not_run_message's itself)
+_SHELL_NOT_RUN = re.compile(rb"corral: 1: exec: (.*): ([^\n]*)\n")
 
-def fileno(stream: IO[bytes] | None) -> int | None:
-    """The stream's descriptor, or None once it is closed (or never was)."""
-    return stream.fileno() if stream is not None and not stream.closed else None
+
+@functools.cache
+def find_util(name: str) -> str:
+    """A util-linux tool a process box is started through (setpriv, prlimit)."""
+    path = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+    if path is None:
+        raise HostToolMissing(name, "install it with: sudo apt-get install util-linux")
+    return path
 
 
 class CgroupProcessBox:
@@ -49,6 +64,13 @@ class CgroupProcessBox:
     def env(self) -> Mapping[str, str]:
         return dict(self.policy.env)
 
+    def exec_failure(self, exit_code: int, stderr: bytes) -> bytes | None:
+        found = _SHELL_NOT_RUN.fullmatch(stderr) if exit_code in (126, 127) else None
+        if found is None:
+            return None
+        name, reason = (g.decode(errors="replace") for g in found.groups())
+        return not_run_message(name, exit_code, reason)
+
     async def wait(self) -> BoxExit:
         assert self._exited is not None, "the box was not started"
         return BoxExit.from_code(await asyncio.shield(self._exited))
@@ -62,6 +84,8 @@ class CgroupProcessBox:
                     peak_memory_bytes=stats.peak_memory_bytes,
                     oom_kills=stats.oom_kills,
                     pids_limit_hits=stats.pids_limit_hits,
+                    memory_bytes=stats.memory_bytes,
+                    pids=stats.pids,
                 )
         return self._usage  # the last reading, once the cgroup is gone
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
 from corral._errors import PathOutsideWorkspace
+from corral.server import _internals
 from corral.server._http import describe
 from corral.server._live import Live, ServiceError
 from corral.server._service import Service
@@ -68,6 +69,16 @@ class E2bRoute(APIRoute):
         return route
 
 
+def _by_token(service: Service, token: str) -> str:
+    """The running sandbox whose access token this is ("" if none): the
+    routing of SDKs that send the token without ``E2b-Sandbox-Id`` (``e2b``
+    2.7's ``Sandbox.connect``). Each token is one sandbox's, so it names it."""
+    for sandbox_id in list(service.live):
+        if hmac.compare_digest(token, access_token(sandbox_id)):
+            return sandbox_id
+    return ""
+
+
 def sandbox_live(request: Request, port: str) -> Live:
     """The running sandbox a sandbox-traffic request names, checked against its
     token. A wrong or missing token is answered like an absent sandbox (404):
@@ -81,13 +92,24 @@ def sandbox_live(request: Request, port: str) -> Live:
     token = request.headers.get("x-access-token") or request.headers.get(
         "e2b-traffic-access-token", ""
     )
+    if not sandbox_id and token:
+        sandbox_id = _by_token(service, token)
     # constant-time: the token is the only credential of sandbox traffic
     if not sandbox_id or not hmac.compare_digest(token, access_token(sandbox_id)):
         raise ServiceError(404, "not_found", NOT_FOUND.format(sandbox_id))
     live = service.live.get(sandbox_id)
     if live is None:
         raise ServiceError(502, "sandbox_ended", NOT_FOUND.format(sandbox_id))
+    refuse_paused(live)
     return live
+
+
+def refuse_paused(live: Live) -> None:
+    """Traffic to a paused sandbox is answered now rather than held until a resume."""
+    if _internals.paused(live.sandbox):
+        raise ServiceError(
+            409, "paused", f"The sandbox {live.id} is paused: connect to it to resume it"
+        )
 
 
 def check_user(request: Request, user: str | None = None) -> None:

@@ -13,6 +13,8 @@ big-endian length), the last one flagged end-of-stream (0x02) carrying
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import struct
 from collections.abc import AsyncIterator
@@ -139,3 +141,45 @@ def stream_error(exc: BaseException) -> StreamingResponse:
         yield {}  # pragma: no cover  (makes this a generator)
 
     return stream_reply(nothing())
+
+
+def keepalive_interval(request: Request) -> float | None:
+    """``Keepalive-Ping-Interval`` (seconds), which the SDKs send on their long
+    streams so that idle ones are not cut by proxies: 1 s to an hour, else none."""
+    value = request.headers.get("keepalive-ping-interval", "")
+    return float(min(int(value), 3600)) if value.isdigit() and int(value) >= 1 else None
+
+
+async def with_keepalive(
+    messages: AsyncIterator[dict[str, Any]], interval_s: float | None, ping: dict[str, Any]
+) -> AsyncIterator[dict[str, Any]]:
+    """``messages``, with ``ping`` sent whenever none came for ``interval_s``
+    (envd's keepalive events). The source is closed with the stream."""
+    if interval_s is None:
+        async for message in messages:
+            yield message
+        return
+    source = aiter(messages)
+    pending: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield ping
+                continue
+            finished, pending = pending, None
+            try:
+                message = finished.result()
+            except StopAsyncIteration:
+                return
+            yield message
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()

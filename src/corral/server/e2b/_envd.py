@@ -4,18 +4,23 @@ filesystem as Connect RPC (``_connect``), bytes through ``/files``.
 Every process is a background command of the sandbox (``Live``): ``Start``
 streams its start, output and end, ``Connect`` follows it again, and
 ``SendInput``, ``CloseStdin``, ``SendSignal`` and ``List`` reach it by pid.
-``Connect-Timeout-Ms`` bounds the command, as envd does. Paths: ``/home/user``
-is the workspace (``_common.to_box``). Not supported (answered
-``unimplemented``): PTYs, stdin streams, directory watches.
+``Connect-Timeout-Ms`` bounds the command, as envd does; streams carry
+keepalives at the client's ``Keepalive-Ping-Interval``. Paths: ``/home/user``
+is the workspace (``_common.to_box``). Directory watches: ``_watch``.
+``/files`` takes the access token or a signed URL. Not supported (answered
+``unimplemented``): PTYs, stdin streams.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
+import hmac
 import json
 import posixpath
 import stat
+import time
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,12 +33,15 @@ from corral.server._live import Live, ServiceError
 from corral.server._service import Service
 
 from . import _connect as c
+from . import _watch
 from ._common import (
     ENVD_PORT,
     E2bRoute,
+    access_token,
     check_user,
     cwd_to_box,
     from_box,
+    refuse_paused,
     sandbox_live,
     to_box,
     unsupported,
@@ -126,7 +134,13 @@ async def start(request: Request) -> StreamingResponse:
             yield _end(result)
 
         return c.stream_reply(failed())
-    return c.stream_reply(_events(live, pid))
+    return c.stream_reply(_kept_alive(request, _events(live, pid)))
+
+
+def _kept_alive(
+    request: Request, events: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[dict[str, Any]]:
+    return c.with_keepalive(events, c.keepalive_interval(request), {"event": {"keepalive": {}}})
 
 
 @router.post("/process.Process/Connect")
@@ -138,7 +152,7 @@ async def connect(request: Request) -> StreamingResponse:
         live.follow(pid)  # a missing pid is an error before the stream starts
     except Exception as exc:
         return c.stream_error(exc)
-    return c.stream_reply(events)
+    return c.stream_reply(_kept_alive(request, events))
 
 
 async def _unary(
@@ -224,7 +238,7 @@ async def _list(live: Live, path: str, depth: int) -> list[dict[str, Any]]:
     return entries
 
 
-async def _fs(method: str, live: Live, message: dict[str, Any]) -> dict[str, Any]:
+async def _fs(service: Service, method: str, live: Live, message: dict[str, Any]) -> dict[str, Any]:
     files = live.sandbox.files
     if method == "Stat":
         return {"entry": _entry(live, await files.stat(to_box(live, _path(message))))}
@@ -250,14 +264,41 @@ async def _fs(method: str, live: Live, message: dict[str, Any]) -> dict[str, Any
     if method == "Remove":
         await files.remove(to_box(live, _path(message)))
         return {}
-    if method in ("WatchDir", "CreateWatcher", "GetWatcherEvents", "RemoveWatcher"):
-        raise unsupported("watching directories (not yet)")
+    if method == "CreateWatcher":
+        _watch_options(message)
+        path = to_box(live, _path(message))
+        recursive = bool(message.get("recursive"))
+        return {"watcherId": await _watch.create(service, live, path, recursive)}
+    if method == "GetWatcherEvents":
+        return {"events": await _watch.events(live, message.get("watcherId"))}
+    if method == "RemoveWatcher":
+        _watch.remove(live, message.get("watcherId"))
+        return {}
     raise c.ConnectError("unimplemented", f"filesystem.Filesystem/{method} does not exist")
+
+
+def _watch_options(message: dict[str, Any]) -> None:
+    for option in ("includeEntry", "allowNetworkMounts"):
+        if message.get(option):
+            raise unsupported(f"{option} (watch events name the entry only)")
 
 
 @router.post("/filesystem.Filesystem/WatchDir")
 async def watch_dir(request: Request) -> StreamingResponse:
-    return c.stream_error(unsupported("watching directories (not yet)"))
+    """A stream of the directory's changes (``_watch``), with keepalives."""
+    try:
+        live = sandbox_live(request, ENVD_PORT)
+        check_user(request)
+        message = await c.stream_request(request)
+        _watch_options(message)
+        service: Service = request.app.state.service
+        path = to_box(live, _path(message))
+        events = _watch.stream(service, live, path, bool(message.get("recursive")))
+    except Exception as exc:
+        return c.stream_error(exc)
+    return c.stream_reply(
+        c.with_keepalive(events, c.keepalive_interval(request), {"keepalive": {}})
+    )
 
 
 @router.post("/filesystem.Filesystem/{method}")
@@ -268,7 +309,7 @@ async def filesystem(request: Request, method: str) -> Response:
         message = await c.unary_request(request)
         service: Service = request.app.state.service
         async with service.using(live.key, live.id) as used:
-            return c.unary_reply(await _fs(method, used, message))
+            return c.unary_reply(await _fs(service, method, used, message))
     except Exception as exc:
         return c.unary_error(exc)
 
@@ -276,10 +317,49 @@ async def filesystem(request: Request, method: str) -> Response:
 # -- /files ------------------------------------------------------------------------
 
 
-@router.get("/files")
-async def download(request: Request, path: str, username: str | None = None) -> StreamingResponse:
-    live = sandbox_live(request, ENVD_PORT)
+# The SDKs build signed URLs by joining the absolute path ``/files`` to
+# E2B_SANDBOX_URL, which drops its path: they reach the server's root, with
+# no sandbox id. Only the sandbox whose access token made the signature
+# verifies it, so the signature itself names the sandbox.
+root_router = APIRouter(route_class=E2bRoute, include_in_schema=False)
+
+
+def _signature(path: str, operation: str, username: str, token: str, expiration: str) -> str:
+    """envd's v1 signature: base64 (unpadded) of the SHA-256 of
+    ``path:operation:username:token[:expiration]``."""
+    raw = f"{path}:{operation}:{username}:{token}" + (f":{expiration}" if expiration else "")
+    return "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).decode().rstrip("=")
+
+
+def _files_live(request: Request, operation: str, path: str | None, username: str | None) -> Live:
+    """The sandbox of a ``/files`` request: by its access token, or by a
+    signed URL (``signature``, ``signature_expiration`` in Unix seconds)."""
+    signature = request.query_params.get("signature")
+    if signature is None or request.headers.get("x-access-token"):
+        live = sandbox_live(request, ENVD_PORT)
+        check_user(request, username)
+        return live
+    expiration = request.query_params.get("signature_expiration", "")
+    if expiration and (not expiration.isdigit() or int(expiration) < time.time()):
+        raise ServiceError(401, "unauthorized", "the signed URL has expired")
     check_user(request, username)
+    service: Service = request.app.state.service
+    wanted = request.headers.get("e2b-sandbox-id")
+    for sandbox_id, live in list(service.live.items()):
+        if wanted and sandbox_id != wanted:
+            continue
+        token = access_token(sandbox_id)
+        expected = _signature(path or "", operation, username or "", token, expiration)
+        if hmac.compare_digest(signature, expected):
+            refuse_paused(live)
+            return live
+    raise ServiceError(401, "unauthorized", "invalid signature for this file and operation")
+
+
+@router.get("/files")
+@root_router.get("/files")
+async def download(request: Request, path: str, username: str | None = None) -> StreamingResponse:
+    live = _files_live(request, "read", path, username)
     service: Service = request.app.state.service
     async with service.using(live.key, live.id) as used:
         reader = await used.sandbox.files.open_read(to_box(used, path))
@@ -311,11 +391,11 @@ async def _limited(chunks: AsyncIterator[bytes], limit: int, gzipped: bool) -> A
 
 
 @router.post("/files")
+@root_router.post("/files")
 async def upload(
     request: Request, path: str | None = None, username: str | None = None
 ) -> Response:
-    live = sandbox_live(request, ENVD_PORT)
-    check_user(request, username)
+    live = _files_live(request, "write", path, username)
     service: Service = request.app.state.service
     limit = service.config.max_upload_bytes
     written: list[dict[str, Any]] = []

@@ -1,6 +1,6 @@
 """The code interpreter's protocol (port 49999) over corral's ``run_code``:
 ``/execute`` streams NDJSON events (stdout, stderr, result, error, the
-execution count, end of execution); ``/contexts`` creates, lists, restarts
+execution count, end of execution, keepalives); ``/contexts`` creates, lists, restarts
 and removes contexts. A client that goes away ends its cell (the stream's
 generator is closed, which interrupts it)."""
 
@@ -18,11 +18,15 @@ from corral.server._http import NDJSON, describe, json_reply
 from corral.server._live import ServiceError
 from corral.server._service import Service
 
+from . import _connect as c
 from ._common import HOME, JUPYTER_PORT, E2bRoute, cwd_to_box, sandbox_live
 
 router = APIRouter(prefix="/e2b/sandbox", route_class=E2bRoute, include_in_schema=False)
 
 _LANGUAGES = {None: "python", "python": "python", "python3": "python"}
+KEEPALIVE_S = 30.0
+"""A ``keepalive`` line when a cell is silent this long (or at the request's
+``Keepalive-Ping-Interval``), so that idle-timing proxies keep the stream."""
 
 
 def _language(name: str | None) -> str:
@@ -62,22 +66,28 @@ async def execute(request: Request, body: Annotated[dict[str, Any], Body()]) -> 
     language = context.language if context is not None else _language(body.get("language"))
     service: Service = request.app.state.service
 
-    async def lines() -> AsyncIterator[bytes]:
+    async def events() -> AsyncIterator[dict[str, Any]]:
         try:
             async with service.using(live.key, live.id) as used:
                 async for data in used.stream_code(code, language, context, envs, None):
                     if data["type"] == "done":
                         count = data["execution"].get("execution_count")
                         if count is not None:
-                            yield _line({"type": "number_of_executions", "execution_count": count})
-                        yield _line({"type": "end_of_execution"})
+                            yield {"type": "number_of_executions", "execution_count": count}
+                        yield {"type": "end_of_execution"}
                         continue
                     event = _event(data)
                     if event is not None:
-                        yield _line(event)
+                        yield event
         except Exception as exc:  # the status line is sent: the failure is the cell's error
             _, code_name, message = describe(exc)
-            yield _line({"type": "error", "name": code_name, "value": message, "traceback": ""})
+            yield {"type": "error", "name": code_name, "value": message, "traceback": ""}
+
+    async def lines() -> AsyncIterator[bytes]:
+        # a silent cell still sends a line now and then (the SDKs skip unknown types)
+        interval = c.keepalive_interval(request) or KEEPALIVE_S
+        async for event in c.with_keepalive(events(), interval, {"type": "keepalive"}):
+            yield _line(event)
 
     return StreamingResponse(lines(), media_type=NDJSON)
 

@@ -1,4 +1,4 @@
-"""Sandboxes: create, list, read, extend, pause/resume, close, purge a workspace."""
+"""Sandboxes: create, list, read, usage, extend, pause/resume, close, purge a workspace."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from corral.server._models import (
     SandboxInfo,
     SandboxList,
     Timeout,
+    UsageReport,
 )
 
 router = APIRouter(
@@ -65,6 +66,18 @@ async def list_sandboxes(
 @router.get("/{sandbox_id}", response_model=SandboxInfo)
 async def get_sandbox(sandbox_id: str, service: Svc, key: Key) -> dict[str, Any]:
     return service.info(service.row(key, sandbox_id))
+
+
+@router.get("/{sandbox_id}/metrics", response_model=UsageReport)
+async def sandbox_metrics(
+    sandbox_id: str,
+    service: Svc,
+    key: Key,
+    since: Annotated[float | None, Query(description="only samples after this Unix time")] = None,
+) -> dict[str, Any]:
+    """The sandbox's recent usage (CPU, memory, pids, disk) as a time series,
+    oldest first; the peer of E2B's ``GET /sandboxes/{id}/metrics``."""
+    return service.usage_report(key, sandbox_id, since)
 
 
 @router.post("/{sandbox_id}/timeout", response_model=SandboxInfo)

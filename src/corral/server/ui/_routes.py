@@ -5,9 +5,13 @@ session's key, so the pages see exactly what the API would show that key."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import hmac
 import json
+import mimetypes
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -16,26 +20,48 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral import _serial as s
 from corral._errors import to_wire
-from corral.server._live import ServiceError
+from corral.server._live import Live, ServiceError
 from corral.server._service import Service
 from corral.server._store import ApiKey
 
 COOKIE = "corral_key"
 _HERE = Path(str(files(__package__)))
-# No script at all: a payload that slips past escaping still cannot run, and
-# nothing but this server is ever contacted (default-src 'none' for the rest).
+# No script on every page but a sandbox's (below): a payload that slips past
+# escaping still cannot run, and nothing but this server is ever contacted
+# (default-src 'none' for the rest).
 CSP = (
     "default-src 'none'; script-src 'none'; style-src 'self'; img-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
+
+
+# The sandbox page alone runs script: its own static files (the usage charts'
+# refresher, the terminal and its vendored xterm.js), which talk only to this
+# server (connect-src 'self': fetch and the terminal's websocket). xterm.js
+# makes <style> elements for its theme and cell size: they carry this
+# response's nonce (static/terminal.js stamps it); no inline script, ever.
+def _script_csp(style_nonce: str) -> str:
+    return (
+        "default-src 'none'; script-src 'self'; connect-src 'self'; "
+        f"style-src 'self' 'nonce-{style_nonce}'; img-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    )
+
+
 _END_REASONS = (
     "closed",
     "timeout",
@@ -56,7 +82,7 @@ templates.env.filters["size"] = lambda n: _size(n)
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-def _size(n: int | None) -> str:
+def _size(n: float | None) -> str:
     if n is None:
         return "no limit"
     value = float(n)
@@ -93,8 +119,12 @@ class _Headers:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 names = {name for name, _ in _HEADERS}
-                kept = [(n, v) for n, v in message.get("headers", []) if n.lower() not in names]
-                message = {**message, "headers": kept + _HEADERS}
+                headers = message.get("headers", [])
+                kept = [(n, v) for n, v in headers if n.lower() not in names]
+                # a page's own CSP (the sandbox page's, which runs script) stays
+                own = [(n, v) for n, v in headers if n.lower() == b"content-security-policy"]
+                added = [h for h in _HEADERS if not (own and h[0] == b"content-security-policy")]
+                message = {**message, "headers": kept + own + added}
             await send(message)
 
         await self.app(scope, receive, with_headers)
@@ -102,6 +132,7 @@ class _Headers:
 
 def install(app: FastAPI) -> None:
     """Mount the dashboard on ``app`` at ``/ui`` (pages and ``/ui/static``)."""
+    mimetypes.add_type("text/javascript", ".mjs")  # a module script needs a JS type
     app.mount("/ui/static", StaticFiles(directory=_HERE / "static"), name="ui-static")
     app.include_router(router)
     app.add_middleware(_Headers)
@@ -291,7 +322,8 @@ async def sandbox(request: Request, sandbox_id: str) -> Response:
     live = service.live.get(sandbox_id)
     if live is not None and live.key.id == key.id:
         approvals = await live.pending_approvals(0)
-    return _page(
+    nonce = base64.b64encode(os.urandom(16)).decode()
+    page = _page(
         request,
         "sandbox.html",
         key,
@@ -302,7 +334,71 @@ async def sandbox(request: Request, sandbox_id: str) -> Response:
         runs=[e for e in entries if e["action"] in ("command.run", "command.start", "code.run")],
         network=[e for e in entries if e["action"].startswith("network.")],
         entries=entries,
+        charts=charts(service.usage_report(key, sandbox_id, None)),
+        style_nonce=nonce,
     )
+    page.headers["content-security-policy"] = _script_csp(nonce)
+    return page
+
+
+@router.get("/sandboxes/{sandbox_id}/usage.json")
+async def usage(request: Request, sandbox_id: str) -> Response:
+    """The sandbox page's charts, redrawn (static/usage.js polls this)."""
+    session = await _session(request)
+    if session is None:
+        return JSONResponse({"error": "unauthorized"}, status_code=401)
+    key = session[0]
+    try:
+        report = _service(request).usage_report(key, sandbox_id, None)
+    except ServiceError as exc:
+        return JSONResponse({"error": exc.code}, status_code=exc.status)
+    return JSONResponse({"state": report["state"], "charts": charts(report)})
+
+
+# -- usage charts: SVG sparklines drawn here, in the page and in usage.json ----------------
+
+CHART_W, CHART_H, CHART_SAMPLES, CHART_MIN_SPAN = 240, 48, 120, 30
+
+
+def charts(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One sparkline per measure of a ``usage_report``: its polyline's points
+    (the last ``CHART_SAMPLES`` samples, right-aligned in a width of at least
+    ``CHART_MIN_SPAN`` samples; y scaled to the limit when there is one), and
+    the latest value as text and as a number. The page draws these points as
+    inline SVG; usage.json sends them for static/usage.js to redraw."""
+    samples = report["samples"][-CHART_SAMPLES:]
+    limits = report["limits"]
+    cores = limits.get("cpu_cores")
+    out = []
+    for name, title, field, ceiling, show in (
+        ("cpu", "CPU", "cpu_used_pct", 100.0 * (cores or 1), lambda v: f"{v:.0f} %"),
+        ("memory", "Memory", "memory_bytes", limits.get("memory_bytes"), _size),
+        ("pids", "Processes", "pids", limits.get("pids"), lambda v: f"{v:.0f}"),
+        ("disk", "Disk", "disk_bytes", limits.get("disk_bytes"), _size),
+    ):
+        values = [s[field] for s in samples]
+        known = [float(v) for v in values if v is not None]
+        top = max([float(ceiling or 0), *known, 1.0])
+        span = max(len(values), CHART_MIN_SPAN)  # a young box's few samples: not a dot
+        offset = span - len(values)
+        points = " ".join(
+            f"{(offset + i) * CHART_W / (span - 1):.1f},"
+            f"{CHART_H - 2 - float(v) / top * (CHART_H - 4):.1f}"
+            for i, v in enumerate(values)
+            if v is not None
+        )
+        last = known[-1] if known else None
+        out.append(
+            {
+                "name": name,
+                "title": title,
+                "points": points,
+                "last": last,
+                "label": "—" if last is None else show(last),
+                "limit": "no limit" if ceiling is None else show(float(ceiling)),
+            }
+        )
+    return out
 
 
 @router.post("/sandboxes/{sandbox_id}/kill")
@@ -335,6 +431,107 @@ async def extend(request: Request, sandbox_id: str) -> Response:
     except ServiceError as exc:
         return _error(request, key, None, exc.status, exc.code, str(exc))
     return RedirectResponse(f"/ui/sandboxes/{quote(sandbox_id, safe='')}", status_code=303)
+
+
+# -- the terminal: xterm.js in the page, a websocket to the box's PTY ---------------------
+
+_SHELL = ["/bin/sh", "-c", "command -v bash >/dev/null && exec bash -i || exec sh -i"]
+
+
+@router.websocket("/sandboxes/{sandbox_id}/terminal")
+async def terminal(ws: WebSocket, sandbox_id: str) -> None:
+    """A shell in the box for the page's terminal (static/terminal.js).
+
+    The handshake must come from this server's own pages (``Origin``: a
+    websocket is not bound by CORS, so another site's page could otherwise
+    open one with the cookie) and carry the session cookie; the first message
+    is ``{"csrf", "cols", "rows"}``. Then binary frames are the terminal's
+    bytes each way (the box's output is drawn by xterm.js as text, never
+    parsed as HTML) and a text frame ``{"resize": [cols, rows]}`` resizes it.
+    The shell is killed when the socket closes; ``{"exit_code"}`` is sent
+    when it ends by itself.
+    """
+    scheme = "https" if ws.url.scheme == "wss" else "http"
+    origin = ws.headers.get("origin")
+    token = ws.cookies.get(COOKIE)
+    service: Service = ws.app.state.service
+    key = await asyncio.to_thread(service.store.authenticate, token) if token else None
+    if key is None or origin != f"{scheme}://{ws.headers.get('host', '')}":
+        await ws.close(code=1008)  # before accept: the handshake is refused (403)
+        return
+    await ws.accept()
+    try:
+        hello = json.loads(await asyncio.wait_for(ws.receive_text(), 30))
+        if not isinstance(hello, dict) or not hmac.compare_digest(
+            str(hello.get("csrf", "")), csrf_token(token or "")
+        ):
+            await ws.close(code=1008, reason="stale page: reload it")
+            return
+        cols, rows = _size_of(hello.get("cols"), 80), _size_of(hello.get("rows"), 24)
+        async with service.using(key, sandbox_id) as live:
+            env = {"TERM": "xterm-256color"}
+            pid = await live.open_terminal(cols, rows, _SHELL, env, None)
+            try:
+                await _pump(ws, live, pid)
+            finally:
+                with contextlib.suppress(Exception):  # the box may be gone already
+                    await live.terminal(pid).kill()
+                    await asyncio.wait_for(live.wait_terminal(pid), 10)
+    except WebSocketDisconnect:
+        return
+    except Exception as exc:  # the box ended, refused, or the client spoke nonsense
+        wired = _wired(exc)
+        message = wired[2] if wired is not None else "the terminal failed"
+        try:  # the box ended under the terminal: say so, with its reason
+            service.get_live(key, sandbox_id)
+        except ServiceError as ended:
+            message = str(ended)
+        with contextlib.suppress(Exception):
+            await ws.close(code=1011, reason=message[:120])
+
+
+def _size_of(value: object, default: int) -> int:
+    return value if isinstance(value, int) and 1 <= value <= 1000 else default
+
+
+async def _pump(ws: WebSocket, live: Live, pid: int) -> None:
+    """Output to the page, input and resizes from it, until either side ends."""
+
+    async def output() -> None:
+        while True:
+            data = await live.read_terminal(pid, 30)
+            if data is None:
+                continue
+            if not data:  # the shell ended by itself
+                result = await live.wait_terminal(pid)
+                await ws.send_text(json.dumps({"exit_code": result.get("exit_code")}))
+                await ws.close()
+                return
+            await ws.send_bytes(data)
+
+    async def input_() -> None:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("bytes") is not None:
+                await live.terminal(pid).send(message["bytes"])
+            elif message.get("text") is not None:
+                resize = json.loads(message["text"]).get("resize")
+                if isinstance(resize, list) and len(resize) == 2:
+                    await live.terminal(pid).resize(
+                        _size_of(resize[0], 80), _size_of(resize[1], 24)
+                    )
+
+    tasks = [asyncio.ensure_future(output()), asyncio.ensure_future(input_())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()  # its error, if any
 
 
 # -- network approvals -------------------------------------------------------------------

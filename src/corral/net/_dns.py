@@ -28,10 +28,11 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from ._netrules import RuleError, canonical_host
+from corral.net._events import NetworkEvent, printable
+from corral.net._rules import RuleError, canonical_host
 
 if TYPE_CHECKING:
-    from ._proxy import Proxy
+    from corral.net._proxy import Proxy
 
 TTL_S = 30
 MAX_QUERY = 4096  # bytes: larger datagrams are dropped unread
@@ -57,8 +58,6 @@ class DnsResponder(asyncio.DatagramProtocol):
 
     def answer(self, data: bytes) -> bytes | None:
         """The reply to one query in wire format (None: not a query, dropped)."""
-        from ._proxy import NetworkEvent
-
         try:
             query = dns.message.from_wire(data)
         except (dns.exception.DNSException, ValueError):
@@ -85,7 +84,7 @@ class DnsResponder(asyncio.DatagramProtocol):
             self.proxy._record(
                 NetworkEvent(
                     time.time(),
-                    name or _printable(raw),
+                    name or printable(raw),
                     53,
                     None,
                     False,
@@ -128,7 +127,3 @@ async def serve_dns(proxy: Proxy, socks: list[socket.socket]) -> list[asyncio.Da
         transport, _ = await loop.create_datagram_endpoint(lambda: DnsResponder(proxy), sock=sock)
         transports.append(transport)
     return transports
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text[:253])
