@@ -1,8 +1,8 @@
 """The box image for the kubernetes tests, imported into the dev cluster's node.
 
 Corral's default image (``corral.image.build_default``: Debian bookworm with
-python3 and the code runtime) when this corral has it and its archive is
-built; until then (TEMPORARY, for the tests only) a minimal Debian bookworm
+python3 and the code runtime) when its archive is built here (``corral image
+build``); otherwise (TEMPORARY, for the tests only) a minimal Debian bookworm
 root with python3 made by mmdebstrap from the Debian mirror and wrapped as a
 ``docker save`` archive here. Either is loaded with ``scripts/dev-cluster
 import-image``. Cached under /var/tmp/corral-k8s-test (made once per host).
@@ -82,14 +82,11 @@ def box_image(dev_cluster: Path) -> str:
     """The image reference for the tests' Pods, imported into the node (each
     session again: a new cluster's containerd is empty)."""
     ref, archive = MINIMAL_REF, None
-    try:
-        from corral import image  # type: ignore[attr-defined,unused-ignore]
+    from corral.image import cached
 
-        built = image.cached()
-        if built is not None:
-            ref, archive = built.ref, built.path
-    except (ImportError, AttributeError):
-        pass
+    built = cached()  # corral's default image, if this host has built it
+    if built is not None:
+        ref, archive = built.ref, built.path
     if archive is None:
         archive = _minimal_archive()
     subprocess.run(

@@ -141,6 +141,10 @@ class KubernetesBox:
             "box": self.box_id,
         }
 
+    def exec_failure(self, exit_code: int, stderr: bytes) -> bytes | None:
+        # the launcher (_launcher.py) already says it in corral's words
+        return None
+
     def kill(self) -> None:
         """Delete the Pod (every process in it ends) and drop the exec stream. Never waits."""
         if self._killed or not self._pod_created:
