@@ -23,7 +23,7 @@ from corral._run import run_async
 from corral.backends.kubernetes import ClusterFacts, KubernetesBackend, node_seccomp_profiles
 from corral.backends.kubernetes._render import OWNER_LABEL
 from corral.testing import BACKEND_CHECKS
-from tests._k8s_image import box_image
+from tests._k8s_image import MINIMAL_REF, box_image
 
 NAMESPACE = "corral-test"
 DEV_CLUSTER = Path(__file__).resolve().parent.parent / "scripts" / "dev-cluster"
@@ -219,3 +219,14 @@ async def test_a_warm_pool_of_pods(backend: KubernetesBackend) -> None:
         finally:
             await sb.close()
     assert await asyncio.to_thread(_ours, backend) == ([], [])
+
+
+async def test_run_code_in_a_pod(backend: KubernetesBackend, image: str) -> None:
+    """The code interpreter over the exec stream (the image's runtime: corral's default image)."""
+    if image == MINIMAL_REF:
+        pytest.skip("the minimal test image has no code runtime (corral image build makes one)")
+    async with AsyncSandbox(_QUICK, backend=backend) as sb:
+        execution = await sb.run_code("x = 6\nx * 7")
+        assert execution.text == "42", execution
+        again = await sb.run_code("print(x + 1)")
+        assert "".join(again.logs.stdout) == "7\n", again

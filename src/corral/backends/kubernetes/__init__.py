@@ -187,6 +187,7 @@ class KubernetesBackend:
                 f"namespace {cluster.namespace!r}, image {self.facts.image!r}",
             )
         ]
+        checks.append(self._image_check(cluster))
         if self.facts.network_policy_enforced:
             checks.append(Check("network", "ok", "NetworkPolicy enforced (declared)"))
         else:
@@ -210,6 +211,29 @@ class KubernetesBackend:
                 )
             )
         return checks
+
+    def _image_check(self, cluster: Cluster) -> Check:
+        """Whether a node reports the box image (the kubelet lists a node's images)."""
+        image = self.facts.image
+        try:
+            nodes = cluster.core.list_node().items
+        except Exception as exc:  # forbidden to list nodes, or gone: cannot tell
+            return Check("image", "warn", f"cannot list the nodes to find {image!r}: {exc}")
+        wanted = {image, f"docker.io/library/{image}", f"docker.io/{image}"}
+        have = [
+            n.metadata.name
+            for n in nodes
+            if any(wanted & set(i.names or ()) for i in (n.status.images or ()))
+        ]
+        if have:
+            return Check("image", "ok", f"{image!r} on {len(have)} of {len(nodes)} nodes")
+        return Check(
+            "image",
+            "fail",
+            f"no node has the box image {image!r} (corral never pulls)",
+            "corral image build --into containerd=<the node's containerd socket>, "
+            "or set CORRAL_K8S_IMAGE to an image the nodes have",
+        )
 
     async def reattach(self, info: Mapping[str, str]) -> KubernetesBox | None:
         """Never adopts a box: its channel was its owner's exec stream, gone with
