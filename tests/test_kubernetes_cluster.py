@@ -230,3 +230,34 @@ async def test_run_code_in_a_pod(backend: KubernetesBackend, image: str) -> None
         assert execution.text == "42", execution
         again = await sb.run_code("print(x + 1)")
         assert "".join(again.logs.stdout) == "7\n", again
+
+
+async def test_corral_serve_on_kubernetes(
+    backend: KubernetesBackend, kubeconfig: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``corral serve --backend kubernetes --namespace NS``: a sandbox over HTTP is a Pod."""
+    from corral import AsyncClient
+    from tests.server_helpers import serving
+
+    facts = backend.facts
+    monkeypatch.setenv("KUBECONFIG", kubeconfig)
+    monkeypatch.setenv("CORRAL_K8S_IMAGE", facts.image)
+    monkeypatch.setenv("CORRAL_K8S_REQUEST_RATIO", str(facts.request_ratio))
+    if facts.seccomp_localhost is not None:
+        monkeypatch.setenv("CORRAL_K8S_SECCOMP_PROFILE", facts.seccomp_localhost)
+    with serving("--backend", "kubernetes", "--namespace", NAMESPACE) as server:
+        key = server.key()
+        async with AsyncClient(server.url, api_key=key) as client, client.sandbox() as sb:
+            await sb.files.write("x.txt", b"over http")
+            result = await sb.commands.run("cat x.txt; hostname")
+            assert result.stdout == b"over http" + b"sandbox\n", result
+            pods, _ = await asyncio.to_thread(_all_corral_pods, backend)
+            assert pods, "no Pod behind the server's sandbox"
+
+
+def _all_corral_pods(backend: KubernetesBackend) -> tuple[list[str], None]:
+    cluster = backend.cluster
+    items = cluster.core.list_namespaced_pod(
+        NAMESPACE, label_selector="app.kubernetes.io/managed-by=corral"
+    ).items
+    return [p.metadata.name for p in items if p.metadata.deletion_timestamp is None], None
