@@ -20,7 +20,13 @@ import pytest
 from corral import AsyncSandbox, Policy
 from corral._errors import SandboxError
 from corral._run import run_async
-from corral.backends.kubernetes import ClusterFacts, KubernetesBackend, node_seccomp_profiles
+from corral.backends import BoxSpec
+from corral.backends.kubernetes import (
+    ClusterFacts,
+    KubernetesBackend,
+    KubernetesBox,
+    node_seccomp_profiles,
+)
 from corral.backends.kubernetes._render import OWNER_LABEL
 from corral.testing import BACKEND_CHECKS
 from tests._k8s_image import MINIMAL_REF, box_image
@@ -261,3 +267,39 @@ def _all_corral_pods(backend: KubernetesBackend) -> tuple[list[str], None]:
         NAMESPACE, label_selector="app.kubernetes.io/managed-by=corral"
     ).items
     return [p.metadata.name for p in items if p.metadata.deletion_timestamp is None], None
+
+
+async def test_a_pod_deleted_from_outside_ends_the_sandbox_with_that_reason(
+    backend: KubernetesBackend,
+) -> None:
+    from corral._errors import SandboxBroken
+
+    sb = AsyncSandbox(_QUICK, runtime=None, backend=backend)
+    await sb.start()
+    try:
+        box = sb._box
+        assert isinstance(box, KubernetesBox)
+        await asyncio.to_thread(
+            backend.cluster.core.delete_namespaced_pod, box.name, NAMESPACE, grace_period_seconds=0
+        )
+        await asyncio.wait_for(box.wait(), 60)
+        assert box.end_reason == "the Pod was deleted", box.end_reason
+        with pytest.raises(SandboxBroken):
+            await sb.commands.run("true")
+    finally:
+        await sb.close()
+
+
+async def test_the_pods_deadline_ends_a_one_shot_box_with_that_reason(
+    backend: KubernetesBackend,
+) -> None:
+    """activeDeadlineSeconds (the wall limit + 30 s) ends a box no corral timer ends."""
+    policy = _QUICK.with_limits(wall_time_s=1.0)
+    box = await backend.launch(BoxSpec(("sleep", "600"), policy))
+    try:
+        status = await asyncio.wait_for(box.wait(), 120)
+        assert status.exit_code == 137, status
+        assert box.end_reason is not None, box.end_reason
+        assert box.end_reason.startswith("DeadlineExceeded"), box.end_reason
+    finally:
+        await box.aclose()
