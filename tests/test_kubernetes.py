@@ -275,3 +275,16 @@ def test_node_seccomp_profiles_are_corrals_rules() -> None:
         "type": "Localhost",
         "localhostProfile": "corral/strict.json",
     }
+
+
+def test_serve_namespace_is_for_the_kubernetes_backend() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "corral", "serve", "--namespace", "sandboxes"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")},
+    )
+    assert out.returncode == 2, out
+    assert "--namespace is for --backend kubernetes" in out.stderr
