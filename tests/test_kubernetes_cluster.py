@@ -102,8 +102,9 @@ def _ours(backend: KubernetesBackend) -> tuple[list[str], list[str]]:
     pods = [
         p
         for p in cluster.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
-        # being deleted, every process ended: the kubelet removes the object itself
-        if not (p.metadata.deletion_timestamp and p.status.phase in ("Succeeded", "Failed"))
+        # being deleted: the kubelet ends what runs and removes the object itself
+        # (test_zz_every_pod_is_gone_in_the_end waits for that)
+        if not p.metadata.deletion_timestamp
     ]
     nps = cluster.net.list_namespaced_network_policy(NAMESPACE, label_selector=selector).items
     return [p.metadata.name for p in pods], [n.metadata.name for n in nps]
@@ -303,3 +304,19 @@ async def test_the_pods_deadline_ends_a_one_shot_box_with_that_reason(
         assert box.end_reason.startswith("DeadlineExceeded"), box.end_reason
     finally:
         await box.aclose()
+
+
+async def test_zz_every_pod_is_gone_in_the_end(backend: KubernetesBackend) -> None:
+    """Last: every Pod this process made, deleted ones included, is gone within 2 minutes."""
+    cluster = backend.cluster
+    selector = f"{OWNER_LABEL}={cluster.owner}"
+    left: list[str] = []
+    for _ in range(120):
+        pods = await asyncio.to_thread(
+            cluster.core.list_namespaced_pod, NAMESPACE, label_selector=selector
+        )
+        left = [p.metadata.name for p in pods.items]
+        if not left:
+            return
+        await asyncio.sleep(1)
+    raise AssertionError(f"Pods left behind: {left}")
