@@ -5,6 +5,7 @@ its pid. Sets DOCKER_HOST while it runs, so the docker backend finds it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,18 @@ def own_dockerd() -> Iterator[str | None]:
         return
     root = tempfile.mkdtemp(prefix="corral-dockerd-")
     sock = os.path.join(root, "docker.sock")
+    # gVisor as a second runtime (the docker backend's runtime="runsc"), with
+    # the gvisor backend's flags; the daemon's default stays runc
+    config = os.path.join(root, "daemon.json")
+    runsc = shutil.which("runsc")
+    with open(config, "w") as f:
+        runtimes = {
+            "runsc": {
+                "path": runsc,
+                "runtimeArgs": ["--platform=ptrace", "--network=none", "--oci-seccomp"],
+            }
+        }
+        json.dump({"runtimes": runtimes} if runsc else {}, f)
     log = open(os.path.join(root, "log"), "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
@@ -34,6 +47,7 @@ def own_dockerd() -> Iterator[str | None]:
             f"--data-root={root}/data",
             f"--exec-root={root}/exec",
             f"--pidfile={root}/docker.pid",
+            f"--config-file={config}",
         ],
         stdout=log,
         stderr=log,

@@ -86,3 +86,86 @@ def test_allowlist_is_refused_naming_the_field(name: str) -> None:
     with pytest.raises(UnsupportedPolicy) as info:
         get_backend(name).check(policy)
     assert info.value.field == "network.mode"
+
+
+def test_docker_create_body_is_the_run_flags_with_corrals_masks(tmp_path: Path) -> None:
+    from corral.backends.engine._dockerapi import create_body
+
+    profile = tmp_path / "seccomp.json"
+    profile.write_text('{"defaultAction": "SCMP_ACT_ALLOW"}')
+    run = [
+        "--name=corral-1-2-3",
+        "--label=io.corral.box=1",
+        "--read-only",
+        "--cap-drop=ALL",
+        f"--security-opt=seccomp={profile}",
+        "--security-opt=no-new-privileges",
+        "--cpus=1.5",
+        "--ulimit=nproc=10:20",
+        "--tmpfs=/tmp:rw,noexec,size=1024",
+        "--volume=/usr:/usr:ro",
+        "--env=PATH=/usr/bin",
+        "--env=SECRET",
+        "--",
+        "localhost/corral-base:x",
+        "/usr/bin/tini",
+        "--",
+        "true",
+    ]
+    name, body = create_body(run, {"SECRET": "s3"})
+    host = body["HostConfig"]
+    assert name == "corral-1-2-3"
+    assert "/proc/key-users" in host["MaskedPaths"]
+    assert "/proc/keys" in host["MaskedPaths"]  # docker's defaults kept
+    # the CLI would send the profile's content, not its path
+    assert host["SecurityOpt"] == [
+        'seccomp={"defaultAction": "SCMP_ACT_ALLOW"}',
+        "no-new-privileges",
+    ]
+    assert host["NanoCpus"] == 1_500_000_000
+    assert host["Ulimits"] == [{"Name": "nproc", "Soft": 10, "Hard": 20}]
+    assert host["Tmpfs"] == {"/tmp": "rw,noexec,size=1024"}
+    assert body["Env"] == ["PATH=/usr/bin", "SECRET=s3"]
+    assert body["Cmd"] == ["/usr/bin/tini", "--", "true"]
+    with pytest.raises(ValueError, match="--privileged"):
+        create_body(["--name=x", "--privileged", "--", "img", "true"], {})
+
+
+_ON_GVISOR = r"""
+import os, time
+print(os.uname().release, os.getuid())
+n = 0
+try:
+    while n < 300:
+        if os.fork() == 0:
+            time.sleep(5)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    print(n, e.errno)
+"""
+
+
+@pytest.mark.parametrize("name", ["podman", "docker"])
+async def test_runtime_runsc_runs_the_box_on_gvisor(name: str) -> None:
+    from corral import AsyncSandbox
+    from corral.backends.engine import DockerBackend, PodmanBackend
+
+    backend = PodmanBackend("runsc") if name == "podman" else DockerBackend("runsc")
+    failed = [c.detail for c in backend.doctor() if c.status == "fail"]
+    if failed:
+        pytest.skip(f"{name} with runsc: {'; '.join(failed)}")
+    policy = Policy.preset("default").with_limits(pids=32, wall_time_s=60.0)
+    result = await run_async(["/usr/bin/python3", "-c", _ON_GVISOR], policy=policy, backend=backend)
+    release_uid, capped = result.stdout_text.splitlines()
+    release, uid = release_uid.split()
+    assert release == "4.4.0", result  # gVisor's sentry answers uname, not the host kernel
+    assert int(uid) != 0
+    forked, err = (int(x) for x in capped.split())
+    assert err == 11, result  # EAGAIN: the cap is the box's, in the sentry
+    assert forked < 32
+    assert any(note.startswith("pids:") for note in result.degraded)
+    # the agent's channel works there too
+    async with AsyncSandbox(policy, runtime=None, backend=backend) as sb:
+        out = await sb.commands.run("uname -r; echo $((6 * 7))")
+    assert out.stdout_text.split() == ["4.4.0", "42"]

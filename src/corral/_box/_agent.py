@@ -92,6 +92,10 @@ class Agent:
         if cpu_time_s and hard != resource.RLIM_INFINITY and cpu_time_s + 1 > hard:
             cpu_time_s = max(1, hard - 1)
         self.cpu_time_s = cpu_time_s
+        # util-linux's prlimit, the per-command CPU budget's trampoline (cpu_budgeted)
+        self.prlimit = next(
+            (p for p in ("/usr/bin/prlimit", "/bin/prlimit") if os.access(p, os.X_OK)), None
+        )
         self.sel = selectors.DefaultSelector()
         self.rfd, self.wfd = rfd, wfd
         self.decoder = w.Decoder()
@@ -274,32 +278,46 @@ class Agent:
             raise CallError(errno.EACCES, f"{raw!r} is outside the workspace")
         return full
 
-    def limit_session(self, pid: int) -> None:
-        """Give the new command (and whatever it forked already) the CPU budget.
+    def cpu_budgeted(self, argv: list[str], env: dict[str, str], cwd: str) -> list[str]:
+        """``argv`` run under its own CPU budget, set before the command runs.
 
-        Set from here, after a vfork spawn, not in a pre-exec hook: that would
-        cost a full fork of the agent (about 2.5 ms a command here). By the time
-        the spawn returns, a shell may have forked: every process of the
-        command's session is limited, again until a pass finds none new. (A
-        process that leaves the session within microseconds escapes it, and
-        gains nothing: any command may start another with a fresh budget; the
-        cgroup bounds the rate, the box's lifetime the total.)"""
-        limit = (self.cpu_time_s, self.cpu_time_s + 1)
-        done: set[int] = set()
-        for _ in range(5):
-            fresh = [p for p in _session_members(pid) if p not in done] if done else [pid]
-            if not fresh:
-                return
-            for member in fresh:
-                done.add(member)
-                try:
-                    resource.prlimit(member, resource.RLIMIT_CPU, limit)
-                except ProcessLookupError:
-                    continue
-                except OSError:  # cannot limit it: it must not run unlimited
-                    with contextlib.suppress(OSError):
-                        os.killpg(pid, signal.SIGKILL)
-                    return
+        The budget goes on through util-linux's ``prlimit --cpu=S:H --``
+        trampoline, which sets it on itself and then execs the command, so the
+        command and everything it forks start limited: a limit set by the agent
+        after the spawn came too late for a command that forked or finished at
+        once. The trampoline costs one small exec; a pre-exec hook instead
+        would force a full fork of the agent (subprocess cannot vfork with
+        one), which is the fallback where the root has no prlimit. The name is
+        looked up first, as exec would, so a missing or unrunnable command is
+        still 127/126 with its errno."""
+        if self.prlimit is None:
+            return argv
+        name = argv[0]
+        if "/" in name:
+            found = os.path.join(cwd, name)
+        else:
+            # execvp's search: the first runnable file on PATH, else the first file
+            files = [
+                os.path.join(cwd, d or ".", name)
+                for d in os.get_exec_path(env)
+                if os.path.isfile(os.path.join(cwd, d or ".", name))
+            ]
+            runnable = [f for f in files if os.access(f, os.X_OK)]
+            found = (runnable or files or [name])[0]
+        full = os.path.join(cwd, found)
+        if not os.path.exists(full):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+        if os.path.isdir(full) or not os.access(full, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+        # execvp (the trampoline's) runs a file the kernel cannot exec through
+        # /bin/sh; exec itself, as without the trampoline, fails it: ENOEXEC
+        head = b"#!"  # unreadable: exec alone may still run it; let it try
+        with contextlib.suppress(OSError), open(full, "rb") as f:
+            head = f.read(4)
+        if not head.startswith((b"\x7fELF", b"#!")):
+            raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), name)
+        cpu = f"--cpu={self.cpu_time_s}:{self.cpu_time_s + 1}"
+        return [self.prlimit, cpu, "--", *argv]
 
     def op_exec(self, ident: int, body: dict[str, object]) -> dict[str, object]:
         argv = body["argv"]
@@ -334,17 +352,20 @@ class Agent:
                 finally:
                     os.close(slave)
             else:
+                budgeted = self.cpu_budgeted(argv, env, cwd) if self.cpu_time_s else argv
                 popen = subprocess.Popen(
-                    argv,
+                    budgeted,
                     stdin=subprocess.PIPE if body.get("stdin") else subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     cwd=cwd,
                     env=env,
                     start_new_session=True,
+                    # no trampoline: the budget set in the child (a full fork)
+                    preexec_fn=functools.partial(_limit_cpu, self.cpu_time_s)
+                    if self.cpu_time_s and budgeted is argv
+                    else None,
                 )
-                if self.cpu_time_s:
-                    self.limit_session(popen.pid)
         except subprocess.SubprocessError as exc:  # the terminal's pre-exec hook failed
             if master is not None:
                 os.close(master)
@@ -876,16 +897,6 @@ def _detach(stream: object) -> int:
 
 def _winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _session_members(sid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if os.getsid(int(entry)) == sid:
-                    out.append(int(entry))
-    return out
 
 
 def _limit_cpu(seconds: int) -> None:

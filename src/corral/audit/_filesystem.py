@@ -87,9 +87,9 @@ denied(
     "fs.dev_readonly",
     "/dev accepts no new files",
     "unbounded writable space in /dev",
-    "/dev remounted read-only",
+    "/dev remounted read-only (docker, podman: root's 0755 tmpfs, and the box is never root)",
     "attempt('dev', lambda: open('/dev/probe', 'wb').write(b'x'))",
-    expect=("EROFS",),
+    expect=("EROFS", "EACCES"),
 )
 denied(
     "fs.setuid_mode",
@@ -122,11 +122,29 @@ denied(
     "the mount plan; the root read-only",
 )
 async def _mounts(ctx: Context) -> Outcome:
+    # a mount counts if the box can write into it: not a device node bound as
+    # a mask (an engine's /dev/null over /proc/keys), not a tmpfs in which no
+    # directory is the box's to write (an engine's root-owned 0755 /dev)
     seen = await ctx.observe(
+        "import stat\n"
+        "def box_writable(top, fstype):\n"
+        "    try:\n"
+        "        st = os.stat(top)\n"
+        "    except OSError:\n"
+        "        return True\n"
+        "    if stat.S_ISCHR(st.st_mode):\n"
+        "        return False\n"
+        "    if fstype != 'tmpfs' or not stat.S_ISDIR(st.st_mode):\n"
+        "        return True\n"
+        "    for d, dirs, _ in os.walk(top):\n"
+        "        dirs[:] = [x for x in dirs if os.lstat(os.path.join(d, x)).st_dev == st.st_dev]\n"
+        "        if os.access(d, os.W_OK):\n"
+        "            return True\n"
+        "    return False\n"
         "for line in open('/proc/self/mountinfo'):\n"
         "    parts = line.split()\n"
         "    fstype = parts[parts.index('-') + 1]\n"
-        "    if 'rw' in parts[5].split(','):\n"
+        "    if 'rw' in parts[5].split(',') and box_writable(parts[4], fstype):\n"
         "        out[parts[4]] = fstype\n"
     )
     fs = ctx.policy.filesystem
@@ -197,6 +215,7 @@ _HARMLESS_DEV = {
     "core",
     "fd",
     "full",
+    "mqueue",  # the box's own IPC namespace's queues (engines), bounded by RLIMIT_MSGQUEUE
     "null",
     "ptmx",
     "pts",

@@ -42,6 +42,23 @@ def sys_call(*args):
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
     return go
+def in_child(fn):
+    # the call's errno name, 'ok', or how the child died: a seccomp filter may
+    # kill a foreign-ABI call (runc's bad-arch action: SIGSYS) instead of failing it
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        r = fn()
+        os.write(wr, (errno.errorcode.get(-r, 'returned %d' % r) if r < 0 else 'ok').encode())
+        os._exit(0)
+    os.close(wr)
+    status = os.waitpid(pid, 0)[1]
+    said = os.read(rd, 64).decode()
+    if said:
+        return said
+    if os.WIFSIGNALED(status):
+        return 'SIGSYS' if os.WTERMSIG(status) == 31 else 'signal %d' % os.WTERMSIG(status)
+    return 'status %d' % status
 def machine_code(code):
     buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     buf.write(code)

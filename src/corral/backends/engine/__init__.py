@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from corral._errors import CorralError
 from corral._policy import Policy
 from corral.backends._base import BoxSpec, Check
-from corral.backends.engine._argv import EngineKind
-from corral.backends.engine._box import EngineBox, sweep_orphans
+from corral.backends.engine._argv import EngineKind, Runtime
+from corral.backends.engine._box import EngineBox, runtime_notes, sweep_orphans
 from corral.backends.engine._engine import _FIX, Engine
 from corral.backends.linux._checks import linux_checks
 from corral.backends.linux._facts import check_bind_sources, gather_host_facts
@@ -34,8 +34,8 @@ class EngineBackend:
     the next ``sweep`` (its container's name names the owner). ``reattach``
     never adopts one: a box's channel is its owner's attached CLI."""
 
-    def __init__(self, kind: EngineKind) -> None:
-        self.engine = Engine(kind)
+    def __init__(self, kind: EngineKind, runtime: Runtime = "runc") -> None:
+        self.engine = Engine(kind, runtime)
         self._facts: HostFacts | None = None
         self._swept = False
 
@@ -54,7 +54,8 @@ class EngineBackend:
         self.engine.binary  # noqa: B018 - raises HostToolMissing when absent
         check_bind_sources(policy)
         self.engine.refuse_unsupported(policy)
-        return make_plans(policy, self._facts or gather_host_facts()).degraded
+        plans = make_plans(policy, self._facts or gather_host_facts())
+        return plans.degraded + runtime_notes(self.engine.runtime, policy)
 
     async def launch(self, spec: BoxSpec) -> EngineBox:
         if not self._swept:
@@ -105,14 +106,20 @@ class EngineBackend:
 
 
 class DockerBackend(EngineBackend):
-    """``--backend docker``: dockerd through the docker CLI (``DOCKER_HOST`` honoured)."""
+    """``--backend docker``: dockerd through the docker CLI (``DOCKER_HOST`` honoured).
 
-    def __init__(self) -> None:
-        super().__init__("docker")
+    ``runtime="runsc"``: boxes on gVisor, through a runtime named ``runsc``
+    registered in dockerd (``HostToolMissing`` says how, if it is not)."""
+
+    def __init__(self, runtime: Runtime = "runc") -> None:
+        super().__init__("docker", runtime)
 
 
 class PodmanBackend(EngineBackend):
-    """``--backend podman``: daemonless podman with runc."""
+    """``--backend podman``: daemonless podman with runc.
 
-    def __init__(self) -> None:
-        super().__init__("podman")
+    ``runtime="runsc"``: boxes on gVisor, runsc as podman's OCI runtime
+    (platform ptrace, the sentry's own empty network)."""
+
+    def __init__(self, runtime: Runtime = "runc") -> None:
+        super().__init__("podman", runtime)

@@ -8,12 +8,14 @@ the ``EngineKind``. Golden-tested in tests/test_engines.py.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from corral._errors import UnsupportedPolicy
 from corral._policy import Policy
+from corral.backends.gvisor._runsc import host_task_ceiling
 from corral.plan import Plans
 from corral.plan._mounts import (
     Bind,
@@ -30,6 +32,7 @@ from corral.plan._mounts import (
 )
 
 EngineKind = Literal["docker", "podman"]
+Runtime = Literal["runc", "runsc"]
 LABEL = "io.corral.box"  # every container corral starts carries it: what the sweep looks for
 OWNER_LABEL = "io.corral.owner"  # "<pid>:<start time in clock ticks>" of the corral process
 CGROUP_PARENT = "/corral-engine"
@@ -55,6 +58,27 @@ _ULIMIT = {
     "RLIMIT_NPROC": "nproc",
 }
 _STOP_TIMEOUT_S = 1
+# the command's arguments travel as environment variables (named on the CLI's
+# command line, valued in its environment) and a fixed shell line turns them
+# back into an argv in the box, as the bwrap backend's launcher does: the
+# engine CLI's and the init's /proc/<pid>/cmdline are readable by every local
+# user, and the arguments may be secrets
+ARG_VAR = "CORRAL_ARGV_"
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# a box's environment with names no POSIX shell passes on (dash drops them):
+# python execs the argv instead (slower to start, so only then)
+_PY_LAUNCHER = (
+    "import os\n"
+    f"n = int(os.environ.pop('{ARG_VAR}N'))\n"
+    f"argv = [os.environb.pop(b'{ARG_VAR}%d' % i) for i in range(n)]\n"
+    "try:\n"
+    "    os.execvp(argv[0], argv)\n"
+    "except OSError as e:\n"
+    "    said = b': command not found in the box' if e.errno == 2 else (\n"
+    "        f': cannot be run in the box ({e.strerror})'.encode())\n"
+    "    os.write(2, b'corral: ' + argv[0] + said + b'\\n')\n"
+    "    os._exit(127 if e.errno == 2 else 126)\n"
+)
 # what the engine's CLI itself reads from its environment
 CLI_ENV = frozenset(
     ("PATH", "HOME", "TMPDIR", "XDG_RUNTIME_DIR", "DOCKER_HOST", "DOCKER_CONFIG", "CONTAINER_HOST")
@@ -68,9 +92,9 @@ class RunInputs:
 
     ``files``: box path -> host path of each file corral wrote for this box
     (a ``File`` op's content, or an empty file for a hidden file path).
-    ``nproc``: RLIMIT_NPROC for the box's uid when the policy has no pids
-    limit (root here lacks CAP_SYS_RESOURCE: an engine default would raise
-    the limit and fail). ``init_source``: for a box on an image (which
+    ``nproc``: RLIMIT_NPROC for the box's uid, above any pids limit (the
+    cgroup caps; root here lacks CAP_SYS_RESOURCE: an engine default would
+    raise the limit and fail). ``init_source``: for a box on an image (which
     need not have an init), the host's static init bound at ``init_path``."""
 
     kind: EngineKind
@@ -87,6 +111,8 @@ class RunInputs:
     init_path: str
     nproc: int
     init_source: str | None = None  # a host file bound read-only at init_path (image roots)
+    python: str = "/usr/bin/python3"  # the fallback launcher's (see _launcher)
+    runtime: Runtime = "runc"
 
 
 def _checked(path: str, field: str) -> str:
@@ -100,6 +126,28 @@ def _checked(path: str, field: str) -> str:
 
 def _size(size_bytes: int | None) -> str:
     return f",size={size_bytes}" if size_bytes is not None else ""
+
+
+def command_env(command: Sequence[str]) -> dict[str, str]:
+    """The CLI environment entries that carry ``command`` into the box
+    (``ARG_VAR<i>``, and ``ARG_VAR`` ``N`` for the count); see ``_launch_line``."""
+    env = {f"{ARG_VAR}{i}": str(arg) for i, arg in enumerate(command)}
+    env[f"{ARG_VAR}N"] = str(len(command))
+    return env
+
+
+def _launcher(command: Sequence[str], policy: Policy, python: str) -> list[str]:
+    """The fixed command line that execs ``command`` from ``command_env``'s
+    variables; none of ``command`` is on it."""
+    if all(_SHELL_NAME.match(name) for name, _ in policy.env):
+        n = len(command)
+        names = " ".join(f"{ARG_VAR}{i}" for i in range(n))
+        quoted = " ".join(f'"${ARG_VAR}{i}"' for i in range(n))
+        # $0 is "corral": a command that is not found reads "corral: 1: exec:
+        # NAME: not found" (127), put in corral's words by _result.said_by_launcher
+        line = f'set -- {quoted}; unset {names} {ARG_VAR}N; exec "$@"'
+        return ["/bin/sh", "-c", line, "corral"]
+    return [python, "-I", "-S", "-c", _PY_LAUNCHER]
 
 
 def render_run(
@@ -123,6 +171,9 @@ def render_run(
         f"--hostname={policy.identity.hostname}",
         # the image is read-only: only the workspace and the tmpfs accept writes
         "--read-only",
+        # the cgroup tree read-only and empty: the box's own cgroup paths (and
+        # docker's layout) stay unseen, and no writable tmpfs sits under /sys
+        "--tmpfs=/sys/fs/cgroup:ro,nosuid,nodev,noexec,size=4k",
         # every capability dropped: root-equivalent powers stay outside
         "--cap-drop=ALL",
         # setuid binaries and file capabilities cannot raise privilege
@@ -137,16 +188,36 @@ def render_run(
         # only images already here: never a registry (corral's hosts reach none)
         "--pull=never",
     ]
+    if inputs.kind == "podman":
+        argv += [
+            # podman's --read-only adds writable tmpfs on /run, /tmp and
+            # /var/tmp: only the policy's writable places may exist
+            "--read-only-tmpfs=false",
+            # /proc/key-users (which host uids hold keys, and how many) masked
+            # like /proc/keys; docker's CLI cannot add a mask (see SECURITY.md)
+            "--security-opt=mask=/proc/key-users",
+        ]
     if limits.memory_bytes is not None:
         # swap equal to memory: no swap, the limit is the box's RAM
         argv += [f"--memory={limits.memory_bytes}", f"--memory-swap={limits.memory_bytes}"]
     if limits.cpu_cores is not None:
         argv.append(f"--cpus={limits.cpu_cores:g}")  # a CFS quota: cores, not shares
-    if limits.pids is not None:
+    if limits.pids is not None and inputs.runtime == "runsc":
+        # gVisor: the box's cap is RLIMIT_NPROC in the sentry (below); the
+        # cgroup holds the sentry's own tasks, far more (see gvisor._runsc)
+        argv.append(f"--pids-limit={host_task_ceiling(limits.pids)}")
+    elif limits.pids is not None:
         argv.append(f"--pids-limit={limits.pids}")  # fork bombs stop at the cgroup
+    if inputs.runtime == "runsc" and inputs.kind == "docker":
+        argv.append("--runtime=runsc")  # podman: its global --runtime (Engine.command)
     # rlimits, all explicit: root here lacks CAP_SYS_RESOURCE, so an engine's
-    # default (raising nofile) would fail; lowered limits always apply
-    nproc = limits.pids if limits.pids is not None else inputs.nproc
+    # default (raising nofile) would fail; lowered limits always apply.
+    # RLIMIT_NPROC stays above the pids limit: the uid is this box's alone, and
+    # the cgroup must be the one that refuses a fork bomb, or its pids.events
+    # (the evidence behind limit_hit "pids") never counts one
+    nproc = inputs.nproc
+    if limits.pids is not None and inputs.runtime == "runsc":
+        nproc = limits.pids  # gVisor counts the box's tasks against it
     seen = set()
     for rl in plans.rlimits:
         name = _ULIMIT[rl.resource]
@@ -207,13 +278,18 @@ def render_run(
             # the name only: the CLI takes the value from its own environment,
             # so no value shows in the CLI's world-readable /proc/<pid>/cmdline
             argv.append(f"--env={name}")
+    if not inputs.channel:
+        # the names only (values in the CLI's environment, see command_env)
+        argv += [f"--env={name}" for name in command_env(command)]
     argv += ["--", inputs.image]
     if inputs.channel:
+        # the agent's command line: corral's own, no caller's arguments
         argv += CHANNEL_LAUNCHER
+        argv += list(command)
     else:
         # an init (the host's tini, under the bound /usr or bound alone) as pid 1: the command
         # is not pid 1, so a signal kills it as on a host (a shell's `kill -9 $$`),
-        # and orphans are reaped
-        argv += [inputs.init_path, "--"]
-    argv += list(command)
+        # and orphans are reaped. The command itself comes from the environment
+        # (threat: its arguments on the CLI's and tini's world-readable cmdline)
+        argv += [inputs.init_path, "--", *_launcher(command, policy, inputs.python)]
     return argv

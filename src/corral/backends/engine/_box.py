@@ -28,7 +28,7 @@ from corral._policy import Policy
 from corral.backends._base import BoxExit, BoxSpec, Usage
 from corral.backends._process import close_streams, exit_future, feed_stdin
 from corral.backends._process import fileno as _fileno
-from corral.backends.engine import _argv
+from corral.backends.engine import _argv, _dockerapi
 from corral.backends.engine._engine import Engine
 from corral.backends.engine._seccomp import render as render_seccomp
 from corral.backends.linux import _cgroups, _workdir
@@ -74,6 +74,7 @@ class EngineBox:
         self._usage = Usage()
         self._oom_checked: asyncio.Future[None] | None = None
         self._closing: asyncio.Future[None] | None = None
+        self._created = False  # docker: a container exists before the CLI runs
 
     # -- the Box interface ---------------------------------------------------------------
 
@@ -131,7 +132,12 @@ class EngineBox:
         return self._usage
 
     def info(self) -> Mapping[str, str]:
-        return {"backend": self.engine.kind, "container": self.name, "owner_pid": str(os.getpid())}
+        return {
+            "backend": self.engine.kind,
+            "runtime": self.engine.runtime,
+            "container": self.name,
+            "owner_pid": str(os.getpid()),
+        }
 
     def exec_failure(self, exit_code: int, stderr: bytes) -> bytes | None:
         # the engine's init (tini) reports a failed exec in its own words:
@@ -265,7 +271,11 @@ class EngineBox:
             fresh_workdir=spec.own_workdir,
             image_root=spec.image is not None,
         )
-        plans = dataclasses.replace(plans, mounts=_own_ids(plans.mounts, policy, uid, gid))
+        plans = dataclasses.replace(
+            plans,
+            mounts=_own_resolv_conf(_own_ids(plans.mounts, policy, uid, gid)),
+            degraded=plans.degraded + runtime_notes(engine.runtime, policy),
+        )
         box = cls(engine, dataclasses.replace(spec, workdir=workspace_source), policy, plans)
         box.identity = identity
         try:
@@ -323,10 +333,28 @@ class EngineBox:
             init_path=init_path,
             nproc=engine.default_nproc,
             init_source=init_source,
+            # an image's python3 is wherever its PATH says
+            python="python3" if spec.image is not None else "/usr/bin/python3",
+            runtime=engine.runtime,
         )
-        argv = [*engine.command, *_argv.render_run(self.plans, self.policy, spec.command, inputs)]
-        env = {**dict(self.policy.env), **engine.env()}
+        run = _argv.render_run(self.plans, self.policy, spec.command, inputs)
         channel = spec.stdio == "channel"
+        env = {**dict(self.policy.env), **engine.env()}
+        if not channel:
+            env.update(_argv.command_env(spec.command))
+        sock = _dockerapi.socket_path(engine.env()) if engine.kind == "docker" else None
+        if sock is not None:
+            # docker: created through the Engine API, from the same flags, with
+            # the masks its CLI cannot add (see _dockerapi); attached by the CLI
+            name, body = _dockerapi.create_body(run[1:], env)
+            self._created = True
+            cid = await asyncio.to_thread(_dockerapi.create, sock, name, body)
+            _dockerapi.write_cidfile(inputs.cidfile, cid)
+            attach = ["--interactive"] if "--interactive" in run else []
+            argv = [*engine.command, "start", "--attach", *attach, name]
+            env = engine.env()
+        else:
+            argv = [*engine.command, *run]
         try:
             self.proc = proc = await asyncio.to_thread(
                 subprocess.Popen,
@@ -385,7 +413,7 @@ class EngineBox:
 
     def _remove_traces(self) -> None:
         try:
-            if self.proc is not None:
+            if self.proc is not None or self._created:
                 # the container and anything it held (anonymous volumes)
                 subprocess.run(
                     [*self.engine.command, "rm", "--force", "--volumes", self.name],
@@ -430,6 +458,26 @@ def _own_ids(
             op = dataclasses.replace(op, content=op.content.replace(old.encode(), new.encode(), 1))
         out.append(op)
     return tuple(out)
+
+
+def runtime_notes(runtime: str, policy: Policy) -> tuple[str, ...]:
+    """``degraded`` notes of boxes on gVisor (``runtime="runsc"``)."""
+    if runtime != "runsc":
+        return ()
+    from corral.backends.gvisor import _DEGRADED
+    from corral.backends.gvisor._runsc import pids_note
+
+    pids = policy.limits.pids
+    return _DEGRADED + ((pids_note(pids),) if pids is not None else ())
+
+
+def _own_resolv_conf(ops: tuple[_mounts.MountOp, ...]) -> tuple[_mounts.MountOp, ...]:
+    """An empty /etc/resolv.conf of corral's where the plans have none (no
+    network): the engine's own is bound from its data root, a host path
+    (threat: the box learning the host's layout from /proc/self/mountinfo)."""
+    if any(isinstance(op, File) and op.path == "/etc/resolv.conf" for op in ops):
+        return ops
+    return (*ops, File("/etc/resolv.conf", b"", 0o444))
 
 
 def sweep_orphans(engine: Engine) -> list[str]:

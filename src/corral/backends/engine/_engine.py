@@ -3,7 +3,9 @@
 The CLI, not an API client: ``ENGINE run -i`` gives corral real pipes for the
 box's stdio and the agent's channel (the Docker SDK would hand back a hijacked
 socket to demultiplex), podman needs no daemon this way, and both CLIs take
-the same ``run`` flags, so one renderer serves both.
+the same ``run`` flags, so one renderer serves both. (docker's boxes are
+created through its Engine API from those flags, for a mask its CLI cannot
+add, and attached by its CLI: see ``_dockerapi``.)
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import subprocess
 from corral._errors import HostToolMissing, SandboxError, UnsupportedPolicy
 from corral._policy import Policy
 from corral.backends.engine import _argv, _image
+from corral.backends.gvisor._runsc import find_runsc
 from corral.plan._mounts import Symlink
+
+# runsc's flags under an engine: the gvisor backend's platform, no network of
+# runsc's own (the sentry's empty netstack), the profile enforced by the sentry
+_RUNSC_FLAGS = ("--platform=ptrace", "--network=none", "--oci-seccomp")
 
 _FIX = {
     "docker": (
@@ -31,13 +38,23 @@ _FIX = {
 class Engine:
     """``docker`` or ``podman``, as found on this host."""
 
-    def __init__(self, kind: _argv.EngineKind) -> None:
+    def __init__(self, kind: _argv.EngineKind, runtime: _argv.Runtime = "runc") -> None:
         self.kind: _argv.EngineKind = kind
+        # "runsc": the engine runs boxes on gVisor (podman: runsc as its OCI
+        # runtime; docker: a runtime named runsc registered in dockerd)
+        self.runtime: _argv.Runtime = runtime
         # per endpoint (DOCKER_HOST may change between calls): answered, images imported
         self._ready: set[str | None] = set()
         self._images: set[tuple[str | None, str]] = set()
         _, hard = resource.getrlimit(resource.RLIMIT_NPROC)
         limit = hard if hard != resource.RLIM_INFINITY else 1 << 22
+        # no more processes than pids exist (podman's runc refuses a higher
+        # RLIMIT_NPROC here: its conmon runs with a lower hard limit)
+        try:
+            with open("/proc/sys/kernel/pid_max") as f:
+                limit = min(limit, int(f.read()))
+        except (OSError, ValueError):
+            pass
         self.default_nproc = min(limit, 1 << 22)
         self.init_path = "/usr/bin/tini"  # Debian's tini (docker.io depends on it), under /usr
         # on an image root no host /usr is bound: the static tini, bound alone
@@ -57,10 +74,19 @@ class Engine:
         if self.kind == "podman":
             # runc: crun refuses hybrid cgroup hosts; cgroupfs and a file event
             # log: no systemd or journald needed
-            runc = shutil.which("runc") or "runc"
+            if self.runtime == "runsc":
+                runtime = [
+                    f"--runtime={find_runsc().path}",
+                    # the gvisor backend's flags: ptrace, the sentry's empty
+                    # netstack (runsc refuses the root netns otherwise), the
+                    # profile's rules enforced by the sentry
+                    *(f"--runtime-flag={flag.removeprefix('--')}" for flag in _RUNSC_FLAGS),
+                ]
+            else:
+                runtime = [f"--runtime={shutil.which('runc') or 'runc'}"]
             return [
                 self.binary,
-                f"--runtime={runc}",
+                *runtime,
                 "--cgroup-manager=cgroupfs",
                 "--events-backend=file",
             ]
@@ -96,9 +122,31 @@ class Engine:
         if out.returncode != 0:
             why = out.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no answer"]
             raise HostToolMissing(self.kind, f"{_FIX[self.kind]} ({why[0]})")
-        if self.kind == "podman" and shutil.which("runc") is None:
+        if self.kind == "podman" and self.runtime == "runc" and shutil.which("runc") is None:
             raise HostToolMissing("runc", "install it with: sudo apt-get install runc")
+        if self.runtime == "runsc":
+            find_runsc()
+            if self.kind == "docker":
+                self._require_docker_runsc()
         return out.stdout.decode().strip()
+
+    def _require_docker_runsc(self) -> None:
+        """``HostToolMissing`` unless dockerd has a runtime named runsc."""
+        out = subprocess.run(
+            [*self.command, "info", "--format={{json .Runtimes}}"],
+            capture_output=True,
+            env=self.env(),
+            timeout=20,
+            check=False,
+        )
+        if b'"runsc"' not in out.stdout:
+            args = ", ".join(f'"{flag}"' for flag in _RUNSC_FLAGS)
+            raise HostToolMissing(
+                "the runsc runtime in dockerd",
+                "register it in /etc/docker/daemon.json and restart dockerd: "
+                f'{{"runtimes": {{"runsc": {{"path": "{find_runsc().path}", '
+                f'"runtimeArgs": [{args}]}}}}}}',
+            )
 
     async def ready(self) -> None:
         endpoint = os.environ.get("DOCKER_HOST")

@@ -22,13 +22,16 @@ REPOSITORY = "localhost/corral-base"
 
 
 def base_tar(symlinks: tuple[Symlink, ...], workspace: str) -> bytes:
-    """A reproducible tar: the system symlinks and empty mount points (root-owned, 0755)."""
+    """A reproducible tar: the system symlinks and empty mount points (root-owned,
+    0755; /tmp 1777)."""
     buf = io.BytesIO()
     dirs = dict.fromkeys((*_MOUNT_POINTS, workspace.strip("/")))
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for path in sorted(d for d in dirs if d):
             info = tarfile.TarInfo(path)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            # runc gives a tmpfs the mode of the directory it covers: /tmp must be 1777
+            # (or the box's uid cannot write its own /tmp)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if path == "tmp" else 0o755
             tar.addfile(info)
         for link in sorted(symlinks, key=lambda s: s.path):
             info = tarfile.TarInfo(link.path.strip("/"))

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from corral._errors import CorralError, UnsupportedPolicy
 from corral._policy import Policy
 from corral.backends._base import BoxSpec, Check, refuse_image
-from corral.backends.gvisor._box import GvisorBox
+from corral.backends.gvisor._box import GvisorBox, _sentry_pids
 from corral.backends.gvisor._runsc import PLATFORM, RUNSC_INSTALL_HINT, find_runsc, sweep_orphans
 from corral.backends.linux import _cgroups
 from corral.backends.linux._facts import check_bind_sources, gather_host_facts
@@ -72,7 +72,7 @@ class GvisorBackend:
         refuse_network(policy)
         check_bind_sources(policy)
         facts = self._facts or gather_host_facts()
-        return make_plans(policy, facts).degraded + _DEGRADED
+        return _sentry_pids(make_plans(policy, facts), policy).degraded + _DEGRADED
 
     async def launch(self, spec: BoxSpec) -> GvisorBox:
         refuse_image(spec, "gvisor")

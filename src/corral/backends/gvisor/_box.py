@@ -36,11 +36,18 @@ from corral._policy import Policy
 from corral.backends._base import BoxSpec, Usage
 from corral.backends._process import close_streams, exit_future, feed_stdin
 from corral.backends.gvisor._bundle import render_config, write_rootfs
-from corral.backends.gvisor._runsc import RUNSC_FLAGS, find_runsc, runsc_root
+from corral.backends.gvisor._runsc import (
+    RUNSC_FLAGS,
+    find_runsc,
+    host_task_ceiling,
+    pids_note,
+    runsc_root,
+)
 from corral.backends.linux import _cgroups, _workdir
 from corral.backends.linux._facts import check_bind_sources
 from corral.backends.linux._procbox import CgroupProcessBox, find_util
 from corral.plan import HostFacts, Plans, _mounts, make_plans
+from corral.plan._rlimits import Rlimit
 
 _KILL_GRACE_S = 5.0
 
@@ -130,6 +137,7 @@ class GvisorBox(CgroupProcessBox):
             per_command_cpu=spec.per_command_cpu,
             fresh_workdir=spec.own_workdir,
         )
+        plans = _sentry_pids(plans, policy)
         box = cls(
             dataclasses.replace(spec, workdir=workspace_source),
             policy,
@@ -276,6 +284,33 @@ def _write_bundle(bundle: str, plans: Plans, config: dict[str, object]) -> None:
     fd = os.open(os.path.join(bundle, "config.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with open(fd, "w", encoding="utf-8") as f:
         json.dump(config, f)
+
+
+def _sentry_pids(plans: Plans, policy: Policy) -> Plans:
+    """The policy's pids limit enforced inside gVisor's kernel, on the box's
+    own tasks, and a ceiling on gVisor's host tasks in the host cgroup.
+
+    The host cgroup counts the sentry's own threads and the ptrace stubs (over
+    a hundred before the box runs anything): a box limit of 128 there made the
+    sentry's Go runtime fail to start a thread and die with the box (the
+    agent "exited silently" when a command ended beside a background one).
+    Threat stopped either way: a fork bomb exhausting the host's process
+    table. The box's cap is RLIMIT_NPROC in the sentry (gVisor enforces it;
+    every box process has the box's one uid), so a fork fails with EAGAIN
+    there; the host cgroup bounds what gVisor's tasks can take of the host."""
+    pids = policy.limits.pids
+    if pids is None:
+        return plans
+    ceiling = str(host_task_ceiling(pids))
+    cgroups = tuple(
+        dataclasses.replace(w, value=ceiling) if w.file == "pids.max" else w for w in plans.cgroups
+    )
+    rlimits = tuple(r for r in plans.rlimits if r.resource != "RLIMIT_NPROC")
+    rlimits += (
+        Rlimit("RLIMIT_NPROC", pids, pids, "fork bomb (gVisor's kernel counts the box's tasks)"),
+    )
+    degraded = (*plans.degraded, pids_note(pids))
+    return dataclasses.replace(plans, cgroups=cgroups, rlimits=rlimits, degraded=degraded)
 
 
 def delete_container(container_id: str) -> None:

@@ -134,6 +134,16 @@ def render_config(
             mounts.append(entry)
         # Dev: the sentry's own /dev (null, zero, full, random, urandom, tty,
         # pts, shm), no host device; Dir, File, Symlink: in the bundle's root
+    # the sentry's sysfs, read-only (runsc mounts it writable unless the spec
+    # has one): no writable place the policy did not list (fs.writable_mounts)
+    mounts.append(
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["ro", "nosuid", "nodev", "noexec"],
+        }
+    )
     env = [f"{k}={v}" for k, v in policy.env] + [f"{k}={v}" for k, v in extra_env.items()]
     launcher = CHANNEL_LAUNCHER if channel else PIPES_LAUNCHER
     caps: dict[str, list[str]] = {

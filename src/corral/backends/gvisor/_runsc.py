@@ -27,6 +27,29 @@ RUNSC_FLAGS = (
     "--ignore-cgroups",
 )
 _OWNED = re.compile(r"^box-(\d+)-\d+$")
+# What a host cgroup's pids.max must allow gVisor itself: the sentry, the gofer
+# and runsc (about 110 host tasks idle here), and under the ptrace platform a
+# stub process per box address space with a thread for each sentry thread
+# that enters it (about 26 per box process, measured: 50 sleeping processes in
+# the box were 1736 host tasks). The box's own cap is RLIMIT_NPROC in the
+# sentry; a host cgroup at that cap would kill the sentry (Go cannot start a
+# thread), and the box with it.
+_SENTRY_TASKS = 256
+_HOST_TASKS_PER_PROCESS = 40
+
+
+def host_task_ceiling(pids: int) -> int:
+    """The host cgroup's pids.max for a gVisor box allowed ``pids`` tasks."""
+    return _SENTRY_TASKS + _HOST_TASKS_PER_PROCESS * pids
+
+
+def pids_note(pids: int) -> str:
+    """The ``degraded`` note of a gVisor box's pids limit."""
+    return (
+        f"pids: the box's {pids} tasks are capped by RLIMIT_NPROC in gVisor's kernel (a fork "
+        "fails with EAGAIN), so no pids event reports the cap; the host cgroup holds gVisor's "
+        f"own tasks to {host_task_ceiling(pids)}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
