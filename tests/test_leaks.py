@@ -240,7 +240,10 @@ def test_closed_async_sandboxes_are_freed() -> None:
         gc.collect()
         assert [r for r in refs if r() is not None] == []
         assert len(asyncio.all_tasks()) == tasks, asyncio.all_tasks()
-        assert _fds() == fds
+        # none opened and kept (another test's threads may have closed some of theirs)
+        after = _fds()
+        assert sorted(set(after) - set(fds)) == [], (fds, after)
+        assert len(after) <= len(fds), (fds, after)
         # before the fix each box kept its 4 MiB read buffer: 800 MiB here
         assert _rss_bytes() - rss < 64 << 20
 
