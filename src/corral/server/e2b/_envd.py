@@ -7,8 +7,16 @@ streams its start, output and end, ``Connect`` follows it again, and
 ``Connect-Timeout-Ms`` bounds the command, as envd does; streams carry
 keepalives at the client's ``Keepalive-Ping-Interval``. Paths: ``/home/user``
 is the workspace (``_common.to_box``). Directory watches: ``_watch``.
-``/files`` takes the access token or a signed URL. Not supported (answered
-``unimplemented``): PTYs, stdin streams.
+``/files`` takes the access token or a signed URL.
+
+PTYs are corral terminals (``Live.open_terminal``): ``Start`` with a ``pty``
+size opens one and streams its output as ``pty`` data events, ``Connect``
+follows it again (output from then on, as envd), ``SendInput`` with
+``input.pty`` types into it, ``Update`` resizes it, ``SendSignal`` ends it.
+The terminal's output is read as the stream takes it (no buffer on the
+host); two streams following one PTY at once share its output, each chunk
+going to one of them. Not supported (answered ``unimplemented``): stdin
+streams (``StreamInput``).
 """
 
 from __future__ import annotations
@@ -86,6 +94,32 @@ def _end(result: dict[str, Any]) -> dict[str, Any]:
     return {"event": {"end": end}}
 
 
+def _size(message: dict[str, Any]) -> tuple[int, int]:
+    """``pty.size`` as ``(cols, rows)``, each 1 to 1000."""
+    size = (message.get("pty") or {}).get("size") or {}
+
+    def side(name: str) -> int:
+        value = size.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+            raise c.ConnectError("invalid_argument", f"pty.size.{name}: 1 to 1000")
+        return value
+
+    return side("cols"), side("rows")
+
+
+async def _pty_events(live: Live, pid: int) -> AsyncIterator[dict[str, Any]]:
+    """A terminal's start, its output as ``pty`` data, then its end."""
+    yield {"event": {"start": {"pid": pid}}}
+    while True:
+        data = await live.read_terminal(pid, 3600.0)
+        if data is None:  # nothing for an hour: keepalives cover the wait
+            continue
+        if not data:
+            break
+        yield {"event": {"data": {"pty": base64.b64encode(data).decode()}}}
+    yield _end(await live.wait_terminal(pid))
+
+
 async def _events(live: Live, pid: int) -> AsyncIterator[dict[str, Any]]:
     yield {"event": {"start": {"pid": pid}}}
     async for event in live.follow(pid):
@@ -105,13 +139,23 @@ async def start(request: Request) -> StreamingResponse:
         live = sandbox_live(request, ENVD_PORT)
         check_user(request)
         message = await c.stream_request(request)
-        if message.get("pty"):
-            raise unsupported("a PTY")
         config = message.get("process") or {}
         cmd, args, envs = config.get("cmd"), config.get("args") or [], config.get("envs") or {}
         if not isinstance(cmd, str) or not cmd or not all(isinstance(a, str) for a in args):
             raise c.ConnectError("invalid_argument", "process.cmd: a command is required")
         service: Service = request.app.state.service
+        if message.get("pty") is not None:
+            cols, rows = _size(message)
+            async with service.using(live.key, live.id) as used:
+                terminal = await used.open_terminal(
+                    cols,
+                    rows,
+                    [cmd, *args],
+                    dict(envs) or None,
+                    cwd_to_box(used, config.get("cwd")),
+                    timeout_s=_timeout_s(request),
+                )
+            return c.stream_reply(_kept_alive(request, _pty_events(live, terminal)))
         async with service.using(live.key, live.id) as used:
             pid, result = await used.start_background(
                 [cmd, *args],
@@ -148,8 +192,11 @@ async def connect(request: Request) -> StreamingResponse:
     try:
         live = sandbox_live(request, ENVD_PORT)
         pid = _pid(await c.stream_request(request))
-        events = _events(live, pid)
-        live.follow(pid)  # a missing pid is an error before the stream starts
+        if pid in live.terminals:
+            events = _pty_events(live, pid)
+        else:
+            events = _events(live, pid)
+            live.follow(pid)  # a missing pid is an error before the stream starts
     except Exception as exc:
         return c.stream_error(exc)
     return c.stream_reply(_kept_alive(request, events))
@@ -169,12 +216,29 @@ async def _unary(
             ]
         }
     if method == "SendInput":
-        data = (message.get("input") or {}).get("stdin")
+        given = message.get("input") or {}
+        pid = _pid(message)
+        if "pty" in given:
+            data = given["pty"]
+            if not isinstance(data, str):
+                raise c.ConnectError("invalid_argument", "input.pty: base64 bytes are required")
+            await live.terminal(pid).send(base64.b64decode(data))
+            return {}
+        data = given.get("stdin")
         if not isinstance(data, str):
             raise c.ConnectError(
-                "invalid_argument", "input.stdin: base64 bytes are required (no PTY)"
+                "invalid_argument", "input: base64 bytes are required in stdin or pty"
             )
-        await live.send_stdin(_pid(message), base64.b64decode(data))
+        if pid in live.terminals:  # a terminal's stdin is its PTY
+            await live.terminal(pid).send(base64.b64decode(data))
+        else:
+            await live.send_stdin(pid, base64.b64decode(data))
+        return {}
+    if method == "Update":
+        if message.get("pty") is None:
+            raise c.ConnectError("invalid_argument", "pty: a size is required")
+        cols, rows = _size(message)
+        await live.terminal(_pid(message)).resize(cols, rows)
         return {}
     if method == "CloseStdin":
         await live.close_stdin(_pid(message))
@@ -186,8 +250,8 @@ async def _unary(
         if not await live.kill(_pid(message), signal):
             raise c.ConnectError("not_found", f"process {_pid(message)} not found")
         return {}
-    if method in ("Update", "StreamInput"):
-        raise unsupported("PTY resize and stdin streams" if method == "Update" else "stdin streams")
+    if method == "StreamInput":
+        raise unsupported("stdin streams")
     raise c.ConnectError("unimplemented", f"process.Process/{method} does not exist")
 
 
