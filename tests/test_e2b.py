@@ -414,6 +414,58 @@ def test_pty_sync_async_and_isolated(server: ServerProcess, key: str) -> None:
     assert out.strip().endswith("ok")
 
 
+def test_stream_input(server: ServerProcess, key: str) -> None:
+    """``stream_input`` (Connect client streaming over HTTP/1.1): chunks reach
+    a command's stdin and a PTY in order, sync and async; a pid that is not
+    there is NotFound."""
+    out = sdk(
+        server,
+        key,
+        r"""
+        import asyncio
+        from e2b import AsyncSandbox, Sandbox, PtySize, NotFoundException
+
+        sb = Sandbox.create(timeout=120)
+        h = sb.commands.run("cat", background=True, stdin=True)
+        sb.commands.stream_input(h.pid, ["one\n", b"two\n", "three"])
+        sb.commands.close_stdin(h.pid)
+        assert h.wait().stdout == "one\ntwo\nthree", h
+        try:
+            sb.commands.stream_input(99999, ["lost"])
+            raise SystemExit("input streamed to no process")
+        except NotFoundException:
+            pass
+        seen = bytearray()
+        pty = sb.pty.create(PtySize(rows=24, cols=80))
+        sb.pty.stream_input(pty.pid, ["echo $((6", "*7))\n", "exit\n"])
+        pty.wait(on_pty=seen.extend)
+        assert b"42\r\n" in seen, seen
+
+        async def main():
+            asb = await AsyncSandbox.connect(sb.sandbox_id)
+            got = []
+            h = await asb.commands.run("cat", background=True, stdin=True, on_stdout=got.append)
+            stream = asb.commands.stream_input(h.pid)
+            await stream.send("a")
+            await stream.send("b\n")
+            for _ in range(300):  # written as it arrived, the stream still open
+                if "".join(got) == "ab\n":
+                    break
+                await asyncio.sleep(0.1)
+            assert "".join(got) == "ab\n", got
+            await stream.send("c")
+            await stream.close()
+            await asb.commands.close_stdin(h.pid)
+            assert (await h.wait()).stdout == "ab\nc"
+            await asb.kill()
+
+        asyncio.run(main())
+        print("ok")
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
 def test_timeout_root_and_unsupported(server: ServerProcess, key: str) -> None:
     out = sdk(
         server,

@@ -15,8 +15,9 @@ follows it again (output from then on, as envd), ``SendInput`` with
 ``input.pty`` types into it, ``Update`` resizes it, ``SendSignal`` ends it.
 The terminal's output is read as the stream takes it (no buffer on the
 host); two streams following one PTY at once share its output, each chunk
-going to one of them. Not supported (answered ``unimplemented``): stdin
-streams (``StreamInput``).
+going to one of them. ``StreamInput`` (client streaming, over HTTP/1.1 as
+Connect allows) writes each ``data`` event to the process's stdin or PTY as
+it arrives.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from corral._sandbox import EntryInfo
-from corral.server._live import Live, ServiceError
+from corral.server._live import Live, ServiceError, find
 from corral.server._service import Service
 
 from . import _connect as c
@@ -216,23 +217,7 @@ async def _unary(
             ]
         }
     if method == "SendInput":
-        given = message.get("input") or {}
-        pid = _pid(message)
-        if "pty" in given:
-            data = given["pty"]
-            if not isinstance(data, str):
-                raise c.ConnectError("invalid_argument", "input.pty: base64 bytes are required")
-            await live.terminal(pid).send(base64.b64decode(data))
-            return {}
-        data = given.get("stdin")
-        if not isinstance(data, str):
-            raise c.ConnectError(
-                "invalid_argument", "input: base64 bytes are required in stdin or pty"
-            )
-        if pid in live.terminals:  # a terminal's stdin is its PTY
-            await live.terminal(pid).send(base64.b64decode(data))
-        else:
-            await live.send_stdin(pid, base64.b64decode(data))
+        await _send_input(live, _pid(message), message.get("input") or {})
         return {}
     if method == "Update":
         if message.get("pty") is None:
@@ -250,9 +235,55 @@ async def _unary(
         if not await live.kill(_pid(message), signal):
             raise c.ConnectError("not_found", f"process {_pid(message)} not found")
         return {}
-    if method == "StreamInput":
-        raise unsupported("stdin streams")
     raise c.ConnectError("unimplemented", f"process.Process/{method} does not exist")
+
+
+async def _send_input(live: Live, pid: int, given: dict[str, Any]) -> None:
+    """``input.stdin`` or ``input.pty`` (base64) to the process or terminal ``pid``."""
+    if "pty" in given:
+        data = given["pty"]
+        if not isinstance(data, str):
+            raise c.ConnectError("invalid_argument", "input.pty: base64 bytes are required")
+        await live.terminal(pid).send(base64.b64decode(data))
+        return
+    data = given.get("stdin")
+    if not isinstance(data, str):
+        raise c.ConnectError("invalid_argument", "input: base64 bytes are required in stdin or pty")
+    if pid in live.terminals:  # a terminal's stdin is its PTY
+        await live.terminal(pid).send(base64.b64decode(data))
+    else:
+        await live.send_stdin(pid, base64.b64decode(data))
+
+
+@router.post("/process.Process/StreamInput")
+async def stream_input(request: Request) -> StreamingResponse:
+    """Client streaming: a ``start`` naming the process, then ``data`` events
+    (its stdin or its PTY) and ``keepalive``s, each written as it arrives;
+    the reply comes once the client ends the stream."""
+    try:
+        live = sandbox_live(request, ENVD_PORT)
+        check_user(request)
+        service: Service = request.app.state.service
+        async with service.using(live.key, live.id) as used:
+            pid: int | None = None
+            async for message in c.stream_messages(request):
+                if "start" in message:
+                    pid = _pid(message["start"] or {})
+                    if pid not in used.terminals:
+                        find(used.commands, pid, "background command with pid")
+                elif "data" in message:
+                    if pid is None:
+                        raise c.ConnectError("invalid_argument", "start: must come before data")
+                    await _send_input(used, pid, (message["data"] or {}).get("input") or {})
+                elif "keepalive" not in message:
+                    raise c.ConnectError("invalid_argument", "event: start, data or keepalive")
+    except Exception as exc:
+        return c.stream_error(exc)
+
+    async def done() -> AsyncIterator[dict[str, Any]]:
+        yield {}
+
+    return c.stream_reply(done())
 
 
 @router.post("/process.Process/{method}")
