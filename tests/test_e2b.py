@@ -422,8 +422,7 @@ def test_stream_input(server: ServerProcess, key: str) -> None:
         server,
         key,
         r"""
-        import asyncio
-        from e2b import AsyncSandbox, Sandbox, PtySize, NotFoundException
+        from e2b import Sandbox, PtySize, NotFoundException
 
         sb = Sandbox.create(timeout=120)
         h = sb.commands.run("cat", background=True, stdin=True)
@@ -440,23 +439,34 @@ def test_stream_input(server: ServerProcess, key: str) -> None:
         sb.pty.stream_input(pty.pid, ["echo $((6", "*7))\n", "exit\n"])
         pty.wait(on_pty=seen.extend)
         assert b"42\r\n" in seen, seen
+        print(sb.sandbox_id)
+        """,
+    )
+    sandbox_id = out.split()[0]
+    # the async SDK in a process of its own (the sync one's client is not shared with it)
+    out = sdk(
+        server,
+        key,
+        f"""
+        import asyncio
+        from e2b import AsyncSandbox
 
         async def main():
-            asb = await AsyncSandbox.connect(sb.sandbox_id)
+            asb = await AsyncSandbox.connect({sandbox_id!r})
             got = []
             h = await asb.commands.run("cat", background=True, stdin=True, on_stdout=got.append)
             stream = asb.commands.stream_input(h.pid)
             await stream.send("a")
-            await stream.send("b\n")
+            await stream.send("b\\n")
             for _ in range(300):  # written as it arrived, the stream still open
-                if "".join(got) == "ab\n":
+                if "".join(got) == "ab\\n":
                     break
                 await asyncio.sleep(0.1)
-            assert "".join(got) == "ab\n", got
+            assert "".join(got) == "ab\\n", got
             await stream.send("c")
             await stream.close()
             await asb.commands.close_stdin(h.pid)
-            assert (await h.wait()).stdout == "ab\nc"
+            assert (await h.wait()).stdout == "ab\\nc"
             await asb.kill()
 
         asyncio.run(main())
