@@ -262,7 +262,7 @@ def test_pty_sync_async_and_isolated(server: ServerProcess, key: str) -> None:
         key,
         """
         import threading, time
-        from e2b import Sandbox, PtySize, CommandExitException
+        from e2b import Sandbox, PtySize, CommandExitException, TimeoutException
 
         def until(seen, text):
             for _ in range(300):
@@ -303,6 +303,19 @@ def test_pty_sync_async_and_isolated(server: ServerProcess, key: str) -> None:
         follower.join(30)
         assert ended.get("exit") not in (None, 0), ended
         assert h.pid not in [p.pid for p in sb.commands.list()]
+        # its timeout (Connect-Timeout-Ms) ends it in the box, not only the
+        # client's stream (which its deadline cuts first)
+        short = sb.pty.create(PtySize(rows=24, cols=80), timeout=2)
+        try:
+            short.wait()
+            raise SystemExit("a PTY outlived its timeout")
+        except (CommandExitException, TimeoutException):
+            pass
+        for _ in range(100):
+            if short.pid not in [p.pid for p in sb.commands.list()]:
+                break
+            time.sleep(0.1)
+        assert short.pid not in [p.pid for p in sb.commands.list()]
         print(sb.sandbox_id, sb._envd_access_token)
         print("ok")
         """,
@@ -342,7 +355,9 @@ def test_pty_sync_async_and_isolated(server: ServerProcess, key: str) -> None:
             await sb.pty.send_stdin(again.pid, b"stty size\\n")
             await until(second, b"40 120")
             # a PTY left running is there for another key to try
-            lasting = await sb.pty.create(PtySize(rows=24, cols=80), on_data=lambda _: None)
+            lasting = await sb.pty.create(
+                PtySize(rows=24, cols=80), on_data=lambda _: None, timeout=0
+            )
             print(lasting.pid)
             assert await sb.pty.kill(again.pid)
             try:

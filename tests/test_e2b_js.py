@@ -258,8 +258,8 @@ def test_js_sdk_pty(server: ServerProcess, key: str) -> None:
         assert.equal(await sb.pty.kill(h.pid), true)
         await assert.rejects(h2.wait(), CommandExitError)
         assert.equal(await sb.pty.kill(h.pid), false)
-        const lasting = await sb.pty.create({ cols: 80, rows: 24, onData: () => {} })
-        await lasting.disconnect()  // left running for another key to try
+        const lasting = await sb.pty.create({ cols: 80, rows: 24, onData: () => {}, timeoutMs: 0 })
+        await lasting.disconnect()  // left running (no timeout) for another key to try
         console.log(sb.sandboxId, lasting.pid)
         console.log('ok')
         """,
