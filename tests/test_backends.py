@@ -48,10 +48,22 @@ _GVISOR_AUDIT_GAPS = pytest.mark.xfail(
 )
 
 
+_K8S_AUDIT_GAPS = pytest.mark.xfail(
+    strict=True,
+    reason="known gaps (issue 17, kubernetes): the image's /root and /home, the runtime's "
+    "writable /dev and masks, the Pod's eth0, /proc/key-users, memory emptyDir sizeLimit "
+    "unenforced on 1.20, no CPU counter, Pod start and teardown inside the wall probes' 5 s",
+)
+
+
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(n, marks=_GVISOR_AUDIT_GAPS) if n == "gvisor" else n
+        pytest.param(n, marks=_GVISOR_AUDIT_GAPS)
+        if n == "gvisor"
+        else pytest.param(n, marks=_K8S_AUDIT_GAPS)
+        if n == "kubernetes"
+        else n
         for n in available_backends()
         if n != "bwrap"
     ],

@@ -36,6 +36,8 @@ def _others(text: str) -> bool:
         return True
     if "/corral-dockerd-" in text:  # the docker backend tests' own daemon (tests/_dockerd.py)
         return True
+    if "/corral-k8s" in text:  # the test Kubernetes cluster: its netns name, its kubelet
+        return True
     match = re.search(r"box-(\d+)-", text)
     if match is None or int(match[1]) == os.getpid():
         return False

@@ -595,6 +595,33 @@ def test_open_mode_reaches_out_but_not_the_hosts_loopback(servers: Servers) -> N
     assert "slirp4netns" not in ps  # ended with the box
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts of the host's own: root only")
+def test_open_mode_leaves_the_hosts_shared_mounts_mounted() -> None:
+    """slirp4netns's sandbox detaches its old root after a pivot_root in a
+    namespace where only "/" was made private: run as root, it unmounted every
+    mount below a shared one on the host (it took the test cluster's
+    /run/netns name; on a systemd host everything is shared). A shared tmpfs
+    with a mount under it, as `ip netns add` makes /run/netns, must survive an
+    open-mode box."""
+    top = Path(tempfile.mkdtemp(prefix="corral-test-propagation-"))
+    inner = top / "inner"
+    subprocess.run(["mount", "-t", "tmpfs", "corral-test", str(top)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(top)], check=True)
+        inner.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "corral-test-inner", str(inner)], check=True)
+        result = corral.run(
+            ["/usr/bin/python3", "-c", "print(open('/proc/net/route').read().count('tap0'))"],
+            policy=Policy.preset("default").with_network(mode="open"),
+        )
+        assert result.exit_code == 0, result.stderr
+        assert int(result.stdout) > 0  # slirp4netns did configure the box's network
+        assert os.path.ismount(inner), "an open-mode box unmounted a host mount"
+    finally:
+        subprocess.run(["umount", "-R", str(top)], check=False)
+        top.rmdir()
+
+
 # Runs under `unshare --net`: a network namespace with nothing but loopback, in
 # which every IPv6 spelling below is made a local address. Were the SSRF guard
 # broken, the proxy's dial could reach nothing but the counting listener here:

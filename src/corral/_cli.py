@@ -180,6 +180,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="pooled boxes started at once, all pools together (default: half the CPUs)",
     )
+    p_serve.add_argument(
+        "--namespace",
+        help="--backend kubernetes: the namespace of every box's Pod "
+        "(default: the kubeconfig context's; CORRAL_K8S_NAMESPACE)",
+    )
 
     p_keys = sub.add_parser("keys", help="API keys of corral serve")
     keys_sub = p_keys.add_subparsers(dest="keys_cmd", required=True)
@@ -391,6 +396,12 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server._serve import default_data_dir, serve
 
+    if args.namespace is not None:
+        if args.backend != "kubernetes":
+            print("corral serve: --namespace is for --backend kubernetes", file=sys.stderr)
+            return 2
+        # the backend is made by name (get_backend) and reads its settings from the environment
+        os.environ["CORRAL_K8S_NAMESPACE"] = args.namespace
     return serve(
         data_dir=args.data_dir or default_data_dir(),
         host=args.host,

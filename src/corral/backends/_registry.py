@@ -18,6 +18,7 @@ _BUILTIN = {
     "gvisor": ("corral.backends.gvisor", "GvisorBackend"),
     "docker": ("corral.backends.engine", "DockerBackend"),
     "podman": ("corral.backends.engine", "PodmanBackend"),
+    "kubernetes": ("corral.backends.kubernetes", "KubernetesBackend"),
 }
 
 

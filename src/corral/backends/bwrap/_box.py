@@ -463,6 +463,16 @@ async def _start_slirp(box_pid: int, fds: _Fds) -> subprocess.Popen[bytes]:
         "--pdeathsig",
         "KILL",
         "--",  # dies with corral
+    ]
+    if os.geteuid() == 0:
+        # slirp4netns's --enable-sandbox unshares a mount namespace, makes only
+        # "/" private (not recursively) and detaches the old root after its
+        # pivot_root: as root, every mount below a shared one (ip netns' names
+        # under /run/netns, systemd's shared tree) was unmounted on the HOST
+        # too. Its own namespace, private all the way down, first. (In a user
+        # namespace of its own, as without root, shared mounts become slaves.)
+        argv += [find_util("unshare"), "--mount", "--propagation", "private", "--"]
+    argv += [
         path,
         "--configure",
         "--mtu=65520",
