@@ -327,7 +327,7 @@ def test_pty_sync_async_and_isolated(server: ServerProcess, key: str) -> None:
         server,
         key,
         f"""
-        import asyncio
+        import asyncio, os, sys
         from e2b import AsyncSandbox, PtySize, CommandExitException
 
         async def until(seen, text):
@@ -372,6 +372,8 @@ def test_pty_sync_async_and_isolated(server: ServerProcess, key: str) -> None:
             print("ok")
 
         asyncio.run(main())
+        sys.stdout.flush()
+        os._exit(0)  # past every check: as in test_stream_input, pyqwest may abort at exit
         """,
     )
     assert out.strip().endswith("ok")
@@ -457,8 +459,19 @@ def test_stream_input(server: ServerProcess, key: str) -> None:
         sb.pty.stream_input(pty.pid, ["echo $((6", "*7))\n", "exit\n"])
         pty.wait(on_pty=seen.extend)
         assert b"42\r\n" in seen, seen
+        # the route is read unbuffered, a message at a time: one that says it
+        # is over 1 MiB is refused from its envelope, before any of it is held
+        import httpx, struct
+        r = httpx.post(
+            "URL/e2b/sandbox/process.Process/StreamInput",
+            content=struct.pack(">BI", 0, 64 << 20) + b"{",
+            headers={"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "49983",
+                     "X-Access-Token": sb._envd_access_token,
+                     "Content-Type": "application/connect+json"},
+        )
+        assert r.status_code == 200 and b"malformed envelope" in r.content, r.content
         print(sb.sandbox_id)
-        """,
+        """.replace("URL", server.url),
     )
     sandbox_id = out.split()[0]
     # the async SDK in a process of its own (the sync one's client is not shared with it)
@@ -466,7 +479,7 @@ def test_stream_input(server: ServerProcess, key: str) -> None:
         server,
         key,
         f"""
-        import asyncio
+        import asyncio, os
         from e2b import AsyncSandbox
 
         async def main():
@@ -488,7 +501,10 @@ def test_stream_input(server: ServerProcess, key: str) -> None:
             await asb.kill()
 
         asyncio.run(main())
-        print("ok")
+        print("ok", flush=True)
+        # past every check: the SDK's HTTP client (pyqwest) was seen to abort
+        # (SIGABRT, nothing on stderr) at interpreter exit after async streams
+        os._exit(0)
         """,
     )
     assert out.strip().endswith("ok")
