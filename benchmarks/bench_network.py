@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_network.py [--mib 1024] [--n 50] [--conc 2000]
 
-A loopback HTTP server on the host; the same client program runs on the host
+A loopback HTTP server on the host, in a process of its own (a real server
+never shares corral's process, its CPU time or its GIL); the same client program runs on the host
 (direct) and inside a box, twice: through the proxy variables (plain HTTP
 forwarding to 127.0.0.1, allowlisted by an IP rule) and transparently (no
 proxy variables: the name bench.test, answered by corral's DNS responder,
@@ -17,8 +18,11 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
+import os
 import socketserver
+import statistics
 import subprocess
+import sys
 import threading
 
 import corral
@@ -89,10 +93,31 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--conc", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = args.mib << 20
-    server = serve(size)
-    port = server.server_address[1]
+    if args.serve:  # the server process: print the port, serve until stdin closes
+        server = serve(size)
+        print(server.server_address[1], flush=True)
+        sys.stdin.read()
+        return
+    serving = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--mib", str(args.mib)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert serving.stdout is not None
+    port = int(serving.stdout.readline())
+    try:
+        _compare(args, size, port)
+    finally:
+        serving.kill()
+        serving.wait()
+
+
+def _compare(args: argparse.Namespace, size: int, port: int) -> None:
     base = ["/usr/bin/python3", "-c", CLIENT]
     tail = [str(size), str(args.n), str(args.conc)]
     policy = (
@@ -102,7 +127,7 @@ def main() -> None:
         .with_limits(open_files=8192)
     )
     runs: dict[str, list[dict[str, float]]] = {"direct": [], "variables": [], "transparent": []}
-    for _ in range(3):  # interleaved: drift hits both alike
+    for _ in range(args.rounds):  # interleaved: drift hits both alike
         argv = [*base, f"http://127.0.0.1:{port}", *tail]
         out = subprocess.run(argv, capture_output=True, check=True, env={"no_proxy": "*"})
         runs["direct"].append(json.loads(out.stdout))
@@ -117,7 +142,7 @@ def main() -> None:
         result = corral.run(argv, policy=bare)
         assert result.exit_code == 0, result.stderr_text
         runs["transparent"].append(json.loads(result.stdout))
-    med = {k: {f: sorted(r[f] for r in v)[1] for f in v[0]} for k, v in runs.items()}
+    med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
     mib = size / (1 << 20)
     d = med["direct"]
     print(f"{args.mib} MiB download, small requests (median of {args.n}), {args.conc} at once")
@@ -131,7 +156,7 @@ def main() -> None:
             f"  {m['small_s'] * 1e3:6.2f} ms (+{added:.2f})  errors {m['errors']:.0f}"
         )
     print("  targets: >= 80% of direct, <= +1 ms per connection, 0 errors at 2,000")
-    server.shutdown()
+    print(f"  medians of {args.rounds} interleaved rounds; load average {os.getloadavg()}")
 
 
 if __name__ == "__main__":

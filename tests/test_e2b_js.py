@@ -215,6 +215,88 @@ def test_js_sdk_pause_watch_urls_metrics(server: ServerProcess, key: str) -> Non
     assert out.strip().endswith("ok")
 
 
+def test_js_sdk_pty(server: ServerProcess, key: str) -> None:
+    """``sandbox.pty`` under Node: output through ``onData``, typed input,
+    resize, connect again, kill; another key's SDK cannot connect to it."""
+    out = node(
+        server,
+        key,
+        r"""
+        import assert from 'node:assert/strict'
+        import { Sandbox, CommandExitError } from 'e2b'
+
+        const pause = (ms) => new Promise((r) => setTimeout(r, ms))
+        const decoder = new TextDecoder()
+        const until = async (chunks, text) => {
+          for (let i = 0; i < 300; i++) {
+            if (chunks.join('').includes(text)) return
+            await pause(100)
+          }
+          throw new Error(`${JSON.stringify(text)} never came: ${JSON.stringify(chunks.join(''))}`)
+        }
+        const typed = (s) => new TextEncoder().encode(s)
+
+        const sb = await Sandbox.create({ timeoutMs: 120_000 })
+        const seen = []
+        const h = await sb.pty.create({ cols: 80, rows: 24,
+                                        onData: (d) => seen.push(decoder.decode(d)) })
+        await sb.pty.sendInput(h.pid, typed('echo $((6*7))\n'))
+        await until(seen, '42\r\n')  // the typed line echoes $((6*7)), not 42
+        await sb.pty.resize(h.pid, { cols: 100, rows: 30 })
+        await sb.pty.sendInput(h.pid, typed('stty size\n'))
+        await until(seen, '30 100')
+        await assert.rejects(sb.pty.resize(h.pid, { cols: 0, rows: 30 }), /pty.size.cols/)
+
+        // follow it again after a disconnect: output from then on
+        await h.disconnect()
+        const again = []
+        const h2 = await sb.pty.connect(h.pid, { onData: (d) => again.push(decoder.decode(d)) })
+        await sb.pty.sendInput(h.pid, typed('echo again $((2+3))\n'))
+        await until(again, 'again 5\r\n')
+        assert.ok(!seen.join('').includes('again 5'))
+
+        assert.equal(await sb.pty.kill(h.pid), true)
+        await assert.rejects(h2.wait(), CommandExitError)
+        assert.equal(await sb.pty.kill(h.pid), false)
+        const lasting = await sb.pty.create({ cols: 80, rows: 24, onData: () => {}, timeoutMs: 0 })
+        await lasting.disconnect()  // left running (no timeout) for another key to try
+        console.log(sb.sandboxId, lasting.pid)
+        console.log('ok')
+        """,
+    )
+    assert out.strip().endswith("ok")
+    sandbox_id, pid = out.split()[:2]
+
+    other = server.key("e2b-js-pty-other")
+    out = node(
+        server,
+        other,
+        f"""
+        import assert from 'node:assert/strict'
+        import {{ Sandbox, SandboxNotFoundError, NotFoundError }} from 'e2b'
+        await assert.rejects(Sandbox.connect({sandbox_id!r}),
+                             (e) => e instanceof SandboxNotFoundError || e instanceof NotFoundError)
+        console.log('ok')
+        """,
+    )
+    assert out.strip().endswith("ok")
+    out = node(
+        server,
+        key,
+        f"""
+        import assert from 'node:assert/strict'
+        import {{ Sandbox }} from 'e2b'
+        const sb = await Sandbox.connect({sandbox_id!r})
+        const listed = await sb.commands.list()
+        assert.ok(listed.some((p) => p.pid === {pid}), JSON.stringify(listed))
+        assert.equal(await sb.pty.kill({pid}), true)
+        await sb.kill()
+        console.log('ok')
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
 def test_js_oldest_sdks(server: ServerProcess, key: str) -> None:
     """JavaScript ``e2b`` 2.7.0 and ``@e2b/code-interpreter`` 2.7.0 (on
     ``e2b`` 2.28.0), the first to honour E2B_SANDBOX_URL."""

@@ -335,8 +335,22 @@ class Proxy:
             bytes_down=counts[1],
             duration_s=time.monotonic() - opened.started,
         )
-        with contextlib.suppress(ValueError):
-            self.events[self.events.index(opened.event)] = final
+        self._replace(opened.event, final)
+
+    def _replace(self, event: NetworkEvent, new: NetworkEvent | None) -> None:
+        """Put ``new`` where ``event`` is in the log (None: take it out); gone
+        already (evicted by newer events) is fine. Found by identity from the
+        newest end, where a connection's own event almost always is: a
+        ``deque.index`` would compare (dataclass ``__eq__``) against up to
+        MAX_EVENTS older events on every connection's close."""
+        events = self.events
+        for back, candidate in enumerate(reversed(events), 1):
+            if candidate is event:
+                if new is None:
+                    del events[-back]
+                else:
+                    events[-back] = new
+                return
 
     def _deny(self, host: str, port: int, address: str | None, decision: Decision) -> NetworkEvent:
         event = NetworkEvent(
@@ -429,8 +443,7 @@ class Proxy:
                         if isinstance(exc, Refused)
                         else "the tunnel's opening (ClientHello or request head) did not arrive"
                     )
-                    with contextlib.suppress(ValueError):
-                        self.events.remove(opened.event)
+                    self._replace(opened.event, None)
                     self._deny(opened.event.host, port, opened.address, Decision(False, "", reason))
                     if transparent:
                         _reset(writer)

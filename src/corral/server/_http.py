@@ -101,7 +101,8 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 class BodyLimit:
     """Request bodies beyond ``max_bytes`` are refused (413) before they are
-    buffered; file uploads have their own, larger limit."""
+    buffered; file uploads have their own, larger limit, and envd's
+    ``StreamInput`` is read as it comes (a stream of bounded messages)."""
 
     def __init__(self, app: Any, *, max_bytes: int) -> None:
         self.app = app
@@ -113,6 +114,7 @@ class BodyLimit:
             scope["type"] != "http"
             or path.endswith("/files/content")
             or path == "/e2b/sandbox/files"
+            or path == "/e2b/sandbox/process.Process/StreamInput"
         ):
             await self.app(scope, receive, send)
             return

@@ -353,7 +353,10 @@ class Live:
         argv: str | list[str],
         env: dict[str, str] | None,
         cwd: str | None,
+        timeout_s: float | None = None,
     ) -> int:
+        """The new terminal's pid; with ``timeout_s`` it is killed (SIGKILL)
+        that many seconds after it started, as a command's timeout."""
         for pid, old in list(self.terminals.items()):
             if _internals.terminal_ended(old):  # ended and never waited for
                 del self.terminals[pid]
@@ -370,7 +373,14 @@ class Live:
         assert handle.pid is not None
         self.terminals[handle.pid] = handle
         self.audit("pty.create", command=str(argv)[:2000])
+        if timeout_s is not None:
+            _internals.spawn(self.sandbox, self._terminal_deadline(handle, timeout_s))
         return handle.pid
+
+    async def _terminal_deadline(self, handle: PtyHandle, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
+        if not _internals.terminal_ended(handle):
+            await handle.kill()
 
     def terminal(self, pid: int) -> PtyHandle:
         return find(self.terminals, pid, "terminal with pid")

@@ -9,7 +9,8 @@ per-key isolation, quotas, path rules: one service layer, not a copy):
 - ``/e2b/sandbox``: sandbox traffic, routed by the ``E2b-Sandbox-Id`` and
   ``E2b-Sandbox-Port`` headers the SDKs send with ``E2B_SANDBOX_URL`` (or by
   the access token alone): port 49983 is envd's protocol (Connect RPC with
-  the JSON codec for processes and the filesystem, directory watches in
+  the JSON codec for processes, PTYs (corral terminals) and the filesystem,
+  directory watches in
   ``_watch``, ``/files`` for bytes; ``_envd``), port 49999 the code
   interpreter's (``/execute`` NDJSON, ``/contexts``; ``_jupyter``). Each
   request carries the sandbox's access token (``X-Access-Token`` or
@@ -18,7 +19,7 @@ per-key isolation, quotas, path rules: one service layer, not a copy):
   build there (the signature names the sandbox).
 
 What is not supported (template builds, volumes, auto-pause, snapshots,
-PTYs, root) answers with an error that says so, never a no-op.
+stdin streams, root) answers with an error that says so, never a no-op.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Connect RPC's JSON codec over HTTP/1.1, server side: unary and
-server-streaming, which is all envd's clients use here.
+"""Connect RPC's JSON codec over HTTP/1.1, server side: unary,
+server-streaming and client-streaming, which is all envd's clients use here.
 
 Written here rather than taken from ``connectrpc`` (connect-python): its
 server wants classes generated from ``.proto`` files by protoc plugins, and
@@ -8,7 +8,9 @@ itself is small. Unary: a JSON body in, a JSON body out, errors as an HTTP
 status with ``{"code", "message"}``. Server streaming
 (``application/connect+json``): messages in 5-byte envelopes (flags, then a
 big-endian length), the last one flagged end-of-stream (0x02) carrying
-``{}`` or ``{"error": {...}}``. Compression is refused (the SDKs send none).
+``{}`` or ``{"error": {...}}``. Client streaming: the same envelopes in
+the request body, read as they come; the reply is one message and the end.
+Compression is refused (the SDKs send none).
 """
 
 from __future__ import annotations
@@ -103,6 +105,27 @@ async def stream_request(request: Request) -> dict[str, Any]:
     if flags != 0 or size != len(body) - 5 or size > _MAX_MESSAGE:
         raise ConnectError("invalid_argument", "malformed envelope (compressed or truncated)")
     return _message(body[5:])
+
+
+async def stream_messages(request: Request) -> AsyncIterator[dict[str, Any]]:
+    """The messages of a client-streaming call, each as its envelope arrives
+    (Connect runs client streams over HTTP/1.1: the body is sent chunked,
+    the reply follows its end)."""
+    _check_encoding(request, "connect-content-encoding")
+    buffer = bytearray()
+    async for chunk in request.stream():
+        buffer += chunk
+        while len(buffer) >= 5:
+            flags, size = struct.unpack(">BI", buffer[:5])
+            if flags != 0 or size > _MAX_MESSAGE:
+                raise ConnectError("invalid_argument", "malformed envelope (compressed or too big)")
+            if len(buffer) < 5 + size:
+                break
+            message = _message(bytes(buffer[5 : 5 + size]))
+            del buffer[: 5 + size]
+            yield message
+    if buffer:
+        raise ConnectError("invalid_argument", "the request ended inside an envelope")
 
 
 def unary_reply(message: dict[str, Any]) -> Response:

@@ -7,8 +7,17 @@ streams its start, output and end, ``Connect`` follows it again, and
 ``Connect-Timeout-Ms`` bounds the command, as envd does; streams carry
 keepalives at the client's ``Keepalive-Ping-Interval``. Paths: ``/home/user``
 is the workspace (``_common.to_box``). Directory watches: ``_watch``.
-``/files`` takes the access token or a signed URL. Not supported (answered
-``unimplemented``): PTYs, stdin streams.
+``/files`` takes the access token or a signed URL.
+
+PTYs are corral terminals (``Live.open_terminal``): ``Start`` with a ``pty``
+size opens one and streams its output as ``pty`` data events, ``Connect``
+follows it again (output from then on, as envd), ``SendInput`` with
+``input.pty`` types into it, ``Update`` resizes it, ``SendSignal`` ends it.
+The terminal's output is read as the stream takes it (no buffer on the
+host); two streams following one PTY at once share its output, each chunk
+going to one of them. ``StreamInput`` (client streaming, over HTTP/1.1 as
+Connect allows) writes each ``data`` event to the process's stdin or PTY as
+it arrives.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from corral._sandbox import EntryInfo
-from corral.server._live import Live, ServiceError
+from corral.server._live import Live, ServiceError, find
 from corral.server._service import Service
 
 from . import _connect as c
@@ -86,6 +95,32 @@ def _end(result: dict[str, Any]) -> dict[str, Any]:
     return {"event": {"end": end}}
 
 
+def _size(message: dict[str, Any]) -> tuple[int, int]:
+    """``pty.size`` as ``(cols, rows)``, each 1 to 1000."""
+    size = (message.get("pty") or {}).get("size") or {}
+
+    def side(name: str) -> int:
+        value = size.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+            raise c.ConnectError("invalid_argument", f"pty.size.{name}: 1 to 1000")
+        return value
+
+    return side("cols"), side("rows")
+
+
+async def _pty_events(live: Live, pid: int) -> AsyncIterator[dict[str, Any]]:
+    """A terminal's start, its output as ``pty`` data, then its end."""
+    yield {"event": {"start": {"pid": pid}}}
+    while True:
+        data = await live.read_terminal(pid, 3600.0)
+        if data is None:  # nothing for an hour: keepalives cover the wait
+            continue
+        if not data:
+            break
+        yield {"event": {"data": {"pty": base64.b64encode(data).decode()}}}
+    yield _end(await live.wait_terminal(pid))
+
+
 async def _events(live: Live, pid: int) -> AsyncIterator[dict[str, Any]]:
     yield {"event": {"start": {"pid": pid}}}
     async for event in live.follow(pid):
@@ -105,13 +140,23 @@ async def start(request: Request) -> StreamingResponse:
         live = sandbox_live(request, ENVD_PORT)
         check_user(request)
         message = await c.stream_request(request)
-        if message.get("pty"):
-            raise unsupported("a PTY")
         config = message.get("process") or {}
         cmd, args, envs = config.get("cmd"), config.get("args") or [], config.get("envs") or {}
         if not isinstance(cmd, str) or not cmd or not all(isinstance(a, str) for a in args):
             raise c.ConnectError("invalid_argument", "process.cmd: a command is required")
         service: Service = request.app.state.service
+        if message.get("pty") is not None:
+            cols, rows = _size(message)
+            async with service.using(live.key, live.id) as used:
+                terminal = await used.open_terminal(
+                    cols,
+                    rows,
+                    [cmd, *args],
+                    dict(envs) or None,
+                    cwd_to_box(used, config.get("cwd")),
+                    timeout_s=_timeout_s(request),
+                )
+            return c.stream_reply(_kept_alive(request, _pty_events(live, terminal)))
         async with service.using(live.key, live.id) as used:
             pid, result = await used.start_background(
                 [cmd, *args],
@@ -148,8 +193,11 @@ async def connect(request: Request) -> StreamingResponse:
     try:
         live = sandbox_live(request, ENVD_PORT)
         pid = _pid(await c.stream_request(request))
-        events = _events(live, pid)
-        live.follow(pid)  # a missing pid is an error before the stream starts
+        if pid in live.terminals:
+            events = _pty_events(live, pid)
+        else:
+            events = _events(live, pid)
+            live.follow(pid)  # a missing pid is an error before the stream starts
     except Exception as exc:
         return c.stream_error(exc)
     return c.stream_reply(_kept_alive(request, events))
@@ -169,12 +217,13 @@ async def _unary(
             ]
         }
     if method == "SendInput":
-        data = (message.get("input") or {}).get("stdin")
-        if not isinstance(data, str):
-            raise c.ConnectError(
-                "invalid_argument", "input.stdin: base64 bytes are required (no PTY)"
-            )
-        await live.send_stdin(_pid(message), base64.b64decode(data))
+        await _send_input(live, _pid(message), message.get("input") or {})
+        return {}
+    if method == "Update":
+        if message.get("pty") is None:
+            raise c.ConnectError("invalid_argument", "pty: a size is required")
+        cols, rows = _size(message)
+        await live.terminal(_pid(message)).resize(cols, rows)
         return {}
     if method == "CloseStdin":
         await live.close_stdin(_pid(message))
@@ -186,9 +235,55 @@ async def _unary(
         if not await live.kill(_pid(message), signal):
             raise c.ConnectError("not_found", f"process {_pid(message)} not found")
         return {}
-    if method in ("Update", "StreamInput"):
-        raise unsupported("PTY resize and stdin streams" if method == "Update" else "stdin streams")
     raise c.ConnectError("unimplemented", f"process.Process/{method} does not exist")
+
+
+async def _send_input(live: Live, pid: int, given: dict[str, Any]) -> None:
+    """``input.stdin`` or ``input.pty`` (base64) to the process or terminal ``pid``."""
+    if "pty" in given:
+        data = given["pty"]
+        if not isinstance(data, str):
+            raise c.ConnectError("invalid_argument", "input.pty: base64 bytes are required")
+        await live.terminal(pid).send(base64.b64decode(data))
+        return
+    data = given.get("stdin")
+    if not isinstance(data, str):
+        raise c.ConnectError("invalid_argument", "input: base64 bytes are required in stdin or pty")
+    if pid in live.terminals:  # a terminal's stdin is its PTY
+        await live.terminal(pid).send(base64.b64decode(data))
+    else:
+        await live.send_stdin(pid, base64.b64decode(data))
+
+
+@router.post("/process.Process/StreamInput")
+async def stream_input(request: Request) -> StreamingResponse:
+    """Client streaming: a ``start`` naming the process, then ``data`` events
+    (its stdin or its PTY) and ``keepalive``s, each written as it arrives;
+    the reply comes once the client ends the stream."""
+    try:
+        live = sandbox_live(request, ENVD_PORT)
+        check_user(request)
+        service: Service = request.app.state.service
+        async with service.using(live.key, live.id) as used:
+            pid: int | None = None
+            async for message in c.stream_messages(request):
+                if "start" in message:
+                    pid = _pid(message["start"] or {})
+                    if pid not in used.terminals:
+                        find(used.commands, pid, "background command with pid")
+                elif "data" in message:
+                    if pid is None:
+                        raise c.ConnectError("invalid_argument", "start: must come before data")
+                    await _send_input(used, pid, (message["data"] or {}).get("input") or {})
+                elif "keepalive" not in message:
+                    raise c.ConnectError("invalid_argument", "event: start, data or keepalive")
+    except Exception as exc:
+        return c.stream_error(exc)
+
+    async def done() -> AsyncIterator[dict[str, Any]]:
+        yield {}
+
+    return c.stream_reply(done())
 
 
 @router.post("/process.Process/{method}")
