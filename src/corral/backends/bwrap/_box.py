@@ -57,7 +57,7 @@ from corral.backends.linux._identity import (
     release_host_identity,
 )
 from corral.backends.linux._procbox import CgroupProcessBox, find_util
-from corral.plan import HostFacts, Plans, _mounts, make_plans
+from corral.plan import HostFacts, Plans, make_plans
 
 if TYPE_CHECKING:  # imported when a box has a network (mode allowlist)
     from corral.net._proxy import Proxy
@@ -180,19 +180,11 @@ class BwrapBox(CgroupProcessBox):
                 # the box's uid may write the workdir through an idmapped view
                 # of it (and a fresh one is bounded by an image): see _workdir
                 await _sweep_once()
-                self.workdir = await asyncio.to_thread(
-                    _workdir.prepare,
+                plans = await self.prepare_workdir(
                     self.workspace_source,
                     uid=self.identity.uid,
                     gid=self.identity.gid,
                     fresh=spec.own_workdir,
-                    workspace_bytes=self.policy.workspace_bytes,
-                )
-                self.plans = plans = dataclasses.replace(
-                    plans,
-                    mounts=_mounts.with_workspace_source(
-                        plans.mounts, self.policy.filesystem.workspace, self.workdir.path
-                    ),
                 )
         if plans.cgroups:
             await _sweep_once()

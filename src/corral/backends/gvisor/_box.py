@@ -46,7 +46,7 @@ from corral.backends.gvisor._runsc import (
 from corral.backends.linux import _cgroups, _workdir
 from corral.backends.linux._facts import check_bind_sources
 from corral.backends.linux._procbox import CgroupProcessBox, find_util
-from corral.plan import HostFacts, Plans, _mounts, make_plans
+from corral.plan import HostFacts, Plans, make_plans
 from corral.plan._rlimits import Rlimit
 
 _KILL_GRACE_S = 5.0
@@ -157,19 +157,11 @@ class GvisorBox(CgroupProcessBox):
         if workspace_source is not None and os.geteuid() == 0:
             # the box's uid (in the sentry) writes the caller's directory through
             # an idmapped view: the owner on disk appears as that uid (see _workdir)
-            self.workdir = await asyncio.to_thread(
-                _workdir.prepare,
+            plans = await self.prepare_workdir(
                 workspace_source,
                 uid=self.policy.identity.uid,
                 gid=self.policy.identity.gid,
                 fresh=spec.own_workdir,
-                workspace_bytes=self.policy.workspace_bytes,
-            )
-            self.plans = plans = dataclasses.replace(
-                plans,
-                mounts=_mounts.with_workspace_source(
-                    plans.mounts, self.policy.filesystem.workspace, self.workdir.path
-                ),
             )
         if plans.cgroups:
             self.cgroup = await asyncio.to_thread(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import re
 import shutil
@@ -19,7 +20,8 @@ from corral._policy import Policy
 from corral._result import not_run_message
 from corral.backends._base import BoxExit, Usage
 from corral.backends._process import fileno
-from corral.backends.linux import _cgroups
+from corral.backends.linux import _cgroups, _workdir
+from corral.plan import Plans, _mounts
 
 # what the POSIX shell launcher (``sh -c '... exec "$@"' corral``, bwrap's
 # and gvisor's) says when its exec fails: dash's words (a Python launcher
@@ -41,12 +43,35 @@ class CgroupProcessBox:
     Subclasses set the attributes when they launch."""
 
     policy: Policy
+    plans: Plans
+    workdir: _workdir.Workdir | None
     proc: subprocess.Popen[bytes] | None
     cgroup: _cgroups.SandboxCgroup | None
     _channel: tuple[int, int] | None
     _exited: asyncio.Future[int] | None
     _closing: asyncio.Future[None] | None
     _usage: Usage
+
+    async def prepare_workdir(self, source: str, *, uid: int, gid: int, fresh: bool) -> Plans:
+        """As root: ``source`` made the box's workspace, an idmapped view in
+        which ``uid``/``gid`` own what its owner on disk owns (bounded by an
+        image when ``fresh``: see _workdir), and the plans' workspace mount
+        pointed at it. Sets ``workdir`` and ``plans``; returns the plans."""
+        self.workdir = await asyncio.to_thread(
+            _workdir.prepare,
+            source,
+            uid=uid,
+            gid=gid,
+            fresh=fresh,
+            workspace_bytes=self.policy.workspace_bytes,
+        )
+        self.plans = dataclasses.replace(
+            self.plans,
+            mounts=_mounts.with_workspace_source(
+                self.plans.mounts, self.policy.filesystem.workspace, self.workdir.path
+            ),
+        )
+        return self.plans
 
     @property
     def channel(self) -> tuple[int, int] | None:
